@@ -1,0 +1,34 @@
+# Quick start (README): `make demo` sets up a fresh machine and runs the demo; `make test` runs the tests.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+# torch first, from the CPU wheel on local disk (a bare `torch` would pull a multi-GB CUDA build),
+# then the exact pins of requirements.lock, then the project itself without re-resolving.
+$(STAMP): pyproject.toml requirements.lock
+	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
+	    || echo "warning: could not install Debian package dataset-fashion-mnist (Fashion-MNIST demo data)"; }
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+demo: setup
+	$(BIN)/figan demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/core_pls.py
+	$(BIN)/python benchmarks/core_gan.py
+
+clean:
+	rm -rf $(VENV) runs
