@@ -1,0 +1,110 @@
+"""Dataset format: round trip, streaming, and every bad-input case with a message that names the problem."""
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+
+from models.data import DatasetError, DatasetMeta, ImageDataset, write_dataset, assign_splits
+from tests.conftest import disc_images
+
+
+def test_round_trip_8_and_16_bit(tmp_path):
+    imgs = disc_images(np.array([2.0, 3.0, 4.0, 5.0]), 16)
+    meta = DatasetMeta(name="d", target="y", task="regression")
+    for bits in (8, 16):
+        ds = write_dataset(tmp_path / f"d{bits}", meta, imgs, pd.DataFrame({"y": [1.0, 2.0, 3.0, 4.0]}), bits=bits)
+        back = ds.load(range(4))
+        assert back.shape == (4, 1, 16, 16) and back.dtype == np.float32
+        assert np.abs(back - imgs).max() <= (1 / 255 if bits == 8 else 1 / 65535) + 1e-6
+        assert ds.targets().ravel().tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_rgb_and_classes(tmp_path):
+    imgs = np.random.default_rng(0).random((6, 3, 8, 8)).astype(np.float32)
+    meta = DatasetMeta(name="c", target="label", task="classification", class_names=["a", "b"])
+    ds = write_dataset(tmp_path / "c", meta, imgs, pd.DataFrame({"label": ["a", "b"] * 3}))
+    assert ds.image_shape == (3, 8, 8)
+    assert ds.targets().tolist() == [0, 1] * 3
+
+
+def test_streaming_reads_one_batch_at_a_time(disc_dataset, monkeypatch):
+    calls = []
+    orig = ImageDataset.read
+    monkeypatch.setattr(ImageDataset, "read", lambda self, i: calls.append(i) or orig(self, i))
+    it = disc_dataset.iter_batches(32)
+    idx, batch = next(it)
+    assert batch.shape == (32, 1, 16, 16)
+    assert len(set(calls)) <= 33          # the first batch (+ the shape probe), not the whole dataset
+    total = 32 + sum(len(b) for b, _ in it)
+    assert total == len(disc_dataset) == 120
+
+
+def test_existing_dataset_not_overwritten(disc_dataset):
+    before = (disc_dataset.root / "manifest.csv").read_text()
+    with pytest.raises(DatasetError, match="already exists"):
+        write_dataset(disc_dataset.root, disc_dataset.meta, [], [])
+    assert (disc_dataset.root / "manifest.csv").read_text() == before
+
+
+def _make(tmp_path, rows, meta=None, images=None):
+    root = tmp_path / "bad"
+    (root / "images").mkdir(parents=True)
+    for i in range(len(rows)):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / f"images/{i}.png")
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    (root / "dataset.yaml").write_text(yaml.safe_dump(meta or {"name": "b", "target": "y", "task": "regression"}))
+    return root
+
+
+def test_missing_column(tmp_path):
+    root = _make(tmp_path, [{"path": "images/0.png", "z": 1}])
+    with pytest.raises(DatasetError, match=r"missing column\(s\) \['y'\]"):
+        ImageDataset(root)
+
+
+def test_nan_target(tmp_path):
+    root = _make(tmp_path, [{"path": "images/0.png", "y": 1.0}, {"path": "images/1.png", "y": float("nan")}])
+    with pytest.raises(DatasetError, match="NaN/inf.*images/1.png"):
+        ImageDataset(root)
+
+
+def test_empty_dataset(tmp_path):
+    root = _make(tmp_path, [])
+    (root / "manifest.csv").write_text("path,y\n")
+    with pytest.raises(DatasetError, match="empty"):
+        ImageDataset(root)
+
+
+def test_single_class(tmp_path):
+    root = _make(tmp_path, [{"path": f"images/{i}.png", "label": "a"} for i in range(3)],
+                 {"name": "b", "target": "label", "task": "classification", "class_names": ["a", "b"]})
+    with pytest.raises(DatasetError, match="single class"):
+        ImageDataset(root)
+
+
+def test_corrupt_image_named(tmp_path):
+    root = _make(tmp_path, [{"path": "images/0.png", "y": 1.0}, {"path": "images/1.png", "y": 2.0}])
+    (root / "images/1.png").write_bytes(b"not a png")
+    ds = ImageDataset(root)
+    with pytest.raises(DatasetError, match="images/1.png.*corrupt"):
+        ds.load([0, 1])
+
+
+def test_mixed_sizes_policy(tmp_path):
+    root = _make(tmp_path, [{"path": "images/0.png", "y": 1.0}, {"path": "images/1.png", "y": 2.0}])
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(root / "images/1.png")
+    with pytest.raises(DatasetError, match="images/1.png.*12x10.*8x8.*size=\\(H, W\\)"):
+        ImageDataset(root).load([0, 1])
+    assert ImageDataset(root, size=(8, 8)).load([0, 1]).shape == (2, 1, 8, 8)
+
+
+def test_path_outside_folder(tmp_path):
+    root = _make(tmp_path, [{"path": "../etc/passwd", "y": 1.0}])
+    with pytest.raises(DatasetError, match="inside the dataset folder"):
+        ImageDataset(root)
+
+
+def test_splits_reproducible():
+    a, b = assign_splits(100, 3), assign_splits(100, 3)
+    assert (a == b).all() and set(a) == {"train", "val", "test"}
