@@ -51,7 +51,8 @@ class ExplainConfig:
     ndf: int = 32
     z_dim: int = 64
     lr: float = 2e-4
-    aux_weight: float = 1.0
+    cond_weight: float = 1.0
+    regressor_steps: int = 300
     diffaugment: str = "translation"
     ckpt_every: int = 250
     use_masks: bool = True               # train with the auxiliary segmentation when the dataset has masks
@@ -161,7 +162,7 @@ def train_generator(data: torch.Tensor, cond: torch.Tensor, image_channels: int,
                     stop_after: int | None = None):
     gcfg = CGANConfig(resolution=data.shape[-1], image_channels=image_channels, mask_channels=mask_channels,
                       k=cond.shape[1], z_dim=cfg.z_dim, ngf=cfg.ngf, ndf=cfg.ndf, batch_size=cfg.batch_size,
-                      steps=cfg.steps, lr_g=cfg.lr, lr_d=cfg.lr, aux_weight=cfg.aux_weight,
+                      steps=cfg.steps, lr_g=cfg.lr, lr_d=cfg.lr, cond_weight=cfg.cond_weight, regressor_steps=cfg.regressor_steps,
                       diffaugment=cfg.diffaugment, ckpt_every=cfg.ckpt_every, seed=cfg.seed)
     gan = CGAN(gcfg, device)
     fid_fn = None
@@ -302,7 +303,8 @@ def explain(ds: ImageDataset, model: torch.nn.Module, out_dir: str | Path, cfg: 
                       "extractor": scorer.label},
         "training": {"steps": result.step, "batch_size": cfg.batch_size, "img_per_s": round(result.img_per_s, 1),
                      "resolution": gcfg.resolution, "mask_channels": gcfg.mask_channels,
-                     "generator_step": best_step, "device": device},
+                     "generator_step": best_step, "device": device,
+                     "score_regressor_r2": result.regressor_r2},
         "components": components,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
