@@ -1,0 +1,749 @@
+"""The adapter between FIGAN and the MLflow Model Registry: the registered-CNN contract and published explanations.
+
+This is the only module that knows tag names and the artifact layout; flows/ and services/ call its functions and
+never spell a ``figan.*`` tag or an artifact path themselves.
+
+**The contract** (what the explanation flow needs to know about a registered CNN) lives in tags, read from the
+model version, falling back to the registered model (version tags win), so a team can set dataset/task once on
+the model and override per version:
+
+=====================  ========================================================================  ==========
+tag                    meaning                                                                   required
+=====================  ========================================================================  ==========
+``figan.dataset``      dataset name (the DVC-versioned folder the CNN is explained on)           yes
+``figan.dataset_md5``  DVC md5 of that dataset version (``<32 hex>`` or ``<32 hex>.dir``)        no
+``figan.target``       target column (or a JSON list of columns)                                 yes
+``figan.task``         ``regression`` or ``classification``                                      yes
+``figan.layer``        layer whose output is explained (default: input of the final Linear)      no
+``figan.input_shape``  JSON ``[C, H, W]`` the CNN takes                                          yes
+``figan.class_names``  JSON list of class names                                                  no
+``figan.explain``      ``true``: opt in to automatic explanation                                 no
+=====================  ========================================================================  ==========
+
+A missing or malformed tag is a :class:`ContractError` whose message names the version and the tag, so the flow
+can mark just that version failed with a message a data scientist can act on.
+
+**Status** of a version's explanation is kept in version tags: ``figan.status`` (queued | running | done |
+failed), ``figan.run_id``, ``figan.error``, ``figan.key`` (the idempotency key), ``figan.updated`` (ISO time)
+and headline metrics (``figan.fid_best``, ``figan.fid_extractor``, ``figan.faithfulness`` and
+``figan.pct_variance`` as JSON lists, one entry per PLS component). Status is written last, so whoever sees
+``done`` also sees the run id and the metrics.
+
+**How a CNN is stored.** :func:`register_cnn` logs the model with ``mlflow.pytorch.log_model`` in the
+``pt2`` (torch.export) format, chosen explicitly: pickle-free, and a standard MLflow model that MLflow itself can
+load and serve. Its input example has batch size 2 so the exported batch dimension stays dynamic (a batch-1
+example would freeze it at 1). A torch.export program, however, is a flat graph: its ``named_modules()`` no
+longer contain ``nn.Linear`` layers and module hooks never fire, so FIGAN cannot read features from it. The
+model therefore also carries ``extra_files/cnn.json`` (the :class:`~models.cnn.CNNSpec`) and
+``extra_files/cnn.pt`` (a state dict, loaded with ``weights_only=True``), and :func:`load_cnn_version` rebuilds the
+eager ``nn.Module`` from them: exact, hookable, any batch size, and no code unpickled. Versions registered by
+other means load through ``mlflow.pytorch.load_model`` when they are eager (pickle) models; whether MLflow may
+unpickle them is MLflow's ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` (true by default in 3.17: set it to false in
+the flow's environment to accept only pickle-free CNNs).
+
+**An explanation** is one run in the ``figan-explanations`` experiment holding the artifacts folder written by
+``models.explain.explain`` (minus the GAN's training checkpoints and the cached features, which are large and
+only needed to resume), the flattened metrics as run metrics (the FID trace as a step series), lineage as
+``lineage.*`` run tags plus ``lineage.json``, and the DVC dataset as a run input. Images are plain artifact
+files, which the MLflow UI's artifact viewer displays.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+import mlflow.artifacts
+import mlflow.models
+import mlflow.pytorch
+import numpy as np
+import torch
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Dataset as DatasetEntity, DatasetInput, InputTag, Metric, RunStatus
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from models.cnn import ARCHITECTURES, CNNSpec, build_cnn
+
+__all__ = [
+    "TAG_DATASET", "TAG_DATASET_MD5", "TAG_TARGET", "TAG_TASK", "TAG_LAYER", "TAG_INPUT_SHAPE", "TAG_CLASS_NAMES",
+    "TAG_EXPLAIN", "TAG_STATUS", "TAG_RUN_ID", "TAG_ERROR", "TAG_KEY", "TAG_UPDATED", "TAG_FID_BEST",
+    "TAG_FID_EXTRACTOR", "TAG_FAITHFULNESS", "TAG_PCT_VARIANCE", "STATUSES", "EXPLANATIONS_EXPERIMENT",
+    "CNN_EXPERIMENT", "ContractError", "Contract", "DVCDatasetSource", "read_contract", "explain_requested",
+    "register_cnn", "load_cnn_version", "set_status", "get_status", "publish_explanation", "find_explanation",
+    "download_explanation", "list_versions", "flatten_metrics",
+]
+
+# --------------------------------------------------------------------------------------------- tag names
+
+# contract (model version, falling back to the registered model)
+TAG_DATASET = "figan.dataset"
+TAG_DATASET_MD5 = "figan.dataset_md5"
+TAG_TARGET = "figan.target"
+TAG_TASK = "figan.task"
+TAG_LAYER = "figan.layer"
+TAG_INPUT_SHAPE = "figan.input_shape"
+TAG_CLASS_NAMES = "figan.class_names"
+TAG_EXPLAIN = "figan.explain"
+# explanation status (model version)
+TAG_STATUS = "figan.status"
+TAG_RUN_ID = "figan.run_id"
+TAG_ERROR = "figan.error"
+TAG_KEY = "figan.key"
+TAG_UPDATED = "figan.updated"
+TAG_FID_BEST = "figan.fid_best"
+TAG_FID_EXTRACTOR = "figan.fid_extractor"
+TAG_FAITHFULNESS = "figan.faithfulness"
+TAG_PCT_VARIANCE = "figan.pct_variance"
+# explanation run tags
+RUN_TAG_MODEL = "figan.model"
+RUN_TAG_VERSION = "figan.version"
+RUN_TAG_KEY = "figan.key"
+LINEAGE_TAG_PREFIX = "lineage."
+
+STATUSES = ("queued", "running", "done", "failed")
+TASKS = ("regression", "classification")
+EXPLANATIONS_EXPERIMENT = "figan-explanations"
+CNN_EXPERIMENT = "figan-cnns"
+
+# set_status(**fields) keyword → tag; lists are stored as JSON
+_STATUS_FIELDS = {"run_id": TAG_RUN_ID, "error": TAG_ERROR, "key": TAG_KEY, "fid_best": TAG_FID_BEST,
+                  "fid_extractor": TAG_FID_EXTRACTOR, "faithfulness": TAG_FAITHFULNESS,
+                  "pct_variance": TAG_PCT_VARIANCE}
+_MAX_ERROR_CHARS = 4000
+
+# artifact layout
+MODEL_NAME_IN_RUN = "model"                 # log_model(name=...)
+SPEC_FILE, WEIGHTS_FILE = "cnn.json", "cnn.pt"
+LINEAGE_FILE = "lineage.json"
+# what a service needs from an explanation run (required) and what it may use (optional)
+SERVICE_ARTIFACTS = ("gan/best", "pls", "sequences", "metrics.json")
+SERVICE_OPTIONAL = ("config.json", LINEAGE_FILE, "summary.txt")
+
+_MD5_RE = re.compile(r"^[0-9a-f]{32}(\.dir)?$")
+_METRIC_BAD_CHARS = re.compile(r"[^\w./\- :]")
+
+
+class ContractError(ValueError):
+    """A registered CNN does not meet the contract; the message names the model version and the tag."""
+
+
+# --------------------------------------------------------------------------------------------- contract
+
+@dataclass
+class Contract:
+    """What the explanation flow needs to know about one registered CNN version."""
+    name: str
+    version: str
+    dataset: str
+    dataset_md5: str | None
+    target: str | list[str]
+    task: str
+    layer: str | None
+    input_shape: tuple[int, int, int]
+    class_names: list[str] | None
+
+    def tags(self) -> dict[str, str]:
+        """The contract as tags (inverse of :func:`read_contract`)."""
+        return _contract_tags(self.dataset, self.dataset_md5, self.target, self.task, self.layer,
+                              list(self.input_shape), self.class_names)
+
+
+def _contract_tags(dataset: str, dataset_md5: str | None, target: str | list[str], task: str, layer: str | None,
+                   input_shape: list[int], class_names: list[str] | None) -> dict[str, str]:
+    tags = {TAG_DATASET: dataset, TAG_TARGET: target if isinstance(target, str) else json.dumps(list(target)),
+            TAG_TASK: task, TAG_INPUT_SHAPE: json.dumps([int(v) for v in input_shape])}
+    if dataset_md5:
+        tags[TAG_DATASET_MD5] = dataset_md5
+    if layer:
+        tags[TAG_LAYER] = layer
+    if class_names:
+        tags[TAG_CLASS_NAMES] = json.dumps(list(class_names))
+    return tags
+
+
+def _parse_contract(name: str, version: str, tags: dict[str, str]) -> Contract:
+    where = f"model version {name}/{version}"
+
+    def get(tag: str, required: bool) -> str | None:
+        value = tags.get(tag)
+        if value is None or not value.strip():
+            if required:
+                state = "is empty" if value is not None else "is missing"
+                raise ContractError(f"{where}: tag {tag} {state} (set it on the model version or the registered "
+                                    f"model)")
+            return None
+        return value.strip()
+
+    def json_value(tag: str, raw: str, expected: str) -> Any:
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:
+            raise ContractError(f"{where}: tag {tag} must be {expected}, got {raw!r}") from None
+
+    dataset = get(TAG_DATASET, True)
+    md5 = get(TAG_DATASET_MD5, False)
+    if md5 is not None and not _MD5_RE.match(md5):
+        raise ContractError(f"{where}: tag {TAG_DATASET_MD5} must be a DVC md5 (32 hex digits, optionally "
+                            f"followed by .dir), got {md5!r}")
+    task = get(TAG_TASK, True)
+    if task not in TASKS:
+        raise ContractError(f"{where}: tag {TAG_TASK} must be regression or classification, got {task!r}")
+    raw_target = get(TAG_TARGET, True)
+    target: str | list[str] = raw_target
+    if raw_target.startswith("["):
+        target = json_value(TAG_TARGET, raw_target, "a column name or a JSON list of column names")
+        if not (isinstance(target, list) and target and all(isinstance(t, str) and t for t in target)):
+            raise ContractError(f"{where}: tag {TAG_TARGET} must be a column name or a non-empty JSON list of "
+                                f"column names, got {raw_target!r}")
+    raw_shape = get(TAG_INPUT_SHAPE, True)
+    shape = json_value(TAG_INPUT_SHAPE, raw_shape, "a JSON list [C, H, W] of positive integers")
+    if not (isinstance(shape, list) and len(shape) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+        raise ContractError(f"{where}: tag {TAG_INPUT_SHAPE} must be a JSON list [C, H, W] of positive integers, "
+                            f"got {raw_shape!r}")
+    class_names = None
+    raw_classes = get(TAG_CLASS_NAMES, False)
+    if raw_classes is not None:
+        class_names = json_value(TAG_CLASS_NAMES, raw_classes, "a JSON list of strings")
+        if not (isinstance(class_names, list) and class_names and all(isinstance(c, str) for c in class_names)):
+            raise ContractError(f"{where}: tag {TAG_CLASS_NAMES} must be a non-empty JSON list of strings, "
+                                f"got {raw_classes!r}")
+    return Contract(name=name, version=str(version), dataset=dataset, dataset_md5=md5, target=target, task=task,
+                    layer=get(TAG_LAYER, False), input_shape=(shape[0], shape[1], shape[2]),
+                    class_names=class_names)
+
+
+def _merged_tags(client: MlflowClient, name: str, version: str | int) -> dict[str, str]:
+    """Registered-model tags overridden by model-version tags."""
+    mv = client.get_model_version(name, str(version))
+    rm = client.get_registered_model(name)
+    return {**(rm.tags or {}), **(mv.tags or {})}
+
+
+def read_contract(client: MlflowClient, name: str, version: str | int) -> Contract:
+    """The contract of a registered CNN version; :class:`ContractError` names a missing/invalid tag."""
+    return _parse_contract(name, str(version), _merged_tags(client, name, version))
+
+
+def explain_requested(client: MlflowClient, name: str, version: str | int) -> bool:
+    """True when the version (or its registered model) opted in with ``figan.explain=true``."""
+    return _merged_tags(client, name, version).get(TAG_EXPLAIN, "").strip().lower() == "true"
+
+
+# --------------------------------------------------------------------------------------------- lineage
+
+class DVCDatasetSource(DatasetSource):
+    """A dataset version pinned by DVC: dataset name + md5 (what ``mlflow.log_input`` records as the source)."""
+
+    def __init__(self, dataset: str, md5: str):
+        self.dataset = dataset
+        self.md5 = md5
+
+    @property
+    def uri(self) -> str:
+        return f"dvc:{self.dataset}@{self.md5}"
+
+    @staticmethod
+    def _get_source_type() -> str:
+        return "dvc"
+
+    def load(self) -> Any:
+        raise NotImplementedError(f"fetch {self.uri} with `dvc pull` / `dvc get`; MLflow only records it")
+
+    @staticmethod
+    def _can_resolve(raw_source: Any) -> bool:
+        return False
+
+    @classmethod
+    def _resolve(cls, raw_source: Any) -> "DVCDatasetSource":
+        raise NotImplementedError("DVC dataset sources are created explicitly")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uri": self.uri, "dataset": self.dataset, "md5": self.md5}
+
+    @classmethod
+    def from_dict(cls, source_dict: dict[Any, Any]) -> "DVCDatasetSource":
+        return cls(source_dict["dataset"], source_dict["md5"])
+
+
+def _dvc_dataset(dataset: str, md5: str) -> MetaDataset:
+    return MetaDataset(DVCDatasetSource(dataset, md5), name=dataset, digest=md5)
+
+
+def _code_version() -> str | None:
+    """``git rev-parse HEAD`` of the checkout this module lives in (None outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+@contextmanager
+def _use_tracking_uri(uri: str | None) -> Iterator[None]:
+    """Point MLflow's fluent API at ``uri`` for the block, then restore the caller's setting."""
+    if uri is None:
+        yield
+        return
+    previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:                       # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def _ensure_registered_model(client: MlflowClient, name: str) -> None:
+    try:
+        client.get_registered_model(name)
+        return
+    except MlflowException:
+        pass
+    try:
+        client.create_registered_model(name)
+    except MlflowException:                       # created concurrently
+        client.get_registered_model(name)
+
+
+def _finite(v: Any) -> float | None:
+    if isinstance(v, bool):
+        return float(v)
+    if isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(float(v)):
+        return float(v)
+    return None
+
+
+def _metric_key(parts: list[str]) -> str:
+    return _METRIC_BAD_CHARS.sub("_", "_".join(parts))[:250]
+
+
+def flatten_metrics(metrics: dict) -> dict[str, float]:
+    """metrics.json → flat ``{name: value}`` run metrics.
+
+    Nested keys are joined with ``_`` (``fid.best`` → ``fid_best``); the per-component list becomes ``c<j>_``
+    prefixes (``c1_faithfulness_rho_mean``, ``c1_ground_truth_heart_size_rho``); booleans become 1/0. Lists of
+    plain numbers, strings and non-finite values are skipped (they stay in metrics.json; the FID trace is logged
+    separately as a step series)."""
+    out: dict[str, float] = {}
+
+    def walk(obj: Any, prefix: list[str]) -> None:
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                if prefix == ["fid"] and k == "trace":
+                    continue
+                walk(v, prefix + [str(k)])
+        elif isinstance(obj, list):
+            if obj and all(isinstance(x, dict) and "component" in x for x in obj):
+                for x in obj:
+                    walk({k: v for k, v in x.items() if k != "component"},
+                         prefix[:-1] + [f"c{x['component']}"])
+        else:
+            v = _finite(obj)
+            if v is not None and prefix:
+                out[_metric_key(prefix)] = v
+
+    walk(metrics, [])
+    return out
+
+
+def _headline(metrics: dict) -> dict[str, Any]:
+    """The status-tag headline of metrics.json: best FID + extractor, faithfulness and % variance per component."""
+    fid = metrics.get("fid") or {}
+    comps = metrics.get("components") or []
+    pct = (metrics.get("pls") or {}).get("pct_target_variance") or [c.get("pct_target_variance") for c in comps]
+    faith = [(c.get("faithfulness") or {}).get("rho_mean") for c in comps]
+    return {"fid_best": _finite(fid.get("best")), "fid_extractor": fid.get("extractor"),
+            "faithfulness": [_finite(v) for v in faith] if comps else None,
+            "pct_variance": [_finite(v) for v in pct] if pct else None}
+
+
+def _tag_value(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value)
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------- register / load
+
+def register_cnn(model: nn.Module, spec: CNNSpec, name: str, dataset: str, dataset_md5: str | None,
+                 tracking_uri: str | None = None, layer: str | None = None,
+                 extra_tags: dict[str, str] | None = None, explain: bool = True,
+                 experiment: str = CNN_EXPERIMENT) -> ModelVersion:
+    """Log a trained CNN to MLflow and register it as a new version of ``name`` that meets the contract.
+
+    One run in ``experiment`` holds: the MLflow PyTorch model (pt2, dynamic batch, plus ``cnn.json`` and a
+    weights-only ``cnn.pt`` as extra files), ``cnn.json`` as a run artifact, ``spec.metrics`` as run metrics (the
+    per-epoch history as step series ``epoch_*``), the architecture as params, and the DVC dataset as a run input.
+    The version is created with the contract tags (+ ``figan.explain=true`` when ``explain``; ``extra_tags`` are
+    added last) already set, so a registration trigger never sees a version without its contract. The contract is
+    validated before anything is logged (:class:`ContractError`)."""
+    if spec.arch not in ARCHITECTURES:
+        raise ValueError(f"spec.arch {spec.arch!r} is not a known architecture ({sorted(ARCHITECTURES)}); "
+                         f"register_cnn stores CNNs that models.cnn.build_cnn can rebuild")
+    tags = _contract_tags(dataset, dataset_md5, spec.target, spec.task, layer, list(spec.input_shape),
+                          spec.class_names)
+    if explain:
+        tags[TAG_EXPLAIN] = "true"
+    tags.update({k: _tag_value(v) for k, v in (extra_tags or {}).items()})
+    _parse_contract(name, "(new)", tags)
+    if layer and layer not in dict(model.named_modules()):
+        raise ContractError(f"model version {name}/(new): tag {TAG_LAYER}={layer!r} names no layer of the model")
+
+    client = MlflowClient(tracking_uri)
+    experiment_id = _experiment_id(client, experiment)
+    c, h, w = (int(v) for v in spec.input_shape)
+    was_training = model.training
+    model.eval()
+    try:
+        with tempfile.TemporaryDirectory(prefix="figan-register-") as tmp, _use_tracking_uri(tracking_uri):
+            spec_path, weights_path = Path(tmp) / SPEC_FILE, Path(tmp) / WEIGHTS_FILE
+            spec_path.write_text(json.dumps(asdict(spec), indent=2))
+            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights_path)
+            with mlflow.start_run(experiment_id=experiment_id, run_name=f"{name}-{spec.arch}",
+                                  nested=mlflow.active_run() is not None) as run:
+                mlflow.log_params({"arch": spec.arch, "task": spec.task, "dataset": dataset,
+                                   "dataset_md5": dataset_md5 or "", "input_shape": json.dumps([c, h, w]),
+                                   "target": _tag_value(spec.target),
+                                   **{f"cnn.{k}": v for k, v in spec.kwargs.items()
+                                      if isinstance(v, (int, float, str, bool))}})
+                metrics = {k: _finite(v) for k, v in spec.metrics.items() if k != "history"}
+                mlflow.log_metrics({k: v for k, v in metrics.items() if v is not None})
+                for row in spec.metrics.get("history", []) or []:
+                    step = int(row.get("epoch", 0))
+                    vals = {f"epoch_{k}": _finite(v) for k, v in row.items() if k != "epoch"}
+                    mlflow.log_metrics({k: v for k, v in vals.items() if v is not None}, step=step)
+                if dataset_md5:
+                    mlflow.log_input(_dvc_dataset(dataset, dataset_md5), context="training")
+                mlflow.log_artifact(str(spec_path))
+                example = np.zeros((2, c, h, w), dtype=np.float32)     # batch 2: the batch dim stays dynamic
+                info = mlflow.pytorch.log_model(
+                    model, name=MODEL_NAME_IN_RUN, serialization_format="pt2", input_example=example,
+                    extra_files=[str(spec_path), str(weights_path)],
+                    pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+                run_id = run.info.run_id
+        _ensure_registered_model(client, name)
+        md5 = f" ({dataset_md5})" if dataset_md5 else ""
+        return client.create_model_version(
+            name=name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id,
+            description=f"{spec.arch} {spec.task} CNN on {dataset}{md5}, target {_tag_value(spec.target)}")
+    finally:
+        model.train(was_training)
+
+
+def load_cnn_version(client: MlflowClient, name: str, version: str | int) -> tuple[nn.Module, CNNSpec | None]:
+    """The registered CNN as an eager ``nn.Module`` in eval mode, and its spec when it has one.
+
+    Reads the version's ``MLmodel`` first (a non-PyTorch version is refused without downloading it). Versions
+    registered by :func:`register_cnn` are rebuilt from ``cnn.json`` + the weights-only ``cnn.pt`` (only those
+    two files are downloaded). Other PyTorch-flavor versions are loaded with ``mlflow.pytorch.load_model``:
+    eager pickled models load (MLflow's ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` decides whether unpickling is
+    allowed; it defaults to true in MLflow 3.17), torch.export programs are refused because their layers cannot be
+    hooked. A missing version raises MLflow's RESOURCE_DOES_NOT_EXIST error; anything that is not a loadable
+    PyTorch CNN is a :class:`ContractError`."""
+    where = f"model version {name}/{version}"
+    mv = client.get_model_version(name, str(version))
+    root = client.get_model_version_download_uri(name, str(version)).rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="figan-cnn-") as tmp:
+        def fetch(rel: str) -> Path:
+            dst = Path(tmp) / "model" / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{rel}" if rel else root,
+                                                            dst_path=str(dst.parent),
+                                                            tracking_uri=client.tracking_uri))
+        try:
+            mlmodel = fetch("MLmodel")
+        except (MlflowException, OSError) as e:
+            raise ContractError(f"{where} is not a PyTorch CNN: no readable MLmodel file at {mv.source}") from e
+        flavors = mlflow.models.Model.load(str(mlmodel)).flavors or {}
+        if "pytorch" not in flavors:
+            raise ContractError(f"{where} is not a PyTorch CNN: its MLflow model has flavors {sorted(flavors)}, "
+                                f"no 'pytorch' flavor")
+        extra = {Path(e["path"]).name: e["path"] for e in flavors["pytorch"].get("extra_files") or []}
+        if SPEC_FILE in extra and WEIGHTS_FILE in extra:
+            try:
+                spec = CNNSpec(**json.loads(fetch(extra[SPEC_FILE]).read_text()))
+                model = build_cnn(spec)
+                model.load_state_dict(torch.load(fetch(extra[WEIGHTS_FILE]), map_location="cpu",
+                                                 weights_only=True))
+            except (MlflowException, OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
+                raise ContractError(f"{where}: its {SPEC_FILE}/{WEIGHTS_FILE} do not rebuild a CNN ({e})") from e
+            return model.eval(), spec
+        local = Path(tmp) / "full"
+        local.mkdir()
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=root, dst_path=str(local),
+                                                             tracking_uri=client.tracking_uri))
+        except (MlflowException, OSError) as e:
+            raise ContractError(f"{where}: its PyTorch model at {mv.source} cannot be downloaded ({e})") from e
+        if (local / flavors["pytorch"].get("model_data", "data") / "model.pt2").is_file():
+            raise ContractError(f"{where} is a torch.export (pt2) program without {SPEC_FILE}: FIGAN needs an "
+                                f"eager nn.Module whose layers it can hook; register it with "
+                                f"flows.registry.register_cnn or log it with serialization_format='pickle'")
+        try:
+            model = mlflow.pytorch.load_model(str(local), weights_only=False)
+        except (MlflowException, OSError, RuntimeError) as e:
+            raise ContractError(f"{where}: its PyTorch model cannot be loaded ({e})") from e
+    if not isinstance(model, nn.Module):
+        raise ContractError(f"{where} is not a PyTorch CNN: loading gave {type(model).__name__}")
+    return model.eval(), None
+
+
+# --------------------------------------------------------------------------------------------- status
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def set_status(client: MlflowClient, name: str, version: str | int, status: str, **fields: Any) -> None:
+    """Set ``figan.status`` (+ ``figan.updated``) and any of the fields run_id, error, key, fid_best,
+    fid_extractor, faithfulness, pct_variance on the model version (None deletes a field's tag).
+
+    ``failed`` requires ``error``; any other status clears a previous error. The status tag is written last."""
+    if status not in STATUSES:
+        raise ValueError(f"status must be one of {', '.join(STATUSES)}, got {status!r}")
+    unknown = set(fields) - set(_STATUS_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown status field(s) {sorted(unknown)}; known: {sorted(_STATUS_FIELDS)}")
+    if status == "failed":
+        err = fields.get("error")
+        if not isinstance(err, str) or not err.strip():
+            raise ValueError("status 'failed' requires error='<what went wrong>'")
+        if len(err) > _MAX_ERROR_CHARS:
+            fields["error"] = err[:_MAX_ERROR_CHARS - 40] + f" ... [{len(err)} chars, truncated]"
+    else:
+        fields.setdefault("error", None)
+    version = str(version)
+    current = client.get_model_version(name, version).tags or {}
+    for field_name, value in fields.items():
+        tag = _STATUS_FIELDS[field_name]
+        if value is None:
+            if tag in current:
+                client.delete_model_version_tag(name, version, tag)
+        else:
+            client.set_model_version_tag(name, version, tag, _tag_value(value))
+    client.set_model_version_tag(name, version, TAG_UPDATED, _now())
+    client.set_model_version_tag(name, version, TAG_STATUS, status)
+
+
+def _json_or_none(raw: str | None) -> Any:
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return None
+
+
+def _float_or_none(raw: str | None) -> float | None:
+    try:
+        return float(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def _status_from_tags(tags: dict[str, str]) -> dict[str, Any]:
+    return {"status": tags.get(TAG_STATUS), "run_id": tags.get(TAG_RUN_ID), "error": tags.get(TAG_ERROR),
+            "key": tags.get(TAG_KEY), "updated": tags.get(TAG_UPDATED),
+            "fid_best": _float_or_none(tags.get(TAG_FID_BEST)), "fid_extractor": tags.get(TAG_FID_EXTRACTOR),
+            "faithfulness": _json_or_none(tags.get(TAG_FAITHFULNESS)),
+            "pct_variance": _json_or_none(tags.get(TAG_PCT_VARIANCE))}
+
+
+def get_status(client: MlflowClient, name: str, version: str | int) -> dict[str, Any]:
+    """The explanation status of a version: status, run_id, error, key, updated, fid_best (float),
+    fid_extractor, faithfulness and pct_variance (lists); None for whatever is not set."""
+    return _status_from_tags(client.get_model_version(name, str(version)).tags or {})
+
+
+# --------------------------------------------------------------------------------------------- explanations
+
+def _published(rel: Path) -> bool:
+    """Whether an artifacts-folder file goes into the explanation run: everything except the cached features,
+    the GAN's training checkpoints (``gan/*.pt``; ``gan/best/`` is kept) and hidden files."""
+    if any(part.startswith(".") for part in rel.parts):
+        return False
+    if rel.as_posix() == "features.npy":
+        return False
+    if len(rel.parts) == 2 and rel.parts[0] == "gan" and rel.suffix == ".pt":
+        return False
+    return True
+
+
+def _stage(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def publish_explanation(client: MlflowClient, name: str, version: str | int, artifacts_dir: Path, metrics: dict,
+                        lineage: dict, key: str) -> str:
+    """Publish an explanation's artifacts folder as one finished run and mark the version ``done``.
+
+    The run (experiment ``figan-explanations``) gets every file of ``artifacts_dir`` except ``features.npy`` and
+    ``gan/*.pt`` (``gan/best/`` is kept), ``metrics`` flattened into run metrics and the FID trace as the step
+    series ``fid``, the tags ``figan.model``/``figan.version``/``figan.key``, lineage as ``lineage.<k>`` tags and
+    ``lineage.json`` (the code version, ``git rev-parse HEAD``, is added when missing), and the DVC dataset as an
+    input when lineage names it. If anything fails the run is marked FAILED (so :func:`find_explanation` ignores
+    it) and the error is raised; the version's status is left to the caller. Returns the run id."""
+    artifacts_dir = Path(artifacts_dir)
+    if not artifacts_dir.is_dir():
+        raise FileNotFoundError(f"explanation artifacts folder {artifacts_dir} does not exist")
+    version = str(version)
+    lineage = dict(lineage)
+    lineage.setdefault("cnn_name", name)
+    lineage.setdefault("cnn_version", version)
+    if metrics.get("config_hash"):
+        lineage.setdefault("config_hash", metrics["config_hash"])
+    if "code_version" not in lineage:
+        lineage["code_version"] = _code_version() or "unknown"
+    lineage["key"] = key
+
+    experiment_id = _experiment_id(client, EXPLANATIONS_EXPERIMENT)
+    run_tags = {RUN_TAG_MODEL: name, RUN_TAG_VERSION: version, RUN_TAG_KEY: key}
+    for k, v in lineage.items():
+        value = _tag_value(v)
+        if len(value) <= 5000:
+            run_tags[_metric_key([LINEAGE_TAG_PREFIX + str(k)])] = value
+    run = client.create_run(experiment_id, run_name=f"{name}-v{version}", tags=run_tags)
+    run_id = run.info.run_id
+    try:
+        with tempfile.TemporaryDirectory(prefix="figan-publish-") as tmp:
+            stage = Path(tmp)
+            for path in sorted(artifacts_dir.rglob("*")):
+                rel = path.relative_to(artifacts_dir)
+                if path.is_file() and _published(rel):
+                    _stage(path, stage / rel)
+            (stage / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str))
+            client.log_artifacts(run_id, str(stage))
+        flat = flatten_metrics(metrics)
+        ts = int(datetime.now(timezone.utc).timestamp() * 1000)
+        batch = [Metric(k, v, ts, 0) for k, v in flat.items()]
+        for point in (metrics.get("fid") or {}).get("trace") or []:
+            v = _finite(point.get("fid"))
+            if v is not None:
+                batch.append(Metric("fid", v, ts, int(point.get("step", 0))))
+        for i in range(0, len(batch), 1000):
+            client.log_batch(run_id, metrics=batch[i:i + 1000])
+        if lineage.get("dataset") and lineage.get("dataset_md5"):
+            ds = _dvc_dataset(str(lineage["dataset"]), str(lineage["dataset_md5"]))
+            entity = DatasetEntity(name=ds.name, digest=ds.digest, source_type="dvc", source=ds.source.to_json())
+            client.log_inputs(run_id, datasets=[DatasetInput(entity, [InputTag("mlflow.data.context",
+                                                                               "explanation")])])
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    except BaseException:
+        client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    set_status(client, name, version, "done", run_id=run_id, key=key, **_headline(metrics))
+    return run_id
+
+
+def _quote(value: str) -> str:
+    """A string literal for an MLflow search filter."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ValueError(f"cannot search for {value!r}: it contains both quote characters")
+
+
+def find_explanation(client: MlflowClient, name: str, version: str | int, key: str) -> str | None:
+    """The id of the latest *finished* explanation run of this version for ``key`` (None if there is none)."""
+    exp = client.get_experiment_by_name(EXPLANATIONS_EXPERIMENT)
+    if exp is None:
+        return None
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{RUN_TAG_KEY}` = {_quote(key)} and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=100)
+    for run in runs:
+        tags = run.data.tags
+        if tags.get(RUN_TAG_MODEL) == name and tags.get(RUN_TAG_VERSION) == str(version):
+            return run.info.run_id
+    return None
+
+
+def download_explanation(client: MlflowClient, run_id: str, dest: Path) -> Path:
+    """Download what a service needs from an explanation run (gan/best, pls, sequences, metrics.json, plus
+    config.json, lineage.json, summary.txt when present) into ``dest``; returns ``dest``."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    present = {a.path for a in client.list_artifacts(run_id)}
+    present |= {a.path for a in client.list_artifacts(run_id, "gan")} if "gan" in present else set()
+    missing = [p for p in SERVICE_ARTIFACTS if p not in present]
+    if missing:
+        raise FileNotFoundError(f"explanation run {run_id} lacks {missing} (has {sorted(present)})")
+    for p in SERVICE_ARTIFACTS + tuple(p for p in SERVICE_OPTIONAL if p in present):
+        parent = (dest / p).parent                  # download_artifacts puts <path>'s basename into dst_path
+        parent.mkdir(parents=True, exist_ok=True)
+        client.download_artifacts(run_id, p, dst_path=str(parent))
+    return dest
+
+
+# --------------------------------------------------------------------------------------------- listing
+
+def list_versions(client: MlflowClient, name: str | None = None) -> list[dict[str, Any]]:
+    """One row per model version (of ``name``, or of every registered model): name, version, aliases, explain
+    (opt-in), the status fields of :func:`get_status`, sorted by name and version."""
+    if name is not None:
+        models = [client.get_registered_model(name)]
+    else:
+        models, token = [], None
+        while True:
+            page = client.search_registered_models(page_token=token)
+            models.extend(page)
+            token = page.token
+            if not token:
+                break
+    rows = []
+    for rm in models:
+        aliases: dict[str, list[str]] = {}
+        for alias, v in (rm.aliases or {}).items():
+            aliases.setdefault(str(v), []).append(alias)
+        token = None
+        while True:
+            page = client.search_model_versions(f"name = {_quote(rm.name)}", page_token=token)
+            for mv in page:
+                tags = {**(rm.tags or {}), **(mv.tags or {})}
+                rows.append({"name": mv.name, "version": str(mv.version),
+                             "aliases": sorted(aliases.get(str(mv.version), [])),
+                             "explain": tags.get(TAG_EXPLAIN, "").strip().lower() == "true",
+                             **_status_from_tags(mv.tags or {})})
+            token = page.token
+            if not token:
+                break
+    return sorted(rows, key=lambda r: (r["name"], int(r["version"]) if r["version"].isdigit() else 0))

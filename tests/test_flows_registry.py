@@ -1,0 +1,233 @@
+"""The MLflow layer against a real `mlflow server` (SQLite, loopback, free port): one server for the module.
+
+Covers flows.mlflow_server (start, idempotent start, find, stop leaves no process) and flows.registry (register a
+tiny trained CNN with its contract, load it back as a hookable nn.Module, contract errors name the tag, status
+tags, publishing/finding/downloading an explanation run, the status table).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from flows import registry as R
+from flows.mlflow_server import find_server, start_server, stop_server
+from models.cnn import TrainConfig, train_cnn
+from models.features import extract_features
+from models.phantom import PhantomConfig, write_phantom
+
+MD5 = "0123456789abcdef0123456789abcdef.dir"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("mlflow-home")
+    srv = start_server(home)
+    yield srv
+    stop_server(home)
+    assert not srv.alive() and not srv.processes()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return MlflowClient(tracking_uri=server.uri)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    ds = write_phantom(tmp_path_factory.mktemp("data") / "phantom", PhantomConfig(n=64, size=16))
+    model, spec = train_cnn(ds, TrainConfig(epochs=1, width=4), progress=False, log=lambda _: None)
+    return ds, model, spec
+
+
+@pytest.fixture(scope="module")
+def registered(server, trained):
+    _, model, spec = trained
+    return R.register_cnn(model, spec, "cnn", dataset="phantom", dataset_md5=MD5, tracking_uri=server.uri)
+
+
+def test_server_start_is_idempotent(server):
+    assert server.alive() and server.healthy()
+    assert server.uri.startswith("http://127.0.0.1:")
+    again = start_server(server.home)
+    assert again.pid == server.pid and again.uri == server.uri
+    found = find_server(server.home)
+    assert found is not None and found.pid == server.pid
+    info = json.loads((server.home / "server.json").read_text())
+    assert info["uri"] == server.uri and info["pid"] == server.pid
+    assert (server.home / "webhook.key").read_text().strip()
+    assert 1 <= len(server.processes()) <= 3          # launcher + one uvicorn worker, no job runners
+
+
+def test_register_and_read_contract(client, registered, trained):
+    _, _, spec = trained
+    mv = registered
+    assert mv.name == "cnn" and mv.version == "1"
+    c = R.read_contract(client, "cnn", mv.version)
+    assert (c.dataset, c.dataset_md5, c.task, c.target) == ("phantom", MD5, "regression", spec.target)
+    assert c.input_shape == (1, 16, 16) and c.layer is None and c.class_names is None
+    assert R.explain_requested(client, "cnn", mv.version)
+    run = client.get_run(mv.run_id)
+    assert "test_r2" in run.data.metrics and "epoch_loss" in run.data.metrics
+    assert "cnn.json" in {a.path for a in client.list_artifacts(mv.run_id)}
+    assert os.environ.get("MLFLOW_TRACKING_URI") != client.tracking_uri     # the caller's setting restored
+    (ds_input,) = run.inputs.dataset_inputs
+    assert ds_input.dataset.digest == MD5 and MD5 in ds_input.dataset.source
+
+
+def test_loaded_cnn_matches_and_is_hookable(client, registered, trained):
+    ds, model, _ = trained
+    loaded, spec = R.load_cnn_version(client, "cnn", registered.version)
+    assert isinstance(loaded, torch.nn.Module) and not loaded.training and spec is not None
+    assert any(isinstance(m, torch.nn.Linear) for _, m in loaded.named_modules())
+    x = torch.from_numpy(ds.load(np.arange(5)))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    feats = extract_features(loaded, x)
+    assert feats.shape == (5, 64) and np.allclose(feats, extract_features(model, x), atol=1e-6)
+
+
+def test_contract_errors_name_the_tag(client, registered):
+    v = registered.version
+    client.set_model_version_tag("cnn", v, R.TAG_TASK, "foo")
+    with pytest.raises(R.ContractError, match=r"model version cnn/1: tag figan.task must be regression or "
+                                              r"classification, got 'foo'"):
+        R.read_contract(client, "cnn", v)
+    client.set_model_version_tag("cnn", v, R.TAG_TASK, "regression")
+    client.set_model_version_tag("cnn", v, R.TAG_INPUT_SHAPE, "[1, 16]")
+    with pytest.raises(R.ContractError, match="tag figan.input_shape"):
+        R.read_contract(client, "cnn", v)
+    client.set_model_version_tag("cnn", v, R.TAG_INPUT_SHAPE, "[1, 16, 16]")
+    client.delete_model_version_tag("cnn", v, R.TAG_DATASET)
+    with pytest.raises(R.ContractError, match="tag figan.dataset is missing"):
+        R.read_contract(client, "cnn", v)
+    client.set_registered_model_tag("cnn", R.TAG_DATASET, "phantom-on-model")   # model-level fallback
+    assert R.read_contract(client, "cnn", v).dataset == "phantom-on-model"
+    client.set_model_version_tag("cnn", v, R.TAG_DATASET, "phantom")             # the version wins
+    assert R.read_contract(client, "cnn", v).dataset == "phantom"
+
+
+def test_non_torch_version_is_a_contract_error(client, tmp_path):
+    exp = client.create_experiment("not-a-cnn")
+    run = client.create_run(exp)
+    (tmp_path / "notes.txt").write_text("hello")
+    client.log_artifact(run.info.run_id, str(tmp_path / "notes.txt"), "stuff")
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("notes")
+    mv = client.create_model_version("notes", f"{run.info.artifact_uri}/stuff", run_id=run.info.run_id)
+    with pytest.raises(R.ContractError, match="is not a PyTorch CNN"):
+        R.load_cnn_version(client, "notes", mv.version)
+
+
+def test_status_roundtrip(client, registered):
+    v = registered.version
+    assert R.get_status(client, "cnn", v)["status"] is None
+    R.set_status(client, "cnn", v, "queued", key="k0")
+    with pytest.raises(ValueError, match="requires error"):
+        R.set_status(client, "cnn", v, "failed")
+    with pytest.raises(ValueError, match="status must be one of"):
+        R.set_status(client, "cnn", v, "exploded", error="x")
+    R.set_status(client, "cnn", v, "failed", error="tag figan.task must be ...")
+    st = R.get_status(client, "cnn", v)
+    assert st["status"] == "failed" and st["error"].startswith("tag figan.task") and st["key"] == "k0"
+    assert st["updated"]
+    R.set_status(client, "cnn", v, "running")
+    st = R.get_status(client, "cnn", v)
+    assert st["status"] == "running" and st["error"] is None
+
+
+def _png(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8), 128, np.uint8)).save(path)
+
+
+@pytest.fixture
+def fake_explanation(tmp_path) -> tuple[Path, dict]:
+    d = tmp_path / "explanation"
+    metrics = {"schema": "figan.metrics/1", "config_hash": "abc123def456",
+               "pls": {"n_components": 2, "pct_target_variance": [60.5, 20.25]},
+               "fid": {"extractor": "randconv", "best": 12.5, "best_step": 20, "floor": 1.0,
+                       "trace": [{"step": 10, "fid": 30.0}, {"step": 20, "fid": 12.5}]},
+               "components": [{"component": 1, "pct_target_variance": 60.5,
+                               "faithfulness": {"rho_mean": 0.9, "rho_per_seed": [0.9, 0.9]},
+                               "ground_truth": {"heart_size": {"rho": 0.8, "effect_sd": float("nan")}}},
+                              {"component": 2, "pct_target_variance": 20.25,
+                               "faithfulness": {"rho_mean": 0.5, "rho_per_seed": [0.4, 0.6]}}],
+               "gates": {"all_pass": True}}
+    _png(d / "fid_trace.png")
+    _png(d / "sequences" / "component_1_strip.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(d / "sequences" / "component_1.gif",
+                                                     save_all=True, append_images=[Image.new("L", (8, 8), 255)])
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    (d / "gan" / "best").mkdir(parents=True)
+    torch.save({"w": torch.zeros(3)}, d / "gan" / "last.pt")
+    torch.save({"w": torch.ones(3)}, d / "gan" / "best" / "generator.pt")
+    (d / "pls").mkdir()
+    (d / "pls" / "pls.json").write_text('{"k": 2}')
+    np.save(d / "features.npy", np.zeros((4, 4), np.float32))
+    return d, metrics
+
+
+def test_publish_find_download(client, registered, fake_explanation, tmp_path):
+    d, metrics = fake_explanation
+    v = registered.version
+    assert R.find_explanation(client, "cnn", v, "key-1") is None
+    run_id = R.publish_explanation(client, "cnn", v, d, metrics, {"dataset": "phantom", "dataset_md5": MD5},
+                                   key="key-1")
+    files = {f.relative_to(d).as_posix() for f in d.rglob("*") if f.is_file()}
+    art: set[str] = set()
+    stack = [None]
+    while stack:
+        for a in client.list_artifacts(run_id, stack.pop()):
+            (stack.append(a.path) if a.is_dir else art.add(a.path))
+    assert art == files - {"gan/last.pt", "features.npy"} | {"lineage.json"}
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    m = run.data.metrics
+    assert m["fid_best"] == 12.5 and m["c1_faithfulness_rho_mean"] == 0.9 and m["c2_pct_target_variance"] == 20.25
+    assert m["gates_all_pass"] == 1.0 and "c1_ground_truth_heart_size_effect_sd" not in m   # NaN skipped
+    assert [p.step for p in client.get_metric_history(run_id, "fid")] == [10, 20]
+    t = run.data.tags
+    assert (t["figan.model"], t["figan.version"], t["figan.key"]) == ("cnn", v, "key-1")
+    assert t["lineage.dataset_md5"] == MD5 and t["lineage.config_hash"] == "abc123def456"
+    assert t["lineage.code_version"]
+
+    st = R.get_status(client, "cnn", v)
+    assert st["status"] == "done" and st["run_id"] == run_id and st["key"] == "key-1"
+    assert st["fid_best"] == 12.5 and st["fid_extractor"] == "randconv"
+    assert st["faithfulness"] == [0.9, 0.5] and st["pct_variance"] == [60.5, 20.25]
+
+    assert R.find_explanation(client, "cnn", v, "key-1") == run_id
+    assert R.find_explanation(client, "cnn", v, "key-2") is None
+    assert R.find_explanation(client, "cnn", "99", "key-1") is None
+
+    out = R.download_explanation(client, run_id, tmp_path / "served")
+    assert (out / "gan" / "best" / "generator.pt").is_file() and not (out / "gan" / "last.pt").exists()
+    assert torch.equal(torch.load(out / "gan" / "best" / "generator.pt")["w"], torch.ones(3))
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((d / "metrics.json").read_text())
+    assert (out / "pls" / "pls.json").is_file() and (out / "sequences" / "component_1.gif").is_file()
+    assert json.loads((out / "lineage.json").read_text())["cnn_version"] == v
+
+    rows = R.list_versions(client, "cnn")
+    assert [(r["name"], r["version"], r["status"], r["explain"]) for r in rows] == [("cnn", v, "done", True)]
+    client.set_registered_model_alias("cnn", "champion", v)
+    (row,) = R.list_versions(client, "cnn")
+    assert row["aliases"] == ["champion"] and row["faithfulness"] == [0.9, 0.5]
+    assert {r["name"] for r in R.list_versions(client)} >= {"cnn"}
+
+
+def test_stop_server_leaves_no_process(server):
+    pids = server.processes()
+    assert pids
+    assert stop_server(server.home) is True
+    assert not server.alive() and find_server(server.home) is None
+    assert all(not Path(f"/proc/{p}").exists() or b"mlflow" not in Path(f"/proc/{p}/cmdline").read_bytes()
+               for p in pids)
+    assert not (server.home / "server.json").exists()
+    assert stop_server(server.home) is False
