@@ -6,7 +6,7 @@
     figan components --data data/phantom --cnn runs/cnn --out runs/components
     figan explain --data data/phantom --cnn runs/cnn --out runs/explain [--steps 1500] [--config cfg.yaml]
     figan ablate --data data/phantom --cnn runs/cnn --out runs/ablation --sizes 500,2000 --resolutions 32,64
-    figan demo
+    figan demo-offline [--quick]
 """
 from __future__ import annotations
 
@@ -78,7 +78,9 @@ def cmd_train_cnn(args) -> int:
     cfg = TrainConfig(arch=args.arch, epochs=args.epochs, width=args.width, seed=args.seed, lr=args.lr)
     model, spec = train_cnn(ds, cfg)
     save_cnn(model, spec, args.out)
-    print(json.dumps({k: v for k, v in spec.metrics.items() if k != "history"}))
+    metrics = {k: v for k, v in spec.metrics.items() if k != "history"}
+    (Path(args.out) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics))
     return 0
 
 
@@ -133,9 +135,8 @@ def cmd_demo(args) -> int:
     return run_demo(Path(args.workdir), quick=args.quick)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="figan", description="FIGAN explanation platform: core commands")
-    sub = p.add_subparsers(dest="cmd", required=True)
+def add_core_commands(sub) -> None:
+    """The offline core's subcommands; `flows.cli` adds the platform's on top of them."""
 
     d = sub.add_parser("data", help="write a dataset folder (phantom or Fashion-MNIST)")
     d.add_argument("kind", choices=["phantom", "fashion"])
@@ -185,15 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain_args(a)
     a.set_defaults(fn=cmd_ablate)
 
-    m = sub.add_parser("demo", help="the quick-start demo on the embedded default")
-    m.add_argument("--workdir", default="runs/demo")
+    m = sub.add_parser("demo-offline", help="the core alone: phantom → CNN → explanation folder (no MLOps services)")
+    m.add_argument("--workdir", default="runs/demo-offline")
     m.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for smoke tests")
     m.set_defaults(fn=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="figan", description="FIGAN explanation platform: core commands")
+    add_core_commands(p.add_subparsers(dest="cmd", required=True))
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
     try:
         return args.fn(args)
     except (DatasetError, ValueError, FileNotFoundError) as e:

@@ -159,7 +159,7 @@ def make_fid_fn(scorer: FIDScorer, cond: torch.Tensor, n: int, z_dim: int, image
 
 def train_generator(data: torch.Tensor, cond: torch.Tensor, image_channels: int, mask_channels: int,
                     cfg: ExplainConfig, out_dir: Path, scorer: FIDScorer | None, device: str,
-                    stop_after: int | None = None):
+                    stop_after: int | None = None, progress: bool = True):
     gcfg = CGANConfig(resolution=data.shape[-1], image_channels=image_channels, mask_channels=mask_channels,
                       k=cond.shape[1], z_dim=cfg.z_dim, ngf=cfg.ngf, ndf=cfg.ndf, batch_size=cfg.batch_size,
                       steps=cfg.steps, lr_g=cfg.lr, lr_d=cfg.lr, cond_weight=cfg.cond_weight, regressor_steps=cfg.regressor_steps,
@@ -168,7 +168,7 @@ def train_generator(data: torch.Tensor, cond: torch.Tensor, image_channels: int,
     fid_fn = None
     if scorer is not None:
         fid_fn = make_fid_fn(scorer, cond, min(cfg.fid_samples, len(cond)), cfg.z_dim, image_channels, cfg.seed)
-    return gan.train(data, cond, out_dir, fid_fn=fid_fn, stop_after=stop_after)
+    return gan.train(data, cond, out_dir, fid_fn=fid_fn, stop_after=stop_after, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------- the whole thing
@@ -181,6 +181,196 @@ def _real_fid_sets(data: torch.Tensor, image_channels: int, n: int, seed: int):
     return to_f(perm[:n]), to_f(perm[n:2 * n])
 
 
+@dataclass
+class ExplainRun:
+    """One explanation in progress: its inputs, its artifacts folder, and what each stage produced so far.
+
+    The stages below fill it in order; the Prefect flow runs each stage as a task on the same object, and
+    `explain()` simply runs them all."""
+    ds: ImageDataset
+    model: torch.nn.Module
+    out: Path
+    cfg: ExplainConfig
+    task: str
+    input_shape: tuple[int, int, int]
+    ruler: Callable[[np.ndarray], pd.DataFrame] | None
+    cnn_name: str
+    device: str
+    timings: dict = field(default_factory=dict)
+    features: np.ndarray | None = None
+    state: PLSState | None = None
+    scores: np.ndarray | None = None
+    pct: list[float] | None = None
+    data: torch.Tensor | None = None
+    cond: torch.Tensor | None = None
+    image_channels: int = 1
+    mask_channels: int = 0
+    scorer: FIDScorer | None = None
+    real_a: torch.Tensor | None = None
+    floor: float | None = None
+    result: object | None = None
+    sweeps: list = field(default_factory=list)
+    generate: Callable | None = None
+    gen_cfg: CGANConfig | None = None
+    gen_step: int | None = None
+    metrics: dict | None = None
+
+    @property
+    def to_cnn(self):
+        return cnn_input(self.input_shape)
+
+
+def prepare(ds: ImageDataset, model: torch.nn.Module, out_dir: str | Path, cfg: ExplainConfig = ExplainConfig(),
+            task: str | None = None, input_shape: tuple[int, int, int] | None = None,
+            ruler: Callable[[np.ndarray], pd.DataFrame] | None = None, cnn_name: str = "cnn") -> ExplainRun:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if ruler is None and ds.meta.factors:
+        from .phantom import ruler as phantom_ruler
+        ruler = phantom_ruler
+    run = ExplainRun(ds=ds, model=model.eval(), out=out, cfg=cfg, task=task or ds.meta.task,
+                     input_shape=tuple(input_shape or ds.image_shape), ruler=ruler, cnn_name=cnn_name,
+                     device=resolve_device(cfg.device))
+    (out / "config.json").write_text(json.dumps({"config": asdict(cfg), "config_hash": cfg.config_hash(),
+                                                 "dataset": ds.name, "cnn": cnn_name}, indent=2, default=list))
+    return run
+
+
+def stage_features(run: ExplainRun, cache: Path | None = None) -> np.ndarray:
+    """Features of every image, reused from the folder (or from ``cache``, e.g. keyed by CNN version + data md5)."""
+    t = time.time()
+    fpath = run.out / "features.npy"
+    for src in (fpath, cache):
+        if src is not None and Path(src).exists():
+            run.features = np.load(src)
+            _log(f"features: reused {src} {run.features.shape}")
+            break
+    else:
+        _log(f"features: {len(run.ds)} images through {run.cnn_name} ({run.cfg.layer or 'input of the final Linear'})")
+        run.features = compute_features(run.model, run.ds, run.cfg.layer, run.device)
+        if cache is not None:
+            Path(cache).parent.mkdir(parents=True, exist_ok=True)
+            np.save(cache, run.features)
+    if not fpath.exists():
+        np.save(fpath, run.features)
+    run.timings["features"] = time.time() - t
+    return run.features
+
+
+def stage_pls(run: ExplainRun) -> PLSState:
+    t = time.time()
+    state, scores = fit_components(run.features, run.ds, run.cfg)
+    save_pls(state, run.out / "pls", overwrite=True)
+    state.variance_table().to_csv(run.out / "pls_variance.csv", index=False)
+    plot_variance(state, run.out / "pls_variance.png", title=f"{run.cnn_name}: target variance per PLS component")
+    pd.DataFrame(scores, columns=[f"c{j + 1}" for j in range(scores.shape[1])]).assign(
+        path=run.ds.manifest["path"].values).to_csv(run.out / "scores.csv", index=False)
+    run.state, run.scores = state, scores
+    run.pct = (100 * state.explained_target_variance).tolist()
+    _log("PLS: " + ", ".join(f"c{j + 1} {p:.1f} %" for j, p in enumerate(run.pct)))
+    run.timings["pls"] = time.time() - t
+    return state
+
+
+def stage_train(run: ExplainRun, stop_after: int | None = None, progress: bool = True):
+    """Train the cGAN (resuming from gan/last.pt when present) with FID at every checkpoint."""
+    t = time.time()
+    cfg = run.cfg
+    run.data, run.cond, run.image_channels, run.mask_channels = gan_training_data(run.ds, run.scores, cfg)
+    run.real_a, real_b = _real_fid_sets(run.data, run.image_channels, cfg.fid_samples, cfg.seed)
+    run.scorer = FIDScorer(run.real_a, extractor=cfg.fid_extractor, device=run.device, input_size=cfg.fid_input_size)
+    run.floor = real_floor(torch.cat([run.real_a, real_b]), extractor=run.scorer.extractor, seed=cfg.seed,
+                           device=run.device) if len(real_b) else None
+    _log(f"cGAN: {len(run.data)} images {tuple(run.data.shape[1:])}, k={run.cond.shape[1]}, {cfg.steps} steps; "
+         f"FID extractor {run.scorer.label}; real-vs-real floor {run.floor if run.floor is None else round(run.floor, 2)}")
+    run.result = train_generator(run.data, run.cond, run.image_channels, run.mask_channels, cfg, run.out / "gan",
+                                 run.scorer, run.device, stop_after, progress)
+    run.timings["gan"] = time.time() - t
+    if run.result.step >= cfg.steps:
+        (run.out / "fid_trace.json").write_text(json.dumps(
+            {"extractor": run.scorer.label, "floor": run.floor, "best_step": run.result.best_step,
+             "trace": run.result.fid_trace}, indent=2))
+        plot_fid_trace(run.result.fid_trace, run.out / "fid_trace.png", floor=run.floor, label=run.scorer.label,
+                       best_step=run.result.best_step)
+    return run.result
+
+
+def stage_sequences(run: ExplainRun) -> list:
+    """A sweep per component from the best (lowest-FID) EMA generator, written as GIF/strip/eigen/deviation."""
+    t = time.time()
+    G, run.gen_cfg, run.gen_step = load_generator(run.out / "gan" / "best", run.device)
+    device = run.device
+    run.generate = lambda z, c: generate_with(G, z, c, device)
+    values = sweep_values(run.cfg.sweep_lo, run.cfg.sweep_hi, run.cfg.frames)
+    run.sweeps = []
+    for j in range(run.state.n_components):
+        sw = render_sweep(run.generate, run.gen_cfg.z_dim, run.gen_cfg.k, j, values, seeds=run.cfg.seeds,
+                          device=device)
+        write_component(run.out / "sequences", sw, run.pct[j])
+        run.sweeps.append(sw)
+    run.timings["sequences"] = time.time() - t
+    return run.sweeps
+
+
+def stage_checks(run: ExplainRun) -> dict:
+    """Every fidelity check → metrics.json (schema figan.metrics/1) + summary.txt."""
+    t = time.time()
+    cfg, state, device, to_cnn = run.cfg, run.state, run.device, run.to_cnn
+    spread, expected = {}, None
+    if run.ruler is not None:
+        real_meas = run.ruler(run.data[:, :run.image_channels].float().numpy() / 255.0)
+        spread = {k: float(v) for k, v in real_meas.std().items()}
+        expected = C.expected_effects(run.cond.numpy(), real_meas, spread)
+    components = []
+    for j, sw in enumerate(run.sweeps):
+        comp = {"component": j + 1, "pct_target_variance": round(run.pct[j], 3),
+                "faithfulness": C.faithfulness(run.model, sw, run.task, state, transform=to_cnn, device=device),
+                "conditioning": C.conditioning_sweep(run.model, sw, state, layer=cfg.layer, transform=to_cnn,
+                                                     device=device)}
+        if run.ruler is not None:
+            comp["ground_truth"] = C.ground_truth(sw, run.ruler, spread, expected[j])
+        components.append(comp)
+    cond_random = C.conditioning_random(run.generate, run.gen_cfg.z_dim, run.scores, run.model, state,
+                                        run.image_channels, layer=cfg.layer, transform=to_cnn, device=device,
+                                        seed=cfg.seed)
+    for comp, r in zip(components, cond_random["r_per_component"]):
+        comp["conditioning"]["r_random"] = r
+    g = torch.Generator().manual_seed(cfg.seed + 11)
+    n_cond, n_seeds = 16, 4
+    c_div = run.cond[torch.randint(0, len(run.cond), (n_cond,), generator=g)].repeat_interleave(n_seeds, 0)
+    fakes = run.generate(torch.randn(n_cond * n_seeds, run.gen_cfg.z_dim, generator=g), c_div)[:, :run.image_channels]
+    div = diversity_ratio(fakes.reshape(n_cond, n_seeds, *fakes.shape[1:]), run.real_a,
+                          extractor=run.scorer.extractor, device=device)
+    run.timings["checks"] = time.time() - t
+    run.timings["total"] = sum(v for k, v in run.timings.items() if k != "total")
+    result = run.result
+    metrics = {
+        "schema": C.SCHEMA,
+        "dataset": {"name": run.ds.name, "n_images": len(run.ds), "task": run.task, "target": run.ds.meta.target},
+        "cnn": {"name": run.cnn_name, "layer": cfg.layer or "input of final Linear",
+                "n_features": int(run.features.shape[1])},
+        "config_hash": cfg.config_hash(),
+        "pls": {"n_components": state.n_components, "pct_target_variance": [round(p, 3) for p in run.pct],
+                "cumulative_pct": round(float(sum(run.pct)), 3)},
+        "fid": {"extractor": run.scorer.label, "best": result.best_fid, "best_step": result.best_step,
+                "floor": run.floor, "n_samples": len(run.real_a), "trace": result.fid_trace},
+        "diversity": {"ratio": round(float(div), 4), "n_conditions": n_cond, "n_seeds": n_seeds,
+                      "extractor": run.scorer.label},
+        "training": {"steps": result.step, "resumed_from_step": result.start_step, "batch_size": cfg.batch_size,
+                     "img_per_s": round(result.img_per_s, 1), "resolution": run.gen_cfg.resolution,
+                     "mask_channels": run.gen_cfg.mask_channels, "generator_step": run.gen_step, "device": device,
+                     "score_regressor_r2": result.regressor_r2},
+        "components": components,
+        "timings_s": {k: round(v, 2) for k, v in run.timings.items()},
+    }
+    factors = run.ds.meta.factors or {}
+    metrics["gates"] = C.evaluate_gates(metrics, C.Thresholds(), factors.get("driving", ()), factors.get("nuisance", ()))
+    (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (run.out / "summary.txt").write_text(C.summary_text(metrics))
+    run.metrics = metrics
+    return metrics
+
+
 def explain(ds: ImageDataset, model: torch.nn.Module, out_dir: str | Path, cfg: ExplainConfig = ExplainConfig(),
             task: str | None = None, input_shape: tuple[int, int, int] | None = None,
             ruler: Callable[[np.ndarray], pd.DataFrame] | None = None, cnn_name: str = "cnn",
@@ -189,128 +379,16 @@ def explain(ds: ImageDataset, model: torch.nn.Module, out_dir: str | Path, cfg: 
 
     Re-running into the same folder reuses the cached features and resumes GAN training from its checkpoint.
     ``ruler``: measures ground-truth factors on images (phantoms); defaults to the phantom ruler when the
-    dataset declares factors.
+    dataset declares factors. ``stop_after`` ends GAN training after that many steps (returns
+    ``{"status": "interrupted"}``), as a kill would.
     """
-    t_start = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    task = task or ds.meta.task
-    model = model.eval()
-    if input_shape is None:
-        input_shape = tuple(ds.image_shape)
-    to_cnn = cnn_input(input_shape)
-    if ruler is None and ds.meta.factors:
-        from .phantom import ruler as phantom_ruler
-        ruler = phantom_ruler
-    (out / "config.json").write_text(json.dumps({"config": asdict(cfg), "config_hash": cfg.config_hash(),
-                                                 "dataset": ds.name, "cnn": cnn_name}, indent=2, default=list))
-    timings = {}
-
-    # features (cached in the folder)
-    t = time.time()
-    fpath = out / "features.npy"
-    if fpath.exists():
-        features = np.load(fpath)
-        _log(f"features: reused {fpath} {features.shape}")
-    else:
-        _log(f"features: {len(ds)} images through {cnn_name} ({cfg.layer or 'input of the final Linear'})")
-        features = compute_features(model, ds, cfg.layer, device)
-        np.save(fpath, features)
-    timings["features"] = time.time() - t
-
-    # PLS
-    t = time.time()
-    state, scores = fit_components(features, ds, cfg)
-    save_pls(state, out / "pls", overwrite=True)
-    table = state.variance_table()
-    table.to_csv(out / "pls_variance.csv", index=False)
-    plot_variance(state, out / "pls_variance.png", title=f"{cnn_name}: target variance per PLS component")
-    pd.DataFrame(scores, columns=[f"c{j + 1}" for j in range(scores.shape[1])]).assign(
-        path=ds.manifest["path"].values).to_csv(out / "scores.csv", index=False)
-    pct = (100 * state.explained_target_variance).tolist()
-    _log("PLS: " + ", ".join(f"c{j + 1} {p:.1f} %" for j, p in enumerate(pct)))
-    timings["pls"] = time.time() - t
-
-    # GAN + FID over training
-    t = time.time()
-    data, cond, img_ch, mask_ch = gan_training_data(ds, scores, cfg)
-    real_a, real_b = _real_fid_sets(data, img_ch, cfg.fid_samples, cfg.seed)
-    scorer = FIDScorer(real_a, extractor=cfg.fid_extractor, device=device, input_size=cfg.fid_input_size)
-    floor = real_floor(torch.cat([real_a, real_b]), extractor=cfg.fid_extractor, seed=cfg.seed, device=device,
-                       input_size=cfg.fid_input_size) if len(real_b) else None
-    _log(f"cGAN: {len(data)} images {tuple(data.shape[1:])}, k={cond.shape[1]}, {cfg.steps} steps; "
-         f"FID extractor {scorer.label}; real-vs-real floor {floor if floor is None else round(floor, 2)}")
-    result = train_generator(data, cond, img_ch, mask_ch, cfg, out / "gan", scorer, device, stop_after)
-    timings["gan"] = time.time() - t
+    run = prepare(ds, model, out_dir, cfg, task, input_shape, ruler, cnn_name)
+    stage_features(run)
+    stage_pls(run)
+    result = stage_train(run, stop_after)
     if result.step < cfg.steps:
         return {"status": "interrupted", "step": result.step}
-    (out / "fid_trace.json").write_text(json.dumps({"extractor": scorer.label, "floor": floor,
-                                                    "best_step": result.best_step, "trace": result.fid_trace}, indent=2))
-    plot_fid_trace(result.fid_trace, out / "fid_trace.png", floor=floor, label=scorer.label, best_step=result.best_step)
-
-    # sequences from the best (lowest-FID) EMA generator
-    t = time.time()
-    G, gcfg, best_step = load_generator(out / "gan" / "best", device)
-    generate = lambda z, c: generate_with(G, z, c, device)
-    values = sweep_values(cfg.sweep_lo, cfg.sweep_hi, cfg.frames)
-    sweeps = []
-    for j in range(state.n_components):
-        sw = render_sweep(generate, gcfg.z_dim, gcfg.k, j, values, seeds=cfg.seeds, device=device)
-        write_component(out / "sequences", sw, pct[j])
-        sweeps.append(sw)
-    timings["sequences"] = time.time() - t
-
-    # checks
-    t = time.time()
-    real_scores = scores
-    spread, expected = {}, None
-    if ruler is not None:
-        real_meas = ruler(data[:, :img_ch].float().numpy() / 255.0)
-        spread = {k: float(v) for k, v in real_meas.std().items()}
-        expected = C.expected_effects(cond.numpy(), real_meas, spread)
-    components = []
-    for j, sw in enumerate(sweeps):
-        comp = {"component": j + 1, "pct_target_variance": round(pct[j], 3),
-                "faithfulness": C.faithfulness(model, sw, task, state, transform=to_cnn, device=device),
-                "conditioning": C.conditioning_sweep(model, sw, state, layer=cfg.layer, transform=to_cnn, device=device)}
-        if ruler is not None:
-            comp["ground_truth"] = C.ground_truth(sw, ruler, spread, expected[j])
-        components.append(comp)
-    cond_random = C.conditioning_random(generate, gcfg.z_dim, real_scores, model, state, img_ch,
-                                        layer=cfg.layer, transform=to_cnn, device=device, seed=cfg.seed)
-    for comp, r in zip(components, cond_random["r_per_component"]):
-        comp["conditioning"]["r_random"] = r
-    g = torch.Generator().manual_seed(cfg.seed + 11)
-    n_cond, n_seeds = 16, 4
-    c_div = cond[torch.randint(0, len(cond), (n_cond,), generator=g)].repeat_interleave(n_seeds, 0)
-    fakes = generate(torch.randn(n_cond * n_seeds, gcfg.z_dim, generator=g), c_div)[:, :img_ch]
-    div = diversity_ratio(fakes.reshape(n_cond, n_seeds, *fakes.shape[1:]), real_a, extractor=cfg.fid_extractor,
-                          device=device, input_size=cfg.fid_input_size)
-    timings["checks"] = time.time() - t
-    timings["total"] = time.time() - t_start
-
-    metrics = {
-        "schema": C.SCHEMA,
-        "dataset": {"name": ds.name, "n_images": len(ds), "task": task, "target": ds.meta.target},
-        "cnn": {"name": cnn_name, "layer": cfg.layer or "input of final Linear", "n_features": int(features.shape[1])},
-        "config_hash": cfg.config_hash(),
-        "pls": {"n_components": state.n_components, "pct_target_variance": [round(p, 3) for p in pct],
-                "cumulative_pct": round(float(sum(pct)), 3)},
-        "fid": {"extractor": scorer.label, "best": result.best_fid, "best_step": result.best_step, "floor": floor,
-                "n_samples": len(real_a), "trace": result.fid_trace},
-        "diversity": {"ratio": round(float(div), 4), "n_conditions": n_cond, "n_seeds": n_seeds,
-                      "extractor": scorer.label},
-        "training": {"steps": result.step, "batch_size": cfg.batch_size, "img_per_s": round(result.img_per_s, 1),
-                     "resolution": gcfg.resolution, "mask_channels": gcfg.mask_channels,
-                     "generator_step": best_step, "device": device,
-                     "score_regressor_r2": result.regressor_r2},
-        "components": components,
-        "timings_s": {k: round(v, 2) for k, v in timings.items()},
-    }
-    factors = ds.meta.factors or {}
-    metrics["gates"] = C.evaluate_gates(metrics, C.Thresholds(), factors.get("driving", ()), factors.get("nuisance", ()))
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "summary.txt").write_text(C.summary_text(metrics))
-    _log(f"done in {timings['total']:.0f} s → {out}")
+    stage_sequences(run)
+    metrics = stage_checks(run)
+    _log(f"done in {run.timings['total']:.0f} s → {run.out}")
     return metrics

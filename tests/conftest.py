@@ -1,6 +1,16 @@
 """Shared test helpers: tiny, deterministic datasets and models built in seconds."""
 from __future__ import annotations
 
+import os
+import tempfile
+
+# Prefect and DVC keep state in the home folder / /var/tmp by default: keep test runs out of both.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="figan-test-prefect-"))
+os.environ.setdefault("DVC_SITE_CACHE_DIR", tempfile.mkdtemp(prefix="figan-test-dvc-"))
+# the temporary Prefect server logs its shutdown after pytest has closed the captured streams
+os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
 import numpy as np
 import pandas as pd
 import pytest

@@ -29,7 +29,7 @@ def test_ablation_masks_need_masks(tmp_path, capsys):
 
 
 def test_demo_quick(tmp_path, capsys):
-    assert main(["demo", "--quick", "--workdir", str(tmp_path)]) == 0
+    assert main(["demo-offline", "--quick", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "finished in" in out and "gate faithfulness" in out
     assert (tmp_path / "explanation/metrics.json").exists()

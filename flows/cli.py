@@ -1,0 +1,139 @@
+"""`figan`: the platform's command line (the core's offline commands plus the MLOps ones).
+
+    figan up | down                         start / stop the embedded MLflow server (SQLite, loopback)
+    figan version-data --src DIR            validate + dvc add + dvc push a dataset folder; prints its md5
+    figan register --cnn DIR --name NAME --dataset NAME [--dataset-md5 MD5]
+    figan explain-version --name NAME --version N      run the explain flow for one registered version
+    figan status [--name NAME]              registered versions, explanation status and headline metrics
+    figan demo [--quick]                    the quick start: data → CNN → registration → explanation, twice
+
+Settings (home folder, tracking URI, DVC remote, explain config) come from `flows.settings.Settings`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from models import cli as core_cli
+from models.data import DatasetError
+
+
+def cmd_up(args) -> int:
+    from .mlflow_server import start_server
+    from .settings import Settings
+    s = Settings.load()
+    server = start_server(s.mlflow_home)
+    print(f"MLflow tracking server: {server.uri} (UI in a browser; data in {s.mlflow_home}); stop with `figan down`")
+    return 0
+
+
+def cmd_down(args) -> int:
+    from .mlflow_server import stop_server
+    from .settings import Settings
+    stopped = stop_server(Settings.load().mlflow_home)
+    print("MLflow server stopped" if stopped else "no MLflow server was running")
+    return 0
+
+
+def cmd_version_data(args) -> int:
+    from .explain import version_dataset_flow
+    v = version_dataset_flow(str(args.src), args.name)
+    print(json.dumps(v, indent=2))
+    return 0
+
+
+def cmd_register(args) -> int:
+    from models.cnn import load_cnn
+    from .explain import tracking_uri
+    from .registry import register_cnn
+    from .settings import Settings
+    model, spec = load_cnn(args.cnn)
+    mv = register_cnn(model, spec, args.name, args.dataset, args.dataset_md5,
+                      tracking_uri=tracking_uri(Settings.load()), layer=args.layer, explain=not args.no_explain)
+    print(f"registered {args.name} version {mv.version}")
+    return 0
+
+
+def cmd_explain_version(args) -> int:
+    from .explain import explain_version
+    res = explain_version(args.name, str(args.version))
+    print(json.dumps(res, indent=2))
+    return 0 if res["status"] == "done" else 3
+
+
+def status_table(name: str | None = None) -> str:
+    from mlflow import MlflowClient
+    from .explain import tracking_uri
+    from .registry import list_versions
+    from .settings import Settings
+    rows = list_versions(MlflowClient(tracking_uri(Settings.load())), name)
+    head = f"{'model':<20} {'ver':>3} {'status':<8} {'FID best':>9} {'% var (c1, c2, …)':<24} {'faithfulness':<22} error"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        pct = ", ".join(f"{p:.1f}" for p in (r.get("pct_variance") or []))
+        faith = ", ".join(f"{f:.2f}" for f in (r.get("faithfulness") or []))
+        fid = r.get("fid_best")
+        lines.append(f"{r['name']:<20} {r['version']:>3} {str(r.get('status') or '-'):<8} "
+                     f"{(f'{fid:.1f}' if isinstance(fid, (int, float)) else '-'):>9} {pct:<24} {faith:<22} "
+                     f"{(r.get('error') or '')[:60]}")
+    return "\n".join(lines)
+
+
+def cmd_status(args) -> int:
+    print(status_table(args.name))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(Path(args.workdir), quick=args.quick, keep_server=not args.stop_server)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="figan", description="FIGAN explanation platform")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    core_cli.add_core_commands(sub)
+    sub.add_parser("up", help="start the embedded MLflow server").set_defaults(fn=cmd_up)
+    sub.add_parser("down", help="stop the embedded MLflow server").set_defaults(fn=cmd_down)
+    v = sub.add_parser("version-data", help="version a dataset folder with DVC")
+    v.add_argument("--src", required=True, type=Path)
+    v.add_argument("--name")
+    v.set_defaults(fn=cmd_version_data)
+    r = sub.add_parser("register", help="register a trained CNN (models.cnn format) with the contract tags")
+    r.add_argument("--cnn", required=True, type=Path)
+    r.add_argument("--name", required=True)
+    r.add_argument("--dataset", required=True)
+    r.add_argument("--dataset-md5")
+    r.add_argument("--layer")
+    r.add_argument("--no-explain", action="store_true", help="do not opt in to automatic explanation")
+    r.set_defaults(fn=cmd_register)
+    e = sub.add_parser("explain-version", help="run the explain flow for one registered version")
+    e.add_argument("--name", required=True)
+    e.add_argument("--version", required=True)
+    e.set_defaults(fn=cmd_explain_version)
+    s = sub.add_parser("status", help="registered versions and their explanation status")
+    s.add_argument("--name")
+    s.set_defaults(fn=cmd_status)
+    d = sub.add_parser("demo", help="the quick start on the embedded default")
+    d.add_argument("--workdir", default="runs/demo")
+    d.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
+    d.add_argument("--stop-server", action="store_true", help="stop the MLflow server at the end")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .data import DataVersionError
+    from .explain import PlatformError
+    from .registry import ContractError
+    try:
+        return core_cli.main(argv, build_parser())
+    except (DataVersionError, PlatformError, ContractError) as e:
+        print(f"figan: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

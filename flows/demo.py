@@ -1,0 +1,113 @@
+"""The quick-start demo on the embedded default: data → DVC → CNN → MLflow registration → explanation, twice.
+
+1. starts the embedded MLflow server (SQLite, loopback) under `<workdir>/platform/mlflow`;
+2. writes the phantom dataset and versions it with DVC (local remote) → md5;
+3. trains CNN v1 (SmallCNN), registers it with the contract tags → the explain flow publishes its explanation;
+4. trains CNN v2 (another architecture, TinyResNet), registers → explained too;
+5. prints the status table and where to look. Re-running reuses what is there (data, CNNs, registered versions,
+   published explanations: the flow is idempotent by key).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import yaml
+from mlflow import MlflowClient
+
+from models.cnn import TrainConfig, load_cnn, save_cnn, train_cnn
+from models.data import ImageDataset
+from models.explain import ExplainConfig
+from models.phantom import PhantomConfig, write_phantom
+
+MODEL = "phantom-cnn"
+# 32² keeps the whole demo near ten minutes on 2 CPU cores (benchmarks/core_gan.py measures the 64² gates);
+# QUICK runs the same path in about a minute (the smoke test in tests/test_platform_demo.py).
+FULL = dict(phantom=PhantomConfig(n=3000, size=32, seed=0),
+            cnns=[TrainConfig(arch="smallcnn", epochs=6), TrainConfig(arch="tinyresnet", epochs=6)],
+            explain=ExplainConfig(steps=1000, fid_samples=500, fid_input_size=128, ckpt_every=250))
+QUICK = dict(phantom=PhantomConfig(n=200, size=32, seed=0),
+             cnns=[TrainConfig(arch="smallcnn", epochs=2, width=8), TrainConfig(arch="tinyresnet", epochs=2, width=8)],
+             explain=ExplainConfig(steps=20, ckpt_every=10, ngf=8, ndf=8, z_dim=16, batch_size=16, fid_samples=32,
+                                   fid_extractor="randconv", frames=4, seeds=(0, 1), n_components=2,
+                                   regressor_steps=20))
+
+
+def _say(msg: str) -> None:
+    print(f"[demo] {msg}", flush=True)
+
+
+def run_demo(workdir: Path, quick: bool = False, keep_server: bool = True) -> int:
+    from .cli import status_table
+    from .explain import explain_version, version_dataset_flow
+    from .mlflow_server import start_server
+    from .registry import register_cnn
+    from .settings import Settings
+
+    conf = QUICK if quick else FULL
+    t0 = time.time()
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    explain_yaml = workdir / "explain.yaml"
+    cfg = asdict(conf["explain"])
+    cfg["seeds"] = list(cfg["seeds"])
+    explain_yaml.write_text(yaml.safe_dump(cfg))
+    os.environ["FIGAN_HOME"] = str(workdir / "platform")
+    os.environ["FIGAN_EXPLAIN_CONFIG"] = str(explain_yaml)
+    os.environ.pop("FIGAN_TRACKING_URI", None)
+    settings = Settings.load()
+
+    _say(f"starting the embedded MLflow server in {settings.mlflow_home}")
+    server = start_server(settings.mlflow_home)
+    _say(f"MLflow: {server.uri}")
+    try:
+        data_dir = workdir / "data" / "phantom"
+        if not (data_dir / "manifest.csv").exists():
+            _say(f"writing {conf['phantom'].n} phantoms at {conf['phantom'].size}² → {data_dir}")
+            write_phantom(data_dir, conf["phantom"])
+        ds = ImageDataset(data_dir)
+        version = version_dataset_flow(str(data_dir))
+        md5 = version["md5"]
+        _say(f"dataset {ds.name} versioned with DVC: md5 {md5}")
+
+        client = MlflowClient(server.uri)
+        for i, tcfg in enumerate(conf["cnns"], start=1):
+            cnn_dir = workdir / f"cnn-v{i}"
+            if (cnn_dir / "cnn.json").exists():
+                model, spec = load_cnn(cnn_dir)
+            else:
+                _say(f"training CNN v{i} ({tcfg.arch}) on {ds.name}")
+                model, spec = train_cnn(ds, tcfg)
+                save_cnn(model, spec, cnn_dir)
+            existing = [mv for mv in _versions(client) if mv.tags.get("demo.cnn") == f"v{i}"]
+            if existing:
+                mv = existing[0]
+                _say(f"CNN v{i} already registered as {MODEL} version {mv.version}")
+            else:
+                mv = register_cnn(model, spec, MODEL, ds.name, md5, tracking_uri=server.uri,
+                                  extra_tags={"demo.cnn": f"v{i}"})
+                _say(f"registered {MODEL} version {mv.version} ({tcfg.arch}, held-out "
+                     f"{ {k: v for k, v in spec.metrics.items() if k.startswith('test_')} })")
+            _say(f"explaining {MODEL} version {mv.version}")
+            res = explain_version(MODEL, str(mv.version))
+            _say(f"{MODEL} v{mv.version}: {res['status']} (run {res.get('run_id')}, new={res.get('new')})")
+        print(status_table(MODEL))
+        _say(f"finished in {time.time() - t0:.0f} s. Open {server.uri} → Models → {MODEL} → a version → its "
+             f"figan.run_id run's artifacts (sequences/*.gif, metrics.json, fid_trace.png). Working folders: "
+             f"{settings.work_dir}")
+    finally:
+        if not keep_server:
+            server.stop()
+        else:
+            _say("the MLflow server keeps running for you to look; stop it with `figan down` "
+                 f"(FIGAN_HOME={settings.home})")
+    return 0
+
+
+def _versions(client: MlflowClient):
+    try:
+        return client.search_model_versions(f"name = '{MODEL}'")
+    except Exception:  # noqa: BLE001 - the model does not exist yet
+        return []

@@ -1,0 +1,207 @@
+"""The platform's main job as Prefect 3 flows: version a dataset, and explain one registered CNN version.
+
+`explain_version(name, version)` — one flow run per model version, one task per stage:
+
+    resolve (MLflow contract + CNN) → data (DVC fetch of the pinned md5) → features (cached by CNN version and
+    data md5) → pls → train (cGAN; resumes from its checkpoint after a crash) → sequences → checks → publish
+
+* **Status** lives on the model version (`flows.registry`): `running` when work starts, `done` with headline
+  metrics when the MLflow run holding every artifact is published, `failed` with the error message otherwise.
+* **Idempotent by key** = (model name, version, dataset md5, explain-config hash): a key that already has a
+  published run is not explained again (the flow returns it). The working folder is keyed the same way, so a
+  re-run after a crash reuses the cached features and resumes GAN training from `gan/last.pt`.
+* **Retries**: tasks that do MLflow/DVC I/O retry on transient errors (I/O, connection, server errors); contract
+  and data errors (`ValueError` subclasses, `DataVersionError`) fail at once — retrying would not change them.
+
+`version_dataset_flow(src)` validates a dataset folder, `dvc add` + `dvc push`es it into the data store and
+returns the md5 that names the version.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mlflow import MlflowClient
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from models.cnn import CNNSpec
+from models.data import ImageDataset
+from models.explain import (ExplainConfig, ExplainRun, prepare, stage_checks, stage_features, stage_pls,
+                            stage_sequences, stage_train)
+
+from . import registry as R
+from .data import DataVersionError, fetch_dataset, list_versions, open_store, version_dataset
+from .mlflow_server import find_server
+from .settings import Settings
+
+
+class PlatformError(RuntimeError):
+    """The platform itself is not usable as configured (no tracking server, …)."""
+
+
+def tracking_uri(settings: Settings) -> str:
+    """The configured MLflow URI, or the embedded server's (started by `figan up`)."""
+    if settings.tracking_uri:
+        return settings.tracking_uri
+    server = find_server(settings.mlflow_home)
+    if server is None:
+        raise PlatformError(f"no MLflow server: start the embedded one with `figan up` (home {settings.mlflow_home})"
+                            f" or set FIGAN_TRACKING_URI")
+    return server.uri
+
+
+def explanation_key(name: str, version: str, dataset_md5: str, config_hash: str) -> str:
+    return hashlib.sha256(f"{name}|{version}|{dataset_md5}|{config_hash}".encode()).hexdigest()[:16]
+
+
+def _transient(task_, task_run, state) -> bool:
+    """Retry only what a retry can fix: I/O and server errors, not contract or data errors."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception:  # noqa: BLE001
+            return True
+    return not isinstance(exc, (ValueError, DataVersionError, PlatformError, KeyError, TypeError))
+
+
+IO_TASK = dict(retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+WORK_TASK = dict(cache_policy=NO_CACHE)
+
+
+@dataclass
+class Job:
+    name: str
+    version: str
+    key: str
+    dataset: str
+    dataset_md5: str
+    contract: R.Contract
+    cfg: ExplainConfig
+    existing_run: str | None = None
+
+
+# --------------------------------------------------------------------------------------------- tasks
+
+@task(name="resolve", **IO_TASK)
+def resolve(client: MlflowClient, settings: Settings, name: str, version: str) -> Job:
+    contract = R.read_contract(client, name, version)
+    cfg = settings.explain_cfg()
+    if contract.layer:
+        cfg.layer = contract.layer
+    md5 = contract.dataset_md5
+    if md5 is None:
+        versions = list_versions(open_store(settings.data_store, settings.dvc_remote), contract.dataset)
+        if not versions:
+            raise DataVersionError(f"model version {name}/{version}: dataset {contract.dataset!r} has no version "
+                                   f"in the data store {settings.data_store}")
+        md5 = versions[-1].md5
+    md5 = md5.removesuffix(".dir")
+    key = explanation_key(name, version, md5, cfg.config_hash())
+    return Job(name, version, key, contract.dataset, md5, contract, cfg, R.find_explanation(client, name, version, key))
+
+
+@task(name="load-cnn", **IO_TASK)
+def load_cnn(client: MlflowClient, job: Job):
+    return R.load_cnn_version(client, job.name, job.version)
+
+
+@task(name="data", **IO_TASK)
+def fetch_data(settings: Settings, job: Job) -> ImageDataset:
+    store = open_store(settings.data_store, settings.dvc_remote)
+    dest = settings.home / "datasets" / f"{job.dataset}@{job.dataset_md5[:12]}"
+    return ImageDataset(fetch_dataset(store, job.dataset, job.dataset_md5, dest))
+
+
+@task(name="features", **WORK_TASK)
+def features(run: ExplainRun, cache: Path) -> None:
+    stage_features(run, cache)
+
+
+@task(name="pls", **WORK_TASK)
+def pls(run: ExplainRun) -> None:
+    stage_pls(run)
+
+
+@task(name="train-gan", **WORK_TASK)
+def train(run: ExplainRun, stop_after: int | None) -> int:
+    return stage_train(run, stop_after, progress=False).step
+
+
+@task(name="sequences", **WORK_TASK)
+def sequences(run: ExplainRun) -> None:
+    stage_sequences(run)
+
+
+@task(name="checks", **WORK_TASK)
+def checks(run: ExplainRun) -> dict:
+    return stage_checks(run)
+
+
+@task(name="publish", **IO_TASK)
+def publish(client: MlflowClient, job: Job, run: ExplainRun, metrics: dict) -> str:
+    lineage = {"dataset": job.dataset, "dataset_md5": job.dataset_md5, "cnn_name": job.name,
+               "cnn_version": job.version, "config_hash": job.cfg.config_hash(), "key": job.key,
+               "config": asdict(job.cfg)}
+    return R.publish_explanation(client, job.name, job.version, run.out, metrics, lineage, job.key)
+
+
+# --------------------------------------------------------------------------------------------- flows
+
+@flow(name="explain-model-version", log_prints=True)
+def explain_version(name: str, version: str, stop_after: int | None = None) -> dict:
+    """Explain one registered CNN version and publish the result on it. Settings come from the environment."""
+    log = get_run_logger()
+    settings = Settings.load()
+    client = MlflowClient(tracking_uri(settings))
+    t0 = time.time()
+    try:
+        job = resolve(client, settings, name, str(version))
+    except Exception as e:
+        R.set_status(client, name, version, "failed", error=f"{type(e).__name__}: {e}")
+        raise
+    if job.existing_run:
+        log.info(f"{name}/{version}: explanation for key {job.key} already published (run {job.existing_run})")
+        if R.get_status(client, name, version).get("status") != "done":
+            R.set_status(client, name, version, "done", run_id=job.existing_run, key=job.key)
+        return {"status": "done", "run_id": job.existing_run, "key": job.key, "new": False}
+    R.set_status(client, name, version, "running", key=job.key, error=None)
+    try:
+        model, spec = load_cnn(client, job)
+        ds = fetch_data(settings, job)
+        out = settings.work_dir / f"{name}-v{version}-{job.key}"
+        c = job.contract
+        run = prepare(ds, model, out, job.cfg, task=c.task, input_shape=tuple(c.input_shape),
+                      cnn_name=f"{name} v{version}")
+        layer = job.cfg.layer or "final"
+        features(run, settings.features_cache / f"{name}-v{version}-{job.dataset_md5[:12]}-{layer}.npy")
+        pls(run)
+        step = train(run, stop_after)
+        if step < job.cfg.steps:
+            R.set_status(client, name, version, "queued", key=job.key)
+            log.warning(f"{name}/{version}: GAN training stopped at step {step}; a re-run resumes it")
+            return {"status": "interrupted", "step": step, "key": job.key, "new": True}
+        sequences(run)
+        metrics = checks(run)
+        run_id = publish(client, job, run, metrics)
+    except Exception as e:
+        R.set_status(client, name, version, "failed", error=f"{type(e).__name__}: {e}"[:4000], key=job.key)
+        raise
+    log.info(f"{name}/{version}: done in {time.time() - t0:.0f} s, run {run_id}; gates all_pass="
+             f"{metrics['gates']['all_pass']}")
+    return {"status": "done", "run_id": run_id, "key": job.key, "new": True, "seconds": round(time.time() - t0, 1),
+            "gates": {k: v["pass"] for k, v in metrics["gates"].items() if isinstance(v, dict)}}
+
+
+@flow(name="version-dataset", log_prints=True)
+def version_dataset_flow(src: str, name: str | None = None) -> dict:
+    """Validate a dataset folder, add + push it with DVC; returns the version (its md5 names it)."""
+    settings = Settings.load()
+    store = open_store(settings.data_store, settings.dvc_remote)
+    v = version_dataset(store, Path(src), name)
+    print(f"dataset {v.name}: version {v.md5} ({v.n_images} images) in {store.root}, remote {store.remote}")
+    return asdict(v)

@@ -1,0 +1,87 @@
+"""One typed settings object for the platform, read once from a YAML file and/or environment variables.
+
+Precedence: environment variable > settings file (``FIGAN_SETTINGS`` or ``./figan.yaml``) > default.
+
+| setting          | env var                | default                          | meaning                                        |
+|------------------|------------------------|----------------------------------|------------------------------------------------|
+| home             | FIGAN_HOME             | ./runs/platform                  | everything the embedded default writes         |
+| tracking_uri     | FIGAN_TRACKING_URI     | (embedded server in home/mlflow) | any MLflow URI (e.g. Postgres+S3 server)       |
+| data_store       | FIGAN_DATA_STORE       | home/data-store                  | the git+DVC data registry                      |
+| dvc_remote       | FIGAN_DVC_REMOTE       | home/dvc-remote                  | local folder or s3://… (by configuration)      |
+| work_dir         | FIGAN_WORK_DIR         | home/work                        | explanations in progress (resumable)           |
+| explain_config   | FIGAN_EXPLAIN_CONFIG   | (ExplainConfig defaults)         | YAML of ExplainConfig fields                   |
+| device           | FIGAN_DEVICE           | auto                             | cpu / cuda / auto                              |
+| model_allowlist  | FIGAN_MODELS           | (all opted-in models)            | comma-separated registered model names         |
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Mapping
+
+import yaml
+
+from models.explain import ExplainConfig
+
+_ENV = {"home": "FIGAN_HOME", "tracking_uri": "FIGAN_TRACKING_URI", "data_store": "FIGAN_DATA_STORE",
+        "dvc_remote": "FIGAN_DVC_REMOTE", "work_dir": "FIGAN_WORK_DIR", "explain_config": "FIGAN_EXPLAIN_CONFIG",
+        "device": "FIGAN_DEVICE", "model_allowlist": "FIGAN_MODELS"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path = Path("runs/platform")
+    tracking_uri: str | None = None
+    data_store: Path | None = None
+    dvc_remote: str | None = None
+    work_dir: Path | None = None
+    explain_config: Path | None = None
+    device: str = "auto"
+    model_allowlist: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        home = Path(self.home).absolute()
+        object.__setattr__(self, "home", home)
+        object.__setattr__(self, "data_store", Path(self.data_store or home / "data-store").absolute())
+        object.__setattr__(self, "dvc_remote", str(self.dvc_remote or home / "dvc-remote"))
+        object.__setattr__(self, "work_dir", Path(self.work_dir or home / "work").absolute())
+        if isinstance(self.model_allowlist, str):
+            object.__setattr__(self, "model_allowlist", tuple(m for m in self.model_allowlist.split(",") if m))
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise ValueError(f"settings: device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    @property
+    def mlflow_home(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def features_cache(self) -> Path:
+        return self.home / "cache" / "features"
+
+    def explain_cfg(self) -> ExplainConfig:
+        d = {}
+        if self.explain_config:
+            p = Path(self.explain_config)
+            if not p.is_file():
+                raise ValueError(f"settings: explain_config {p} does not exist")
+            d = yaml.safe_load(p.read_text()) or {}
+        d.setdefault("device", self.device)
+        return ExplainConfig.from_dict(d)
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, file: str | Path | None = None, **overrides) -> "Settings":
+        env = os.environ if env is None else env
+        values: dict = {}
+        path = file or env.get("FIGAN_SETTINGS") or ("figan.yaml" if Path("figan.yaml").is_file() else None)
+        if path:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+            unknown = set(data) - {f.name for f in fields(cls)}
+            if unknown:
+                raise ValueError(f"settings file {path}: unknown key(s) {sorted(unknown)}")
+            values.update(data)
+        for name, var in _ENV.items():
+            if env.get(var):
+                values[name] = env[var]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)

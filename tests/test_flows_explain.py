@@ -1,0 +1,116 @@
+"""The explain flow on real components: an MLflow server (SQLite, loopback), a git+DVC data store with a local
+remote, and real Prefect flow runs."""
+import json
+import types
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from flows.explain import explain_version, version_dataset_flow
+from flows.mlflow_server import start_server
+from flows.registry import (download_explanation, get_status, register_cnn, TAG_INPUT_SHAPE, TAG_KEY, TAG_TASK,
+                            EXPLANATIONS_EXPERIMENT)
+from models.cgan import load_generator
+from models.cnn import TrainConfig, train_cnn
+from models.phantom import PhantomConfig, write_phantom
+from models.pls import load_pls
+
+TINY = dict(steps=20, ckpt_every=10, ngf=8, ndf=8, z_dim=16, batch_size=16, fid_samples=32, fid_extractor="randconv",
+            frames=4, seeds=[0, 1], n_components=2, regressor_steps=20)
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory):
+    home = tmp_path_factory.mktemp("platform")
+    mp = pytest.MonkeyPatch()
+    (home / "explain.yaml").write_text(yaml.safe_dump(TINY))
+    mp.setenv("FIGAN_HOME", str(home))
+    mp.setenv("FIGAN_EXPLAIN_CONFIG", str(home / "explain.yaml"))
+    mp.delenv("FIGAN_TRACKING_URI", raising=False)
+    server = start_server(home / "mlflow")
+    try:
+        data = home / "src" / "phantom"
+        ds = write_phantom(data, PhantomConfig(n=96, size=32, seed=5))
+        md5 = version_dataset_flow(str(data))["md5"]
+        model, spec = train_cnn(ds, TrainConfig(epochs=1, width=4), progress=False, log=lambda s: None)
+        yield types.SimpleNamespace(home=home, server=server, client=MlflowClient(server.uri), md5=md5,
+                                    model=model, spec=spec, ds=ds)
+    finally:
+        server.stop()
+        mp.undo()
+
+
+def _register(p, name, **kw):
+    return register_cnn(p.model, p.spec, name, "phantom", kw.pop("md5", p.md5), tracking_uri=p.server.uri, **kw).version
+
+
+def test_explain_publishes_and_is_idempotent(platform, tmp_path):
+    p = platform
+    v = _register(p, "cnn-a")
+    res = explain_version("cnn-a", v)
+    assert res["status"] == "done" and res["new"]
+    st = get_status(p.client, "cnn-a", v)
+    assert st["status"] == "done" and st["run_id"] == res["run_id"] and st["key"] == res["key"]
+    assert isinstance(st["fid_best"], float) and "randconv" in st["fid_extractor"].lower()
+    assert len(st["faithfulness"]) == 2 and len(st["pct_variance"]) == 2
+    run = p.client.get_run(res["run_id"])
+    lineage = {k: v for k, v in run.data.tags.items() if k.startswith("lineage.")}
+    assert p.md5 in json.dumps(lineage)
+    listed = {a.path for a in p.client.list_artifacts(res["run_id"])}
+    assert {"pls_variance.png", "fid_trace.png", "summary.txt", "metrics.json", "sequences"} <= listed, listed
+    got = download_explanation(p.client, res["run_id"], tmp_path / "dl")
+    for f in ["sequences/component_1.gif", "sequences/component_2_eigen.png", "metrics.json"]:
+        assert (got / f).exists(), f
+    assert not (got / "gan/last.pt").exists() and not (got / "features.npy").exists()
+    G, cfg, step = load_generator(got / "gan/best")
+    assert cfg.k == 2 and load_pls(got / "pls").n_components == 2
+    # same key again: nothing new, same run
+    again = explain_version("cnn-a", v)
+    assert again == {"status": "done", "run_id": res["run_id"], "key": res["key"], "new": False}
+    exp = p.client.get_experiment_by_name(EXPLANATIONS_EXPERIMENT)
+    runs = p.client.search_runs([exp.experiment_id], f"tags.`{TAG_KEY}` = '{res['key']}'")
+    assert len(runs) == 1
+    from flows.cli import status_table
+    row = [line for line in status_table("cnn-a").splitlines() if line.startswith("cnn-a")][0]
+    assert " done " in row
+
+
+def test_interrupted_training_resumes(platform):
+    p = platform
+    v = _register(p, "cnn-b")
+    first = explain_version("cnn-b", v, stop_after=10)
+    assert first["status"] == "interrupted" and first["step"] == 10
+    assert get_status(p.client, "cnn-b", v)["status"] == "queued"
+    second = explain_version("cnn-b", v)
+    assert second["status"] == "done" and second["key"] == first["key"]
+    metrics = json.loads((p.home / "work" / f"cnn-b-v{v}-{first['key']}" / "metrics.json").read_text())
+    assert metrics["training"]["resumed_from_step"] == 10 and metrics["training"]["steps"] == 20
+
+
+def test_contract_errors_fail_that_version_only(platform, tmp_path):
+    p = platform
+    ok = _register(p, "cnn-c")
+    explain_version("cnn-c", ok)
+    cases = []
+    v = _register(p, "cnn-c")                                  # missing tag
+    p.client.delete_model_version_tag("cnn-c", v, TAG_TASK)
+    cases.append((v, "figan.task"))
+    v = _register(p, "cnn-c", md5="0" * 32)                    # unknown dataset version
+    cases.append((v, "0" * 8))
+    v = _register(p, "cnn-c")                                  # input shape the CNN rejects
+    p.client.set_model_version_tag("cnn-c", v, TAG_INPUT_SHAPE, "[3, 32, 32]")
+    cases.append((v, "rejected input"))
+    import mlflow                                              # not a CNN: a version whose artifact is a text file
+    mlflow.set_tracking_uri(p.server.uri)
+    with mlflow.start_run() as r:
+        mlflow.log_text("hello", "model/readme.txt")
+    mv = p.client.create_model_version("cnn-c", f"runs:/{r.info.run_id}/model", r.info.run_id,
+                                       tags=p.client.get_model_version("cnn-c", ok).tags)
+    cases.append((mv.version, "not a PyTorch CNN"))
+    for version, needle in cases:
+        with pytest.raises(Exception):
+            explain_version("cnn-c", version)
+        st = get_status(p.client, "cnn-c", version)
+        assert st["status"] == "failed" and needle in st["error"], (version, st)
+    assert get_status(p.client, "cnn-c", ok)["status"] == "done"      # other versions untouched
