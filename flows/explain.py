@@ -129,7 +129,7 @@ def pls(run: ExplainRun) -> None:
 
 @task(name="train-gan", **WORK_TASK)
 def train(run: ExplainRun, stop_after: int | None) -> int:
-    return stage_train(run, stop_after, progress=False).step
+    return stage_train(run, stop_after).step         # tqdm bar on stderr: losses, img/s, ETA
 
 
 @task(name="sequences", **WORK_TASK)
