@@ -11,8 +11,6 @@ shortcut run, which component's sweep makes the marker appear.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 from models.cnn import TrainConfig, load_cnn, save_cnn, train_cnn

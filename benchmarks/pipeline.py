@@ -65,7 +65,7 @@ def main() -> None:
         core = metrics["timings_s"]["total"]
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"\n## pipeline: phantom n={a.n} {a.size}², {a.steps} GAN steps, 2 CPU cores")
-        print(f"| measure | value |\n|---|---|")
+        print("| measure | value |\n|---|---|")
         print(f"| MLflow server start (SQLite, loopback) | {t_server:.1f} s, RSS {server.rss_bytes() / 2**20:.0f} MiB |")
         print(f"| DVC version (add + push) | {t_version:.1f} s |")
         print(f"| register_cnn | {t_register:.1f} s |")

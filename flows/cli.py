@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 from models import cli as core_cli
-from models.data import DatasetError
 
 
 def cmd_up(args) -> int:

@@ -19,7 +19,6 @@ returns the md5 that names the version.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,6 @@ from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from models.cnn import CNNSpec
 from models.data import ImageDataset
 from models.explain import (ExplainConfig, ExplainRun, prepare, stage_checks, stage_features, stage_pls,
                             stage_sequences, stage_train)

@@ -13,8 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from dataclasses import asdict, fields
+from dataclasses import fields
 from pathlib import Path
 
 import yaml
@@ -46,7 +45,7 @@ def _add_explain_args(p: argparse.ArgumentParser) -> None:
                        help=f"default {f.default!r}")
 
 
-def explain_config_from_args(args) -> "ExplainConfig":
+def explain_config_from_args(args):
     from .explain import ExplainConfig
     d: dict = {}
     if getattr(args, "config", None):
@@ -89,7 +88,6 @@ def cmd_components(args) -> int:
     from .cnn import load_cnn
     from .explain import ExplainConfig, compute_features, fit_components
     from .pls import plot_variance, save_pls
-    import numpy as np
     import pandas as pd
     ds = ImageDataset(args.data)
     model, spec = load_cnn(args.cnn)

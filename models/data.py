@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Iterable, Iterator, Literal, Sequence
 

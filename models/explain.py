@@ -33,7 +33,7 @@ from .cgan import CGAN, CGANConfig, generate_with, images_to_u8, load_generator
 from .data import ImageDataset
 from .features import extract_features
 from .fid import FIDScorer, diversity_ratio, plot_fid_trace, real_floor
-from .pls import PLSState, fit_pls, plot_variance, save_pls, load_pls
+from .pls import PLSState, fit_pls, plot_variance, save_pls
 from .sequences import render_sweep, sweep_values, write_component
 
 

@@ -1,5 +1,4 @@
 """Conditional GAN: learns, resumes exactly after a kill, handles masks, rejects bad input."""
-import os
 import signal
 import subprocess
 import sys

@@ -1,5 +1,4 @@
 """Demo CNNs: they learn the target, and a saved CNN loads without the training code's state."""
-import numpy as np
 import pytest
 import torch
 

@@ -2,7 +2,6 @@
 re-run reuses features and the finished GAN; the CLI reports bad input clearly."""
 import json
 
-import numpy as np
 import pytest
 from PIL import Image
 

@@ -1,7 +1,6 @@
 """DVC data store: real git + DVC repositories and a real local remote in tmp_path, tiny phantoms, no mocks."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
