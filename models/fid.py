@@ -313,8 +313,11 @@ class FIDScorer:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.extractor = _resolve_extractor(extractor, self.device, input_size)
-        self._metric = FrechetInceptionDistance(feature=self.extractor, reset_real_features=False,
-                                                normalize=True).to(self.device)
+        # sync_on_compute=False: the score is one process's (under DDP rank 0 alone scores; an all-gather would
+        # wait forever for the other ranks)
+        self._metric = FrechetInceptionDistance(feature=self.extractor, reset_real_features=False, normalize=True,
+                                                sync_on_compute=False,
+                                                distributed_available_fn=lambda: False).to(self.device)
         n = 0
         for b in _iter_batches(real_images, batch_size, "real_images", image_channels):
             self._metric.update(b.to(self.device), real=True)
