@@ -1,0 +1,374 @@
+"""The FIGAN explanation service (BentoML 1.4): published explanations by (model, version | alias), sequences on
+demand, uploaded images placed on the components, and the viewer page.
+
+    bentoml serve services.explanations:Explanations --host 127.0.0.1 --port 3000
+
+HTTP interface (JSON errors ``{"error": "<field>: <what is wrong>", "field": "<field>", ...}``; every bad input
+is a 4xx naming its field; a version whose explanation is queued/running/failed is a 409 carrying its status):
+
+=====================================================================  ===========================================
+``GET  /v1/models``                                                    versions with an explanation: status,
+                                                                       aliases, headline metrics
+``GET  /v1/resolve/{name@version|name@alias}``                         the version a reference points to
+``GET  /v1/models/{m}/versions/{v}``                                   one explanation: components (% variance,
+                                                                       faithfulness, conditioning), FID, URLs
+``GET  /v1/models/{m}/versions/{v}/metrics.json | fid_trace.png``      the published metrics / FID trace figure
+``GET  /v1/models/{m}/versions/{v}/components/{c}/sequence.gif|png|json``  the published sequence (local cache)
+``GET  /v1/models/{m}/versions/{v}/components/{c}/eigen.png|deviation.png``
+``POST /v1/generate``                                                  a sweep on demand (API key)
+``POST /v1/models/{m}/versions/{v}/explain-image``                     an uploaded image's scores + sweeps centred
+                                                                       on them (multipart ``image``; API key)
+``GET  /viewer/``                                                      the viewer page (static, offline)
+``GET  /healthz``, ``/readyz``, ``/metrics``                           BentoML: alive; ready = MLflow reachable;
+                                                                       Prometheus metrics
+=====================================================================  ===========================================
+
+Design choices:
+
+* **Routes live in a FastAPI app mounted on the BentoML service** (``bentoml.asgi_app``), not in
+  ``@bentoml.api`` methods: the resources are GETs with path parameters and binary bodies that need their own
+  status codes (304, 404, 409). More importantly, BentoML's file inputs download any URL a client sends in place
+  of a file (``MultipartSerde.ensure_file``), which would let a request make the service fetch from outside MLflow
+  and its cache; the upload here is parsed by Starlette with a Content-Length limit instead. BentoML still runs the
+  process (``bentoml serve``, workers), the probes (``/readyz`` calls ``__is_ready__``), Prometheus metrics,
+  tracing, access logs, the traffic timeout and max concurrency.
+* **The hot path has no thread hop**: routes are module-level ``async`` functions (a FastAPI class view resolves
+  ``self`` through a synchronous dependency, i.e. one thread-pool hop per request); a published file of an
+  explanation already in the cache is answered on the event loop from memory. Whatever may wait for MLflow or
+  the CPU (listing, first download, generation, uploads) runs in the thread pool.
+* **No adaptive batching.** A request already is one batched generator call (all frames of all its components).
+  Merging requests would not make images cheaper: on CPU the generator costs the same per 64² image at batch 16
+  (one 16-frame request) as at batch 64 (four merged), 1.6-2.5 ms either way over six benchmark runs, so
+  batching would only add its waiting time to every request. Generation runs under a semaphore (``FIGAN_SERVICE_GEN_CONCURRENCY``) with a fixed number of
+  torch threads, so concurrent requests queue instead of oversubscribing the cores. Revisit on a GPU, where
+  larger batches do pay.
+* **Keys**: generation and upload always need the API key unless ``FIGAN_SERVICE_AUTH=off``; reads need it too
+  unless ``FIGAN_SERVICE_PUBLIC_READ=true`` (see :class:`services.store.ServiceConfig`).
+* **Logs** are JSON lines (BentoML's handlers get a JSON formatter in the worker), access log included
+  (``FIGAN_SERVICE_ACCESS_LOG=false`` turns the access log off).
+* **The module stays light**: torch, MLflow and the store are imported in the worker only (``__init__``), so
+  `bentoml serve`'s process manager, which imports this module for its configuration, stays ~90 MB.
+"""
+from __future__ import annotations
+
+import gc
+import hmac
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
+
+import bentoml
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pythonjsonlogger.json import JsonFormatter
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.responses import JSONResponse, Response
+from starlette.staticfiles import StaticFiles
+
+from .contract import (FRAMES_MAX, FRAMES_MIN, MAX_COMPONENTS, MEDIA_TYPES, SWEEP_LIMIT, ServiceError,
+                       check_component, check_name, check_ref, public_row)
+
+if TYPE_CHECKING:                     # the store (torch, MLflow) is imported by the worker only, in __init__
+    from .store import Explanation
+
+log = logging.getLogger("figan.service")
+# MLflow calls fail fast instead of retrying for minutes (readiness reports an unreachable MLflow), and artifact
+# downloads print no progress bars into the JSON logs (defaults, set when the service starts).
+MLFLOW_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+STATIC = Path(__file__).parent / "static"
+SweepValue = Annotated[float, Field(ge=-SWEEP_LIMIT, le=SWEEP_LIMIT, allow_inf_nan=False)]
+api = FastAPI(title="FIGAN explanations", version="1", docs_url=None, redoc_url=None)   # no CDN-hosted doc pages
+
+
+# --------------------------------------------------------------------------------------------- request models
+
+class GenerateRequest(BaseModel):
+    """An on-demand sweep: components (1-based; default all) from ``lo`` to ``hi`` SD in ``frames`` steps, noise
+    ``seed``, the other components at ``base`` (default 0 = the mean score)."""
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    version: str | StrictInt
+    components: list[StrictInt] | None = Field(None, min_length=1, max_length=MAX_COMPONENTS)
+    lo: SweepValue = -2.0
+    hi: SweepValue = 2.0
+    frames: StrictInt = Field(9, ge=FRAMES_MIN, le=FRAMES_MAX)
+    seed: StrictInt = Field(0, ge=0, le=2 ** 32 - 1)
+    base: list[SweepValue] | None = Field(None, max_length=256)
+    format: Literal["gif", "png", "json"] = "gif"
+
+    @field_validator("hi")
+    @classmethod
+    def _hi_above_lo(cls, hi: float, info) -> float:
+        if "lo" in info.data and not hi > info.data["lo"]:
+            raise ValueError(f"must be greater than lo ({info.data['lo']})")
+        return hi
+
+
+class ImageRequest(BaseModel):
+    """Form fields next to an uploaded image: frames per sweep, half-width of the sweep in SD, noise seed."""
+    model_config = ConfigDict(extra="forbid")
+    frames: int = Field(9, ge=FRAMES_MIN, le=FRAMES_MAX)
+    span: float = Field(2.0, gt=0, le=SWEEP_LIMIT, allow_inf_nan=False)
+    seed: int = Field(0, ge=0, le=2 ** 32 - 1)
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+@api.exception_handler(ServiceError)
+async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+    if exc.code >= 500:
+        log.error("request failed", extra={"status": exc.code, "error": exc.message})
+    return JSONResponse(exc.to_json(), status_code=exc.code)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error", extra={"path": request.url.path})
+    return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the service log"}, status_code=500)
+
+
+def _validation_response(errors: list[dict]) -> JSONResponse:
+    """400 naming the offending field(s): ``{"error": "frames: Input should be ...", "field": "frames"}``."""
+    fields, parts = [], []
+    for e in errors:
+        loc = tuple(e.get("loc", ()))
+        loc = loc[1:] if loc and loc[0] in ("body", "query", "path", "header") else loc
+        name = ".".join(str(p) for p in loc) or "body"
+        fields.append(name)
+        parts.append(f"{name}: {e.get('msg', 'invalid')}")
+    return JSONResponse({"error": "; ".join(parts), "field": fields[0], "fields": fields}, status_code=400)
+
+
+@api.exception_handler(RequestValidationError)
+async def _request_invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return _validation_response(list(exc.errors()))
+
+
+@api.exception_handler(ValidationError)
+async def _model_invalid(_: Request, exc: ValidationError) -> JSONResponse:
+    return _validation_response(exc.errors(include_url=False))
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def configure_json_logging(level: int = logging.INFO) -> None:
+    """JSON lines from the handlers BentoML's server installed (its one stdout handler serves the root, bentoml,
+    access-log and uvicorn loggers) and INFO for ``figan.*``. Outside a BentoML worker nothing changes."""
+    fmt = JsonFormatter("%(asctime)s %(levelname)s %(name)s %(message)s",
+                        rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+                        reserved_attrs=[*JsonFormatter().reserved_attrs, "levelname_bracketed", "trace_msg"])
+    for handler in logging.getLogger("bentoml").handlers:
+        handler.setFormatter(fmt)
+    logging.getLogger("figan").setLevel(level)
+
+
+def _binary(request: Request, data: bytes, media_type: str, etag: str) -> Response:
+    """Bytes of an immutable published file; ETag revalidation (an alias may move to another version)."""
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    return Response(data, media_type=media_type, headers=headers)
+
+
+def _json_bytes(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+# --------------------------------------------------------------------------------------------- the service
+
+@bentoml.asgi_app(StaticFiles(directory=STATIC, html=True), path="/viewer", name="viewer")
+@bentoml.asgi_app(api, path="/v1", name="api")
+# traffic timeout: 30 s covers the slowest cold request (first download + CNN load, a few seconds). Keep it short:
+# BentoML 1.4.40's TimeoutMiddleware schedules a timer per request that is never cancelled, so every request's
+# context stays alive for the whole timeout (measured: 20 objects per request; at 120 s and ~800 req/s the
+# collector's full passes grew to 250 ms and stalled every request in flight).
+@bentoml.service(name="figan-explanations", workers=1, traffic={"timeout": 30, "max_concurrency": 256},
+                 logging={"access": {"enabled": os.environ.get("FIGAN_SERVICE_ACCESS_LOG", "true").lower() != "false",
+                                     "request_content_type": False, "response_content_type": True}})
+class Explanations:
+    """Serves the explanations published in MLflow (see the module docstring for the HTTP interface)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        from .store import ExplanationStore, ServiceConfig
+
+        configure_json_logging()
+        for var, value in MLFLOW_ENV.items():
+            os.environ.setdefault(var, value)
+        self.cfg = ServiceConfig.load()
+        torch.set_num_threads(self.cfg.torch_threads)
+        self.store = ExplanationStore(self.cfg)
+        if self.cfg.auth and not self.cfg.api_key:
+            log.warning("no FIGAN_SERVICE_API_KEY: generation and upload answer 401 (FIGAN_SERVICE_AUTH=off "
+                        "disables keys for a local demo)")
+        # Everything imported so far (torch, MLflow, pandas, ...) lives as long as the process: keep it out of the
+        # collector, whose full collections otherwise stalled every request in flight for 300-450 ms under load
+        # (measured p99 at 32 clients: 330 ms → 120-140 ms).
+        gc.collect()
+        gc.freeze()
+        log.info("service started", extra={"cache": str(self.store.cache), "auth": self.cfg.auth,
+                                           "public_read": self.cfg.public_read, "ttl_s": self.cfg.listing_ttl})
+
+    def __is_ready__(self) -> bool:
+        """Ready when MLflow answers (cached sequences would still be served while it does not)."""
+        return self.store.mlflow_reachable()
+
+    # -- plain helpers shared by the routes (never call one route from another)
+    def authorize(self, request: Request, write: bool) -> None:
+        """401 unless the request may read (public reads) or write (generation, upload)."""
+        cfg = self.cfg
+        if not cfg.auth or (not write and cfg.public_read):
+            return
+        if not cfg.api_key:
+            raise ServiceError(401, "api_key: this service has no API key configured (set FIGAN_SERVICE_API_KEY, "
+                                    "or FIGAN_SERVICE_AUTH=off for a local demo)", "api_key")
+        given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+        if not given or not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
+            raise ServiceError(401, "api_key: missing or wrong API key (send it in the X-API-Key header)",
+                               "api_key")
+
+    def generate(self, body: GenerateRequest) -> bytes | dict:
+        """An on-demand sweep (blocking: MLflow on first use, then the generator)."""
+        expl = self.store.explanation(check_name(body.model), check_ref(str(body.version)))
+        comps = [check_component(c, expl.k, "components") for c in (body.components or range(1, expl.k + 1))]
+        base = np.zeros(expl.k) if body.base is None else np.asarray(body.base, np.float64)
+        if base.shape != (expl.k,):
+            raise ServiceError(400, f"base: must have one value per component (k={expl.k}), got {len(base)}",
+                               "base")
+        return self.store.generate(expl, comps, body.lo, body.hi, body.frames, body.seed, base, body.format)
+
+
+# --------------------------------------------------------------------------------------------- routes
+# Module-level async routes (not FastAPI class views): a class view resolves ``self`` through a synchronous
+# dependency, which costs a thread-pool hop on every request. The hot path (a published file of an explanation
+# already in the cache) runs on the event loop without any thread hop; anything that may wait for MLflow or the
+# CPU runs in the thread pool.
+
+def _svc() -> Explanations:
+    return bentoml.get_current_service()
+
+
+async def _explanation(request: Request, model: str, version: str) -> tuple[Explanations, Explanation]:
+    svc = _svc()
+    svc.authorize(request, write=False)
+    expl = svc.store.cached(model, version)
+    return svc, expl or await run_in_threadpool(svc.store.explanation, model, version)
+
+
+def _urls(request: Request, expl: Explanation) -> dict:
+    base = f"{request.scope.get('root_path', '')}/models/{expl.name}/versions/{expl.version}"
+    comp = lambda j, f: f"{base}/components/{j}/{f}"   # noqa: E731
+    return {"metrics": f"{base}/metrics.json", "fid_trace": f"{base}/fid_trace.png",
+            "components": [{"gif": comp(j, "sequence.gif"), "strip": comp(j, "sequence.png"),
+                            "frames": comp(j, "sequence.json"), "eigen": comp(j, "eigen.png"),
+                            "deviation": comp(j, "deviation.png")} for j in range(1, expl.k + 1)]}
+
+
+@api.get("/models")
+async def models(request: Request) -> dict:
+    """Every model version that has an explanation, with status, aliases and headline metrics."""
+    svc = _svc()
+    svc.authorize(request, write=False)
+    return {"models": await run_in_threadpool(svc.store.models), "listing_ttl_s": svc.cfg.listing_ttl}
+
+
+@api.get("/resolve/{ref}")
+async def resolve(request: Request, ref: str) -> dict:
+    """``name@3`` or ``name@champion`` → the version row it points to."""
+    svc = _svc()
+    svc.authorize(request, write=False)
+    name, sep, version = ref.rpartition("@")
+    if not sep:
+        raise ServiceError(400, f"ref: {ref[:80]!r} must be name@version or name@alias", "ref")
+    return public_row(await run_in_threadpool(svc.store.resolve, name, version))
+
+
+@api.get("/models/{model}/versions/{version}")
+async def version(request: Request, model: str, version: str) -> dict:
+    """One explanation: status, headline metrics, components (% variance, faithfulness, conditioning), URLs."""
+    _, expl = await _explanation(request, model, version)
+    return {**expl.summary(), "urls": _urls(request, expl)}
+
+
+@api.get("/models/{model}/versions/{version}/metrics.json")
+async def metrics(request: Request, model: str, version: str) -> Response:
+    svc, expl = await _explanation(request, model, version)
+    return _binary(request, svc.store.file(expl, expl.dir / "metrics.json"), "application/json",
+                   f'"{expl.run_id}-metrics"')
+
+
+@api.get("/models/{model}/versions/{version}/fid_trace.png")
+async def fid_trace(request: Request, model: str, version: str) -> Response:
+    svc, expl = await _explanation(request, model, version)
+    return _binary(request, svc.store.file(expl, svc.store.fid_trace_png(expl)), "image/png",
+                   f'"{expl.run_id}-fid"')
+
+
+@api.get("/models/{model}/versions/{version}/components/{component}/sequence.{fmt}")
+async def sequence(request: Request, model: str, version: str, component: str, fmt: str) -> Response:
+    """The published sequence of a component: ``gif`` (animated), ``png`` (strip) or ``json`` (frames)."""
+    svc, expl = await _explanation(request, model, version)
+    j = check_component(component, expl.k)
+    etag = f'"{expl.run_id}-c{j + 1}-{fmt}"'
+    if fmt == "gif":
+        return _binary(request, svc.store.file(expl, expl.component_file(j, "gif")), "image/gif", etag)
+    if fmt == "png":
+        return _binary(request, svc.store.file(expl, expl.component_file(j, "strip")), "image/png", etag)
+    if fmt == "json":
+        return _binary(request, svc.store.frames_json(expl, j), "application/json", etag)
+    raise ServiceError(400, f"format: {fmt[:20]!r} is not one of gif, png, json", "format")
+
+
+@api.get("/models/{model}/versions/{version}/components/{component}/{image}.png")
+async def component_image(request: Request, model: str, version: str, component: str, image: str) -> Response:
+    """The published eigen image or deviation images of a component."""
+    svc, expl = await _explanation(request, model, version)
+    j = check_component(component, expl.k)
+    if image not in ("eigen", "deviation"):
+        raise ServiceError(404, f"image: {image[:20]!r} is not one of eigen, deviation", "image")
+    return _binary(request, svc.store.file(expl, expl.component_file(j, image)), "image/png",
+                   f'"{expl.run_id}-c{j + 1}-{image}"')
+
+
+@api.post("/generate")
+async def generate(request: Request, body: GenerateRequest) -> Response:
+    """A sweep generated now with the published generator; deterministic per seed (API key)."""
+    svc = _svc()
+    svc.authorize(request, write=True)
+    out = await run_in_threadpool(svc.generate, body)
+    if body.format == "json":
+        return Response(_json_bytes(out), media_type="application/json")
+    return Response(out, media_type=MEDIA_TYPES[body.format])
+
+
+@api.post("/models/{model}/versions/{version}/explain-image")
+async def explain_image(request: Request, model: str, version: str) -> Response:
+    """Multipart upload ``image`` (+ optional ``frames``, ``span``, ``seed``): the image's PLS scores, its
+    position on each component and a sweep per component centred on its own scores (API key)."""
+    svc = _svc()
+    svc.authorize(request, write=True)
+    limit = svc.cfg.max_upload_bytes
+    length = request.headers.get("content-length")
+    if length is None or not length.isdigit():
+        raise ServiceError(411, "image: send the upload with a Content-Length header", "image")
+    if int(length) > limit + 64 * 1024:                       # multipart framing + the small form fields
+        raise ServiceError(413, f"image: the upload has {length} bytes, the limit is {limit}", "image")
+    async with request.form(max_files=1, max_fields=8) as form:
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise ServiceError(400, "image: send the image as the multipart file field 'image'", "image")
+        data = await upload.read(limit + 1)
+        fields = {k: v for k, v in form.items() if k != "image"}
+    if len(data) > limit:
+        raise ServiceError(413, f"image: the file is larger than the limit of {limit} bytes", "image")
+    params = ImageRequest.model_validate(fields)
+    expl = await run_in_threadpool(svc.store.explanation, model, version)
+    out = await run_in_threadpool(svc.store.explain_image, expl, data, params.frames, params.span, params.seed)
+    return Response(_json_bytes(out), media_type="application/json")

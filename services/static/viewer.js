@@ -1,0 +1,194 @@
+// FIGAN viewer: pick a model and version, see every component's sequence with its numbers and figures, and
+// compare two versions side by side. Plain JS, no external assets. Everything is fetched from the service's
+// /v1 API (with the optional API key as X-API-Key), images included (as blob URLs), so the page also works
+// when reads need a key. The selection lives in the URL hash (#model=m&a=1&b=2).
+"use strict";
+
+const API = "/v1";
+const $ = (sel) => document.querySelector(sel);
+const keyInput = $("#api-key");
+keyInput.value = sessionStorage.getItem("figan-api-key") || "";
+keyInput.addEventListener("change", () => { sessionStorage.setItem("figan-api-key", keyInput.value); start(); });
+
+async function api(path, asBlob) {
+  const headers = keyInput.value ? { "X-API-Key": keyInput.value } : {};
+  const resp = await fetch(path.startsWith("/") ? path : `${API}/${path}`, { headers });
+  if (!resp.ok) {
+    let msg = `${resp.status}`;
+    try { const body = await resp.json(); msg += `: ${body.error}`; } catch (e) { /* not JSON */ }
+    throw new Error(msg);
+  }
+  return asBlob ? URL.createObjectURL(await resp.blob()) : resp.json();
+}
+
+function setStatus(text) { $("#status").textContent = text || ""; }
+
+function fmt(v, digits = 2) {
+  return (typeof v === "number" && isFinite(v)) ? v.toFixed(digits) : "–";
+}
+
+function el(tag, attrs = {}, text = "") {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text) e.textContent = text;
+  return e;
+}
+
+function loadImage(img, url) {
+  img.dataset.state = "loading";
+  api(url, true).then((src) => {
+    img.onload = () => { img.dataset.state = "loaded"; };
+    img.onerror = () => { img.dataset.state = "error"; };
+    img.src = src;
+  }, (err) => { img.dataset.state = "error"; img.alt = err.message; });
+}
+
+// A small line chart: x = sweep value, one polyline per series ({name, ys, colour}).
+function chart(title, xs, series, yLabel) {
+  const W = 220, H = 120, P = 24;
+  const all = series.flatMap((s) => s.ys).filter((v) => isFinite(v));
+  if (!xs.length || !all.length) return el("p", {}, `${title}: no data`);
+  let lo = Math.min(...all), hi = Math.max(...all);
+  if (hi - lo < 1e-9) { lo -= 1; hi += 1; }
+  const x = (v) => P + (W - 2 * P) * (v - xs[0]) / ((xs[xs.length - 1] - xs[0]) || 1);
+  const y = (v) => H - P + (2 * P - H) * (v - lo) / (hi - lo);
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  svg.setAttribute("class", "chart");
+  svg.setAttribute("width", W);
+  svg.setAttribute("height", H);
+  const add = (tag, attrs, text) => {
+    const e = document.createElementNS(ns, tag);
+    for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+    if (text) e.textContent = text;
+    svg.appendChild(e);
+  };
+  add("text", { x: P, y: 11 }, title);
+  add("text", { x: P, y: H - 6 }, `${fmt(xs[0], 1)} SD`);
+  add("text", { x: W - P - 24, y: H - 6 }, `${fmt(xs[xs.length - 1], 1)} SD`);
+  add("text", { x: 2, y: P }, fmt(hi, 2));
+  add("text", { x: 2, y: H - P }, fmt(lo, 2));
+  series.forEach((s, i) => {
+    const pts = s.ys.map((v, j) => `${x(xs[j])},${y(v)}`).join(" ");
+    add("polyline", { points: pts, fill: "none", stroke: s.colour, "stroke-width": 1.5 });
+    add("text", { x: W - P - 70, y: 22 + 10 * i, fill: s.colour }, s.name);
+  });
+  const fig = el("figure");
+  fig.appendChild(svg);
+  fig.appendChild(el("figcaption", {}, yLabel));
+  return fig;
+}
+
+function linspace(lo, hi, n) {
+  return Array.from({ length: n }, (_, i) => (n === 1 ? lo : lo + (hi - lo) * i / (n - 1)));
+}
+
+function componentCard(summary, comp, urls) {
+  const card = $("#component-card").content.firstElementChild.cloneNode(true);
+  card.dataset.component = comp.component;
+  card.querySelector("h3").textContent = `Component ${comp.component}`;
+  const f = comp.faithfulness || {}, c = comp.conditioning || {};
+  card.querySelector(".numbers").textContent =
+    `${fmt(comp.pct_target_variance, 1)} % of target variance · faithfulness ρ ${fmt(f.rho_mean)}` +
+    ` · conditioning r ${fmt(c.r_pooled)} (random ${fmt(c.r_random)})`;
+  loadImage(card.querySelector("img.gif"), urls.gif);
+  loadImage(card.querySelector("img.eigen"), urls.eigen);
+  loadImage(card.querySelector("img.deviation"), urls.deviation);
+  const sw = summary.sweep || {};
+  const n = (f.response_mean || c.recomputed_mean || []).length;
+  const xs = linspace(sw.sweep_lo ?? -2, sw.sweep_hi ?? 2, n);
+  const charts = card.querySelector(".charts");
+  if (f.response_mean) {
+    charts.appendChild(chart("faithfulness", xs, [{ name: "CNN output", ys: f.response_mean, colour: "#1565c0" }],
+      "CNN output along the sweep (mean over seeds)"));
+  }
+  if (c.recomputed_mean) {
+    charts.appendChild(chart("conditioning", xs, [
+      { name: "requested", ys: xs, colour: "#9e9e9e" },
+      { name: "recomputed", ys: c.recomputed_mean, colour: "#c62828" }],
+      "score read back by CNN → PLS vs requested"));
+  }
+  return card;
+}
+
+async function showVersion(panel, model, version) {
+  const token = `${model}/${version}/${Date.now()}/${Math.random()}`;
+  panel.dataset.showing = token;                  // a later selection wins over a slower earlier answer
+  panel.replaceChildren(el("p", {}, `loading ${model} v${version} …`));
+  let s;
+  try {
+    s = await api(`models/${encodeURIComponent(model)}/versions/${encodeURIComponent(version)}`);
+  } catch (err) {
+    if (panel.dataset.showing !== token) return;
+    panel.replaceChildren(el("h2", {}, `${model} v${version}`), el("p", { class: "error" }, err.message));
+    return;
+  }
+  if (panel.dataset.showing !== token) return;
+  const aliases = s.aliases && s.aliases.length ? ` (${s.aliases.join(", ")})` : "";
+  const head = el("h2", {}, `${s.name} v${s.version}${aliases}`);
+  const table = el("table", { class: "headline" });
+  const fid = s.fid || {};
+  const rows = [
+    ["status", s.status], ["FID (best)", `${fmt(fid.best, 1)} at step ${fid.best_step ?? "–"}`],
+    ["real-vs-real floor", fmt(fid.floor, 1)], ["FID extractor", fid.extractor || "–"],
+    ["diversity", fmt((s.diversity || {}).ratio)], ["gates", (s.gates || {}).all_pass ? "all pass" : "not all pass"],
+    ["dataset", `${(s.dataset || {}).name || "–"} (${(s.dataset || {}).n_images ?? "–"} images)`],
+  ];
+  for (const [k, v] of rows) {
+    const tr = el("tr");
+    tr.append(el("td", {}, k), el("td", {}, String(v)));
+    table.appendChild(tr);
+  }
+  const fidImg = el("img", { class: "fid", alt: "FID trace" });
+  loadImage(fidImg, s.urls.fid_trace);
+  const comps = el("div", { class: "components" });
+  s.components.forEach((comp, i) => comps.appendChild(componentCard(s, comp, s.urls.components[i])));
+  const overview = el("div", { class: "overview" });
+  overview.append(table, fidImg);
+  panel.replaceChildren(head, overview, comps);
+}
+
+let listing = [];
+
+function fillVersions(modelName, a, b) {
+  const m = listing.find((x) => x.name === modelName) || { versions: [] };
+  const label = (v) => `v${v.version}${v.aliases.length ? " (" + v.aliases.join(", ") + ")" : ""} — ${v.status}`;
+  const options = (sel, withNone) => {
+    sel.replaceChildren(...(withNone ? [el("option", { value: "" }, "—")] : []),
+      ...m.versions.map((v) => el("option", { value: v.version }, label(v))));
+  };
+  options($("#version-a"), false);
+  options($("#version-b"), true);
+  const done = m.versions.filter((v) => v.status === "done");
+  $("#version-a").value = a || (done.length ? done[done.length - 1].version : (m.versions[0] || {}).version || "");
+  $("#version-b").value = b || "";
+}
+
+function render() {
+  const model = $("#model").value, a = $("#version-a").value, b = $("#version-b").value;
+  location.hash = new URLSearchParams({ model, a, b }).toString();
+  if (model && a) showVersion($("#panel-a"), model, a);
+  $("#panel-b").hidden = !b;
+  if (model && b) showVersion($("#panel-b"), model, b);
+}
+
+async function start() {
+  setStatus("");
+  try {
+    listing = (await api("models")).models;
+  } catch (err) {
+    setStatus(`cannot list models: ${err.message}`);
+    return;
+  }
+  if (!listing.length) { setStatus("no explanations published yet"); return; }
+  const want = new URLSearchParams(location.hash.slice(1));
+  $("#model").replaceChildren(...listing.map((m) => el("option", { value: m.name }, m.name)));
+  if (listing.some((m) => m.name === want.get("model"))) $("#model").value = want.get("model");
+  fillVersions($("#model").value, want.get("a"), want.get("b"));
+  render();
+}
+
+$("#model").addEventListener("change", () => { fillVersions($("#model").value); render(); });
+$("#version-a").addEventListener("change", render);
+$("#version-b").addEventListener("change", render);
+start();

@@ -1,0 +1,490 @@
+"""What the explanation service knows: its configuration and a local cache of published explanations.
+
+The store is plain Python (no BentoML, no HTTP), so the service's endpoints are thin and every rule is testable
+here. Everything it reads comes from MLflow through :mod:`flows.registry` (the one module that knows tag names and
+the artifact layout) or from its own cache folder:
+
+* **Listing** (:meth:`ExplanationStore.listing`): ``registry.list_versions``, refreshed in the background once it
+  is older than ``listing_ttl`` seconds (requests never wait for it), so an explanation published after the
+  service started shows up within the TTL without a restart. When MLflow is unreachable the last good listing
+  keeps serving (readiness reports it). A version or alias that is not in the listing forces one synchronous
+  refresh (at most once a second), so a just-published version is found at once.
+* **Resolution**: ``(model, "3")`` or ``(model, "champion")`` → one listing row. Names are checked against strict
+  patterns before anything else, so no request can name a path or an MLflow filter of its choosing.
+* **Cache folder** ``<cache>/<run_id>/``: ``registry.download_explanation`` of a ``done`` version, downloaded once
+  into a temporary folder and renamed into place (atomic, safe with several workers). Run ids are 32 hex digits
+  and every file name is built here from a validated component number, so reads never leave the cache.
+  Published runs never change, so cached files are kept (and their bytes memoised) for the process lifetime.
+* **Models in memory**: the published generator and PLS state per run, the CNN (+ contract) per version, each
+  loaded once; generation runs under a semaphore so CPU-bound requests cannot pile up threads.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from PIL import Image, UnidentifiedImageError
+
+from flows import registry
+from flows.mlflow_server import find_server
+from flows.settings import Settings
+from models.cgan import CGANConfig, Generator, load_generator
+from models.data import read_image
+from models.explain import cnn_input
+from models.features import extract_features, model_output
+from models.fid import plot_fid_trace
+from models.pls import PLSState, load_pls
+from models.sequences import sweep_values
+
+from . import render
+from .contract import RUN_ID_RE, SWEEP_LIMIT, VERSION_RE, ServiceError, check_name, check_ref, public_row
+
+log = logging.getLogger("figan.service")
+
+_FALSE = ("0", "false", "off", "no")
+
+
+# --------------------------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Service settings: environment variables over :class:`flows.settings.Settings`.
+
+    ``FIGAN_SERVICE_API_KEY`` the key for generation/upload (and reads unless public); ``FIGAN_SERVICE_AUTH=off``
+    disables keys (embedded demo only; default on: without a key, protected endpoints answer 401);
+    ``FIGAN_SERVICE_PUBLIC_READ=true`` lets listing, sequences, images and metrics be read without a key (default:
+    reads need the key too);
+    ``FIGAN_SERVICE_CACHE`` (default ``<home>/service-cache``); ``FIGAN_SERVICE_LISTING_TTL`` seconds (default 5);
+    ``FIGAN_SERVICE_MAX_UPLOAD`` bytes (default 2 MiB); ``FIGAN_SERVICE_GEN_CONCURRENCY`` (default 1) generations
+    at once, each with ``FIGAN_SERVICE_TORCH_THREADS`` (default 1) torch threads: more threads help on dedicated
+    cores, but on shared or oversubscribed ones OpenMP's spinning made a 16-frame request 5x slower (measured)."""
+    tracking_uri: str | None
+    cache_dir: Path
+    api_key: str | None = None
+    auth: bool = True
+    public_read: bool = False
+    listing_ttl: float = 5.0
+    max_upload_bytes: int = 2 * 1024 * 1024
+    gen_concurrency: int = 1
+    torch_threads: int = 1
+    model_allowlist: tuple[str, ...] = ()
+    mlflow_home: Path | None = None
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None) -> ServiceConfig:
+        env = os.environ if env is None else env
+        settings = Settings.load(env=env)
+
+        def get(var: str, cast, default):
+            raw = env.get(var, "").strip()
+            if not raw:
+                return default
+            try:
+                value = cast(raw)
+            except ValueError:
+                raise ValueError(f"service settings: {var}={raw!r} is not a valid {cast.__name__}") from None
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0:
+                raise ValueError(f"service settings: {var} must be > 0, got {raw!r}")
+            return value
+
+        flag = lambda raw: raw.lower() not in _FALSE    # noqa: E731
+        flag.__name__ = "flag"
+        return cls(tracking_uri=settings.tracking_uri,
+                   cache_dir=Path(get("FIGAN_SERVICE_CACHE", str, settings.home / "service-cache")).absolute(),
+                   api_key=get("FIGAN_SERVICE_API_KEY", str, None), auth=get("FIGAN_SERVICE_AUTH", flag, True),
+                   public_read=get("FIGAN_SERVICE_PUBLIC_READ", flag, False),
+                   listing_ttl=get("FIGAN_SERVICE_LISTING_TTL", float, 5.0),
+                   max_upload_bytes=get("FIGAN_SERVICE_MAX_UPLOAD", int, 2 * 1024 * 1024),
+                   gen_concurrency=get("FIGAN_SERVICE_GEN_CONCURRENCY", int, 1),
+                   torch_threads=get("FIGAN_SERVICE_TORCH_THREADS", int, 1),
+                   model_allowlist=settings.model_allowlist, mlflow_home=settings.mlflow_home)
+
+
+# --------------------------------------------------------------------------------------------- one explanation
+
+@dataclass
+class Explanation:
+    """A published explanation in the cache folder, with what the endpoints need from its metadata."""
+    name: str
+    version: str
+    row: dict
+    dir: Path
+    metrics: dict
+    config: dict
+    gen_cfg: CGANConfig
+
+    @property
+    def run_id(self) -> str:
+        return self.row["run_id"]
+
+    @property
+    def k(self) -> int:
+        return self.gen_cfg.k
+
+    def component_file(self, component: int, kind: str) -> Path:
+        """Published file of a 0-based component: kind gif | strip | eigen | deviation | npz."""
+        suffix = {"gif": ".gif", "strip": "_strip.png", "eigen": "_eigen.png", "deviation": "_deviation.png",
+                  "npz": ".npz"}[kind]
+        return self.dir / "sequences" / f"component_{component + 1}{suffix}"
+
+    def summary(self) -> dict[str, Any]:
+        """The version row plus components (with % variance, faithfulness, conditioning) and sweep settings."""
+        sweep = {k: self.config.get(k) for k in ("sweep_lo", "sweep_hi", "frames", "seeds")}
+        comps = []
+        for j, c in enumerate(self.metrics.get("components") or []):
+            comps.append({"component": j + 1, "pct_target_variance": c.get("pct_target_variance"),
+                          "faithfulness": c.get("faithfulness"), "conditioning": c.get("conditioning"),
+                          "ground_truth": c.get("ground_truth")})
+        fid = {k: v for k, v in (self.metrics.get("fid") or {}).items() if k != "trace"}
+        return {**public_row(self.row), "k": self.k, "resolution": self.gen_cfg.resolution,
+                "image_channels": self.gen_cfg.image_channels, "sweep": sweep, "fid": fid,
+                "diversity": self.metrics.get("diversity"), "gates": self.metrics.get("gates"),
+                "dataset": self.metrics.get("dataset"), "cnn": self.metrics.get("cnn"), "components": comps}
+
+
+@lru_cache(maxsize=1024)
+def _published_file(path: Path, root: Path) -> bytes:
+    """Bytes of a file inside an explanation folder, memoised (published runs never change). Names are built by
+    :class:`Explanation` from validated parts; the containment check is defence in depth."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise ServiceError(400, "path outside the explanation")
+    if not resolved.is_file():
+        raise ServiceError(404, f"{path.name} was not published with this explanation")
+    return resolved.read_bytes()
+
+
+@lru_cache(maxsize=256)
+def _frames_json(npz: Path, root: Path, component: int) -> bytes:
+    _published_file(npz, root)                  # the same checks (and 404) as any published file
+    values, frames = render.published_frames(npz)
+    return json.dumps({"component": component, **render.frames_json(values, frames)},
+                      separators=(",", ":")).encode()
+
+
+# --------------------------------------------------------------------------------------------- the store
+
+@dataclass
+class _Loaded:
+    generator: tuple[Generator, CGANConfig] | None = None
+    pls: PLSState | None = None
+
+
+class ExplanationStore:
+    """Published explanations pulled from MLflow into a local cache; thread-safe."""
+
+    def __init__(self, cfg: ServiceConfig):
+        self.cfg = cfg
+        self.cache = cfg.cache_dir.resolve()
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self._client: MlflowClient | None = None
+        self._rows: list[dict] | None = None
+        self._listed_at = -math.inf
+        self._refreshing = False
+        self._last_error = ""
+        self._list_lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+        self._explanations: dict[str, Explanation] = {}
+        self._loaded: dict[str, _Loaded] = {}
+        self._cnns: dict[tuple[str, str], tuple[torch.nn.Module, registry.Contract]] = {}
+        self.generation = threading.BoundedSemaphore(cfg.gen_concurrency)
+
+    # -- MLflow
+    @property
+    def tracking_uri(self) -> str:
+        if self.cfg.tracking_uri:
+            return self.cfg.tracking_uri
+        server = find_server(self.cfg.mlflow_home) if self.cfg.mlflow_home else None
+        if server is None:
+            raise ServiceError(503, f"no MLflow server: set FIGAN_TRACKING_URI or start the embedded one "
+                                    f"(`figan up`, home {self.cfg.mlflow_home})")
+        return server.uri
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def mlflow_reachable(self, timeout: float = 2.0) -> bool:
+        """True when MLflow answers: ``GET /health`` for an HTTP tracking server, a registry query otherwise."""
+        try:
+            uri = self.tracking_uri
+            if uri.startswith(("http://", "https://")):
+                opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+                with opener.open(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
+                    return resp.status == 200
+            self.client.search_registered_models(max_results=1)
+            return True
+        except (ServiceError, MlflowException, OSError) as e:
+            log.warning("MLflow not reachable", extra={"error": str(e)[:300]})
+            return False
+
+    def _lock(self, key: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._locks.setdefault(key, threading.Lock())
+
+    # -- listing
+    def listing(self, max_age: float | None = None) -> list[dict]:
+        """Versions that have an explanation status (queued | running | done | failed).
+
+        Stale-while-revalidate: a listing older than the TTL is returned as it is while one background thread
+        refreshes it, so no request waits for MLflow; only the first listing and an explicit ``max_age`` (a
+        miss in :meth:`resolve`) wait for a fresh one. MLflow errors keep the last good listing (503 when there
+        is none)."""
+        if self._rows is not None and max_age is None:
+            if time.monotonic() - self._listed_at > self.cfg.listing_ttl and not self._refreshing:
+                self._refreshing = True
+                threading.Thread(target=self._refresh, args=(self.cfg.listing_ttl,), daemon=True).start()
+            return self._rows
+        self._refresh(self.cfg.listing_ttl if max_age is None else max_age)
+        if self._rows is None:
+            raise ServiceError(503, f"MLflow is not reachable ({self._last_error})")
+        return self._rows
+
+    def _refresh(self, max_age: float) -> None:
+        with self._list_lock:
+            try:
+                if time.monotonic() - self._listed_at <= max_age:
+                    return                      # refreshed meanwhile by another thread
+                t0 = time.monotonic()
+                rows = registry.list_versions(self.client)
+                allow = set(self.cfg.model_allowlist)
+                self._rows = [r for r in rows if r.get("status") and (not allow or r["name"] in allow)]
+                self._listed_at = time.monotonic()
+                log.info("listing refreshed", extra={"versions": len(self._rows),
+                                                     "ms": round(1000 * (time.monotonic() - t0), 1)})
+            except (MlflowException, OSError, ServiceError) as e:
+                self._last_error = str(e)[:300]
+                self._listed_at = time.monotonic() - max(max_age, self.cfg.listing_ttl) + 1.0   # retry in 1 s
+                log.warning("listing refresh failed; serving the last good listing",
+                            extra={"error": self._last_error})
+            finally:
+                self._refreshing = False
+
+    def models(self) -> list[dict]:
+        """The listing grouped by model: ``[{name, aliases: {alias: version}, versions: [row, ...]}]``."""
+        out: dict[str, dict] = {}
+        for row in self.listing():
+            m = out.setdefault(row["name"], {"name": row["name"], "aliases": {}, "versions": []})
+            m["versions"].append(public_row(row))
+            m["aliases"].update({a: row["version"] for a in row["aliases"]})
+        return list(out.values())
+
+    @staticmethod
+    def _match(rows: list[dict], model: str, ref: str) -> dict | None:
+        by_number = VERSION_RE.match(ref) is not None
+        for r in rows:
+            if r["name"] == model and (r["version"] == ref if by_number else ref in r["aliases"]):
+                return r
+        return None
+
+    def resolve(self, model: str, ref: str) -> dict:
+        """The listing row of ``model`` at version number or alias ``ref`` (404 naming what is unknown)."""
+        check_name(model)
+        check_ref(ref)
+        for max_age in (None, 1.0):             # a miss forces one refresh (a new version / a moved alias)
+            row = self._match(self.listing(max_age), model, ref)
+            if row is not None:
+                return row
+        versions = [r for r in self.listing() if r["name"] == model]
+        if not versions:
+            raise ServiceError(404, f"model: no explanation of a model named {model!r}", "model")
+        what = "version" if VERSION_RE.match(ref) else "alias"
+        raise ServiceError(404, f"version: model {model!r} has no explained {what} {ref!r} (known: "
+                                f"{sorted({r['version'] for r in versions}, key=int)}, aliases "
+                                f"{sorted({a for r in versions for a in r['aliases']})})", "version")
+
+    def cached(self, model: str, ref: str) -> Explanation | None:
+        """The explanation when answering needs no I/O at all (listed, done and already in the cache), else
+        None: the fast path of the file endpoints, safe to call on the event loop."""
+        if self._rows is None:
+            return None
+        row = self._match(self.listing(), check_name(model), check_ref(ref))
+        expl = self._explanations.get(row["run_id"]) if row and row["status"] == "done" and row["run_id"] else None
+        if expl is not None and expl.row is not row:
+            expl.row = row                      # aliases and status current; the files never change
+        return expl
+
+    # -- explanations in the cache
+    def explanation(self, model: str, ref: str) -> Explanation:
+        """The ``done`` explanation of a version, downloaded into the cache on first use.
+
+        A version whose explanation is queued, running or failed is a 409 carrying its status (and error)."""
+        row = self.resolve(model, ref)
+        if row["status"] != "done" or not row.get("run_id"):
+            raise ServiceError(409, f"version: the explanation of {model} version {row['version']} is "
+                                    f"{row['status']}" + (f": {row['error']}" if row.get("error") else ""),
+                               "version", status=row["status"], name=model, version=row["version"])
+        run_id = row["run_id"]
+        if not RUN_ID_RE.match(run_id):
+            raise ServiceError(502, f"version: {model}/{row['version']} names a malformed run id {run_id!r}")
+        expl = self._explanations.get(run_id)
+        if expl is None:
+            with self._lock(run_id):
+                expl = self._explanations.get(run_id) or self._load(row)
+                self._explanations[run_id] = expl
+        if expl.row is not row:                 # aliases and status current; the files never change
+            expl.row = row
+        return expl
+
+    def _load(self, row: dict) -> Explanation:
+        run_id = row["run_id"]
+        dest = self.cache / run_id
+        if not dest.is_dir():
+            t0 = time.monotonic()
+            tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=self.cache))
+            try:
+                registry.download_explanation(self.client, run_id, tmp)
+                metrics = json.loads((tmp / "metrics.json").read_text())
+                fid = metrics.get("fid") or {}
+                if fid.get("trace"):
+                    plot_fid_trace(fid["trace"], tmp / "service" / "fid_trace.png", floor=fid.get("floor"),
+                                   label=fid.get("extractor") or "", best_step=fid.get("best_step"))
+                try:
+                    tmp.rename(dest)
+                except OSError:                 # another worker got there first
+                    shutil.rmtree(tmp, ignore_errors=True)
+            except (MlflowException, OSError, ValueError) as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ServiceError(502, f"version: explanation run {run_id} of {row['name']}/{row['version']} "
+                                        f"could not be fetched from MLflow ({str(e)[:300]})", "version") from e
+            log.info("explanation cached", extra={"model": row["name"], "version": row["version"],
+                                                  "run_id": run_id, "ms": round(1000 * (time.monotonic() - t0))})
+        meta = json.loads((dest / "gan" / "best" / "generator.json").read_text())
+        config_path = dest / "config.json"
+        config = json.loads(config_path.read_text()).get("config", {}) if config_path.is_file() else {}
+        return Explanation(name=row["name"], version=row["version"], row=row, dir=dest,
+                           metrics=json.loads((dest / "metrics.json").read_text()), config=config,
+                           gen_cfg=CGANConfig.from_dict(meta["config"]))
+
+    def file(self, expl: Explanation, path: Path) -> bytes:
+        """Bytes of a file of a cached explanation (404 when the run did not publish it)."""
+        return _published_file(path, expl.dir)
+
+    def frames_json(self, expl: Explanation, component: int) -> bytes:
+        """Frames JSON of a published 0-based component (from its npz; memoised like the files)."""
+        return _frames_json(expl.component_file(component, "npz"), expl.dir, component + 1)
+
+    def fid_trace_png(self, expl: Explanation) -> Path:
+        return expl.dir / "service" / "fid_trace.png"
+
+    # -- models in memory
+    def generator(self, expl: Explanation) -> tuple[Generator, CGANConfig]:
+        loaded = self._loaded.setdefault(expl.run_id, _Loaded())
+        if loaded.generator is None:
+            with self._lock(expl.run_id):
+                if loaded.generator is None:
+                    G, gcfg, _ = load_generator(expl.dir / "gan" / "best", "cpu")
+                    loaded.generator = (G.to(memory_format=torch.channels_last), gcfg)   # ~25 % faster on CPU
+        return loaded.generator
+
+    def pls(self, expl: Explanation) -> PLSState:
+        loaded = self._loaded.setdefault(expl.run_id, _Loaded())
+        if loaded.pls is None:
+            loaded.pls = load_pls(expl.dir / "pls")
+        return loaded.pls
+
+    def cnn(self, expl: Explanation) -> tuple[torch.nn.Module, registry.Contract]:
+        """The explained CNN version (eager module, eval mode) and its contract, loaded once."""
+        key = (expl.name, expl.version)
+        if key not in self._cnns:
+            with self._lock(f"cnn:{expl.name}/{expl.version}"):
+                if key not in self._cnns:
+                    try:
+                        model, _ = registry.load_cnn_version(self.client, expl.name, expl.version)
+                        contract = registry.read_contract(self.client, expl.name, expl.version)
+                    except (MlflowException, OSError, ValueError) as e:
+                        raise ServiceError(502, f"version: the CNN {expl.name}/{expl.version} could not be "
+                                                f"loaded ({str(e)[:300]})", "version") from e
+                    self._cnns[key] = (model, contract)
+        return self._cnns[key]
+
+    # -- computing
+    def generate(self, expl: Explanation, components: list[int], lo: float, hi: float, frames: int, seed: int,
+                 base: np.ndarray, fmt: str) -> bytes | dict:
+        """An on-demand sweep of 0-based ``components`` from ``lo`` to ``hi`` in ``frames`` steps as GIF/PNG
+        bytes or a frames-JSON dict."""
+        values = sweep_values(lo, hi, frames)
+        G, gcfg = self.generator(expl)
+        t0 = time.monotonic()
+        with self.generation:
+            images = render.sweep_frames(G, gcfg, components, values, seed, base)
+        out: bytes | dict
+        if fmt == "gif":
+            out = render.gif_bytes(images)
+        elif fmt == "png":
+            out = render.strip_png(images)
+        else:
+            out = {"name": expl.name, "version": expl.version, "seed": seed, "base": base.tolist(),
+                   "components": [{"component": j + 1, **render.frames_json(values, u8)}
+                                  for j, u8 in zip(components, render.to_u8(images), strict=True)]}
+        log.info("generated", extra={"model": expl.name, "version": expl.version, "components": len(components),
+                                     "frames": len(values), "format": fmt,
+                                     "ms": round(1000 * (time.monotonic() - t0), 1)})
+        return out
+
+    def explain_image(self, expl: Explanation, data: bytes, frames: int, span: float, seed: int) -> dict:
+        """PLS scores of an uploaded image through the explained CNN, and per component a sweep of ``frames``
+        values over ``score ± span`` (clipped to ±6 SD) with the other components at the image's own scores."""
+        model, contract = self.cnn(expl)
+        c, h, w = contract.input_shape
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                size, fmt = img.size, img.format
+        except (UnidentifiedImageError, OSError, ValueError):
+            raise ServiceError(400, "image: the upload is not a decodable image (PNG, JPEG, TIFF, ...)",
+                               "image") from None
+        if size != (w, h):
+            raise ServiceError(400, f"image: is {size[0]}x{size[1]} pixels, but {expl.name} version "
+                                    f"{expl.version} takes {w}x{h} images", "image")
+        try:
+            x = torch.from_numpy(read_image(io.BytesIO(data), name=f"upload ({fmt})"))[None]
+        except ValueError as e:
+            raise ServiceError(400, f"image: {e}", "image") from None
+        x = cnn_input((c, h, w))(x)
+        state = self.pls(expl)
+        feats = extract_features(model, x, layer=expl.config.get("layer"))
+        if feats.shape[1] != state.n_features:
+            raise ServiceError(409, f"version: the CNN gives {feats.shape[1]} features but the published PLS "
+                                    f"state has {state.n_features}", "version")
+        scores = state.transform(feats)[0]
+        prediction = state.predict(feats)[0]
+        if state.task == "classification" and state.class_names:
+            prediction = state.class_names[int(prediction)]
+        base = np.clip(scores, -SWEEP_LIMIT, SWEEP_LIMIT)
+        offsets = np.linspace(-span, span, frames)
+        values = np.clip(base[:, None] + offsets[None], -SWEEP_LIMIT, SWEEP_LIMIT)         # (k, F)
+        G, gcfg = self.generator(expl)
+        with self.generation:
+            sweeps = render.sweep_frames(G, gcfg, list(range(expl.k)), values, seed, base)
+        lo, hi = expl.config.get("sweep_lo", -2.0), expl.config.get("sweep_hi", 2.0)
+        comps = []
+        for j in range(expl.k):
+            s = float(scores[j])
+            comps.append({"component": j + 1, "score": round(s, 4),
+                          "position": "below" if s < lo else "above" if s > hi else "within",
+                          "pct_target_variance": round(100 * float(state.explained_target_variance[j]), 3),
+                          "values": [round(float(v), 4) for v in values[j]],
+                          "gif": render.data_url(render.gif_bytes(sweeps[j:j + 1]), "image/gif")})
+        return {"name": expl.name, "version": expl.version, "run_id": expl.run_id, "seed": seed,
+                "published_sweep": [lo, hi], "scores": [round(float(v), 4) for v in scores],
+                "pls_prediction": prediction.item() if hasattr(prediction, "item") else prediction,
+                "cnn_output": [round(float(v), 4) for v in model_output(model, x)[0]], "components": comps}

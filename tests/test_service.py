@@ -1,0 +1,316 @@
+"""The explanation service on real components: `bentoml serve services.explanations:Explanations` (subprocess,
+loopback) against a real MLflow server holding a real tiny published explanation (tests/service_platform.py).
+
+Happy path of every endpoint, every bad input → 4xx naming its field, status answers for failed/running
+versions, API keys on and off, and an explanation published after the start picked up without a restart."""
+from __future__ import annotations
+
+import base64
+import gc
+import io
+import json
+import time
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from service_platform import API_KEY, MODEL, log_records, shared_platform
+from services.store import ExplanationStore, ServiceConfig, ServiceError
+
+KEY = {"X-API-Key": API_KEY}
+V = f"/v1/models/{MODEL}/versions"
+
+
+@pytest.fixture(scope="module")
+def platform(request, tmp_path_factory):
+    return shared_platform(request.config, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def served(platform):
+    served = platform.served[0].wait_ready()
+    yield served
+    served.stop()
+
+
+@pytest.fixture(scope="module")
+def http(served):
+    with httpx.Client(base_url=served.url, trust_env=False, timeout=60) as client:
+        yield client
+
+
+def frames_of(gif: bytes) -> list[np.ndarray]:
+    with Image.open(io.BytesIO(gif)) as im:
+        out = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            out.append(np.asarray(im.convert("L")))
+        return out
+
+
+def decode_data_url(url: str) -> bytes:
+    assert url.startswith("data:")
+    return base64.b64decode(url.split(",", 1)[1])
+
+
+def assert_4xx(resp: httpx.Response, status: int, field: str) -> dict:
+    assert resp.status_code == status, (resp.status_code, resp.text)
+    body = resp.json()
+    assert body["field"] == field and body["error"].startswith(f"{field}:"), body
+    return body
+
+
+# --------------------------------------------------------------------------------------------- probes, listing
+
+def test_probes_and_json_logs(http, served):
+    assert http.get("/healthz").status_code == 200
+    assert http.get("/readyz").status_code == 200
+    assert http.get("/v1/models").status_code == 200
+    time.sleep(0.5)                                                          # let the worker flush its log
+    records = log_records(served.log)
+    assert any(r.get("logger") == "figan.service" and r.get("message") == "service started" for r in records)
+    access = [r for r in records if r.get("logger") == "bentoml.access" and "path=/v1/models" in r["message"]]
+    assert access and access[0]["level"] == "INFO" and "status=200" in access[0]["message"]
+    assert "Downloading artifacts" not in served.log.read_text()
+
+
+def test_listing_statuses_aliases_and_headline_metrics(http, platform):
+    (model,) = [m for m in http.get("/v1/models").json()["models"] if m["name"] == MODEL]
+    rows = {v["version"]: v for v in model["versions"]}
+    assert {k: rows[k]["status"] for k in "1234"} == {"1": "done", "2": "done", "3": "failed", "4": "running"}
+    assert model["aliases"]["champion"] == "1" and rows["1"]["aliases"] == ["champion"]
+    assert rows["1"]["pct_variance"] == platform.metrics["pls"]["pct_target_variance"]
+    assert rows["1"]["fid_best"] == pytest.approx(platform.metrics["fid"]["best"])
+    assert "layer 'fc9'" in rows["3"]["error"]
+    assert http.get(f"/v1/resolve/{MODEL}@champion").json()["version"] == "1"
+    assert http.get(f"/v1/resolve/{MODEL}@2").json()["version"] == "2"
+    by_alias, by_number = http.get(f"{V}/champion").json(), http.get(f"{V}/1").json()
+    assert by_alias == by_number
+    assert by_number["k"] == 2 and by_number["resolution"] == 16 and by_number["sweep"]["frames"] == 5
+    assert [c["pct_target_variance"] for c in by_number["components"]] == \
+        platform.metrics["pls"]["pct_target_variance"]
+    assert by_number["components"][0]["faithfulness"] == platform.metrics["components"][0]["faithfulness"]
+    assert by_number["urls"]["components"][1]["gif"] == f"{V}/1/components/2/sequence.gif"
+
+
+def test_published_files_are_served_from_the_cache(http, platform, served):
+    seq = platform.artifacts / "sequences"
+    for c in (1, 2):
+        url = f"{V}/1/components/{c}"
+        gif = http.get(f"{url}/sequence.gif")
+        assert gif.headers["content-type"] == "image/gif"
+        assert gif.content == (seq / f"component_{c}.gif").read_bytes()
+        assert http.get(f"{url}/sequence.png").content == (seq / f"component_{c}_strip.png").read_bytes()
+        assert http.get(f"{url}/eigen.png").content == (seq / f"component_{c}_eigen.png").read_bytes()
+        assert http.get(f"{url}/deviation.png").content == (seq / f"component_{c}_deviation.png").read_bytes()
+        frames = http.get(f"{url}/sequence.json").json()
+        with np.load(seq / f"component_{c}.npz") as z:
+            assert frames["values"] == pytest.approx(z["values"].tolist())
+            for got, want in zip(frames["frames"], z["frames_seed0"], strict=True):
+                assert np.array_equal(np.asarray(Image.open(io.BytesIO(decode_data_url(got)))), want[0])
+    assert http.get(f"{V}/1/metrics.json").json() == platform.metrics
+    fid = http.get(f"{V}/1/fid_trace.png")
+    assert fid.status_code == 200 and Image.open(io.BytesIO(fid.content)).size[0] > 100
+    again = http.get(f"{V}/1/components/2/sequence.gif", headers={"If-None-Match": gif.headers["etag"]})
+    assert again.status_code == 304 and not again.content
+    run_id = platform.client.get_model_version(MODEL, "1").tags["figan.run_id"]
+    assert (served.cache / run_id / "sequences" / "component_1.gif").is_file()
+
+
+# --------------------------------------------------------------------------------------------- bad requests
+
+def test_failed_and_running_versions_answer_with_their_status(http):
+    failed = assert_4xx(http.get(f"{V}/3/components/1/sequence.gif"), 409, "version")
+    assert failed["status"] == "failed" and "layer 'fc9'" in failed["error"]
+    running = assert_4xx(http.get(f"{V}/4"), 409, "version")
+    assert running["status"] == "running" and running["version"] == "4"
+    assert http.post("/v1/generate", headers=KEY, json={"model": MODEL, "version": "3"}).json()["status"] == "failed"
+
+
+@pytest.mark.parametrize("path, status, field", [
+    ("/v1/models/nope/versions/1", 404, "model"),
+    (f"{V}/99", 404, "version"),
+    (f"{V}/staging", 404, "version"),
+    ("/v1/models/bad%20name!/versions/1", 400, "model"),
+    ("/v1/models/.hidden/versions/1", 400, "model"),
+    (f"{V}/%2E%2E", 400, "version"),
+    (f"{V}/1.0", 400, "version"),
+    (f"{V}/1/components/3/sequence.gif", 404, "component"),
+    (f"{V}/1/components/0/eigen.png", 404, "component"),
+    (f"{V}/1/components/x/deviation.png", 400, "component"),
+    (f"{V}/1/components/1/sequence.bmp", 400, "format"),
+    ("/v1/resolve/no-at-sign", 400, "ref"),
+])
+def test_bad_reads_name_the_field(http, path, status, field):
+    assert_4xx(http.get(path), status, field)
+
+
+def test_no_path_reaches_outside_the_cache(http):
+    for path in ("/v1/models/%2e%2e/versions/1", f"{V}/1/components/..%2F..%2Fmetrics.json/sequence.gif",
+                 f"{V}/1/components/1%2F..%2F..%2F..%2F..%2Fetc%2Fpasswd/eigen.png", "/viewer/..%2F..%2Fstore.py",
+                 "/viewer/../services/store.py"):
+        resp = http.get(path)
+        assert 400 <= resp.status_code < 500 and b"root:" not in resp.content and b"import" not in resp.content
+
+
+GOOD = {"model": MODEL, "version": "champion"}
+
+
+@pytest.mark.parametrize("change, status, field", [
+    ({"frames": 1}, 400, "frames"), ({"frames": 65}, 400, "frames"), ({"frames": "9"}, 400, "frames"),
+    ({"lo": "nan"}, 400, "lo"), ({"lo": -6.5}, 400, "lo"), ({"hi": 1e9}, 400, "hi"), ({"hi": "inf"}, 400, "hi"),
+    ({"lo": 1.0, "hi": 0.5}, 400, "hi"), ({"seed": 1.5}, 400, "seed"), ({"seed": "abc"}, 400, "seed"),
+    ({"seed": -1}, 400, "seed"), ({"components": []}, 400, "components"),
+    ({"components": [1] * 9}, 400, "components"), ({"components": [3]}, 404, "components"),
+    ({"components": ["1"]}, 400, "components.0"), ({"base": [0.0]}, 400, "base"), ({"base": [0, 7]}, 400, "base.1"),
+    ({"format": "bmp"}, 400, "format"), ({"model": "x/../y"}, 400, "model"), ({"model": "nope"}, 404, "model"),
+    ({"version": "99"}, 404, "version"), ({"path": "/etc/passwd"}, 400, "path"),
+])
+def test_bad_generation_requests_name_the_field(http, change, status, field):
+    assert_4xx(http.post("/v1/generate", headers=KEY, json={**GOOD, **change}), status, field)
+
+
+# --------------------------------------------------------------------------------------------- generation
+
+def test_generation_needs_the_key(http):
+    assert_4xx(http.post("/v1/generate", json=GOOD), 401, "api_key")
+    assert_4xx(http.post("/v1/generate", headers={"X-API-Key": "wrong"}, json=GOOD), 401, "api_key")
+    ok = http.post("/v1/generate", headers={"Authorization": f"Bearer {API_KEY}"}, json=GOOD)
+    assert ok.status_code == 200 and ok.headers["content-type"] == "image/gif"
+
+
+def test_generation_is_deterministic_and_matches_the_published_sweep(http, platform):
+    req = {**GOOD, "components": [1], "frames": 16, "lo": -3, "hi": 3, "seed": 7}
+    a, b = (http.post("/v1/generate", headers=KEY, json=req) for _ in range(2))
+    assert a.status_code == 200 and a.content == b.content
+    assert http.post("/v1/generate", headers=KEY, json={**req, "seed": 8}).content != a.content
+    gif = frames_of(a.content)
+    assert len(gif) == 16 + 14 and gif[0].shape == (128, 128)           # boomerang, upscaled like the published
+    # seed 0 over the published range, other components at 0: the published frames of seed 0
+    cfg = json.loads((platform.artifacts / "config.json").read_text())["config"]
+    same = {**GOOD, "format": "json", "seed": 0, "lo": cfg["sweep_lo"], "hi": cfg["sweep_hi"],
+            "frames": cfg["frames"]}
+    out = http.post("/v1/generate", headers=KEY, json=same).json()
+    assert [c["component"] for c in out["components"]] == [1, 2]
+    for comp in out["components"]:
+        with np.load(platform.artifacts / "sequences" / f"component_{comp['component']}.npz") as z:
+            want = z["frames_seed0"][:, 0].astype(int)
+        got = np.stack([np.asarray(Image.open(io.BytesIO(decode_data_url(f)))) for f in comp["frames"]])
+        assert np.abs(got.astype(int) - want).max() <= 1
+    # several components: side by side in the GIF, one row each in the PNG strip
+    both = {**GOOD, "components": [1, 2], "frames": 4}
+    assert frames_of(http.post("/v1/generate", headers=KEY, json=both).content)[0].shape == (128, 256)
+    strip = http.post("/v1/generate", headers=KEY, json={**both, "format": "png"})
+    assert strip.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(strip.content)).size == (4 * 128, 2 * 128)
+    # base scores move the other components
+    moved = http.post("/v1/generate", headers=KEY, json={**req, "base": [0, 3]}).content
+    assert moved != a.content
+
+
+# --------------------------------------------------------------------------------------------- uploads
+
+def test_explain_image_places_a_dataset_image_on_its_published_scores(http, platform):
+    scores = pd.read_csv(platform.artifacts / "scores.csv")
+    row = scores.iloc[3]
+    image = (platform.home / "discs" / row["path"]).read_bytes()
+    resp = http.post(f"{V}/champion/explain-image", headers=KEY, files={"image": ("x.png", image, "image/png")},
+                     data={"frames": "6", "span": "1.5", "seed": "3"})
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert out["version"] == "1" and out["scores"] == pytest.approx([row["c1"], row["c2"]], abs=1e-3)
+    for comp, score in zip(out["components"], out["scores"], strict=True):
+        assert comp["score"] == pytest.approx(score)
+        lo, hi = np.clip([score - 1.5, score + 1.5], -6, 6)
+        assert comp["values"][0] == pytest.approx(lo, abs=1e-3) and comp["values"][-1] == pytest.approx(hi, abs=1e-3)
+        assert len(frames_of(decode_data_url(comp["gif"]))) == 6 + 4
+    assert isinstance(out["pls_prediction"], float) and len(out["cnn_output"]) == 1
+
+
+def test_bad_uploads_name_the_field(http, platform, tmp_path):
+    url = f"{V}/1/explain-image"
+    good = (platform.home / "discs" / "images" / "000000.png").read_bytes()
+    buf = io.BytesIO()
+    Image.new("L", (20, 16)).save(buf, format="PNG")
+    assert_4xx(http.post(url, files={"image": ("x.png", good)}), 401, "api_key")
+    assert_4xx(http.post(url, headers=KEY, files={"image": ("x.png", buf.getvalue())}), 400, "image")     # size
+    assert_4xx(http.post(url, headers=KEY, files={"image": ("x.png", b"not an image")}), 400, "image")
+    assert_4xx(http.post(url, headers=KEY, files={"image": ("x.png", b"\0" * (3 * 2 ** 20))}), 413, "image")
+    url_not_file = {"image": (None, "http://127.0.0.1:9/x.png")}              # a URL is never fetched
+    assert_4xx(http.post(url, headers=KEY, files=url_not_file), 400, "image")
+    assert_4xx(http.post(url, headers=KEY, files={"image": ("x.png", good)}, data={"frames": "1"}), 400, "frames")
+    assert_4xx(http.post(url, headers=KEY, files={"image": ("x.png", good)}, data={"span": "nan"}), 400, "span")
+    assert_4xx(http.post(url, headers=KEY, files={"image": ("x.png", good)}, data={"seed": "x"}), 400, "seed")
+    assert_4xx(http.post(f"{V}/4/explain-image", headers=KEY, files={"image": ("x.png", good)}), 409, "version")
+    chunked = http.post(url, headers=KEY, content=iter([b"--b\r\n"]))            # no Content-Length
+    assert_4xx(chunked, 411, "image")
+
+
+# --------------------------------------------------------------------------------------------- live updates
+
+def _eventually(probe, what: str, timeout: float = 10.0):
+    """Poll ``probe()`` until it returns something truthy (the service's listing TTL is 1 s in these tests)."""
+    deadline = time.monotonic() + timeout
+    while not (result := probe()):
+        assert time.monotonic() < deadline, f"{what} not seen within {timeout:g} s"
+        time.sleep(0.2)
+    return result
+
+
+def test_new_explanation_is_picked_up_without_restart(http, platform):
+    v = platform.new_version()
+    assert_4xx(http.get(f"{V}/{v}"), 404, "version")
+    platform.publish(v)
+    fresh = _eventually(lambda: (r := http.get(f"{V}/{v}")).status_code == 200 and r, "the new version")
+    assert fresh.json()["status"] == "done" and fresh.json()["version"] == v
+    assert v in {r["version"] for m in http.get("/v1/models").json()["models"] for r in m["versions"]}
+    platform.client.set_registered_model_alias(MODEL, "champion", v)
+    _eventually(lambda: http.get(f"/v1/resolve/{MODEL}@champion").json()["version"] == v, "the moved alias")
+    assert http.get(f"{V}/champion/components/1/sequence.gif").status_code == 200
+    platform.client.set_registered_model_alias(MODEL, "champion", "1")
+
+
+def test_auth_off_in_process(platform, monkeypatch, tmp_path):
+    """The same ASGI app `bentoml serve` runs, in-process (cheaper than another server): with
+    FIGAN_SERVICE_AUTH=off generation needs no key."""
+    from starlette.testclient import TestClient
+
+    from services.explanations import MLFLOW_ENV, Explanations
+
+    for var, value in MLFLOW_ENV.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("FIGAN_HOME", str(tmp_path))
+    monkeypatch.setenv("FIGAN_SERVICE_AUTH", "off")
+    monkeypatch.delenv("FIGAN_SERVICE_API_KEY", raising=False)
+    monkeypatch.setenv("FIGAN_TRACKING_URI", platform.server.uri)
+    try:
+        with TestClient(Explanations.to_asgi()) as client:
+            assert client.get("/readyz").status_code == 200
+            resp = client.post("/v1/generate", json={**GOOD, "format": "json", "frames": 2})
+            assert resp.status_code == 200 and len(resp.json()["components"]) == 2
+    finally:
+        gc.unfreeze()                   # the service froze the heap of this (test) process at its start
+
+
+def test_unreachable_mlflow_is_not_ready_and_503(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    store = ExplanationStore(ServiceConfig(tracking_uri="http://127.0.0.1:9", cache_dir=tmp_path))  # no listener
+    assert store.mlflow_reachable() is False
+    with pytest.raises(ServiceError, match="MLflow is not reachable") as err:
+        store.models()
+    assert err.value.code == 503
+
+
+def test_service_config_from_env(tmp_path):
+    cfg = ServiceConfig.load({"FIGAN_HOME": str(tmp_path)})
+    assert cfg.auth and not cfg.public_read and cfg.api_key is None and cfg.cache_dir == tmp_path / "service-cache"
+    cfg = ServiceConfig.load({"FIGAN_HOME": str(tmp_path), "FIGAN_SERVICE_AUTH": "off",
+                              "FIGAN_SERVICE_PUBLIC_READ": "true", "FIGAN_SERVICE_LISTING_TTL": "0.5"})
+    assert not cfg.auth and cfg.public_read and cfg.listing_ttl == 0.5
+    with pytest.raises(ValueError, match="FIGAN_SERVICE_LISTING_TTL"):
+        ServiceConfig.load({"FIGAN_HOME": str(tmp_path), "FIGAN_SERVICE_LISTING_TTL": "-1"})
+    with pytest.raises(ValueError, match="FIGAN_SERVICE_MAX_UPLOAD"):
+        ServiceConfig.load({"FIGAN_HOME": str(tmp_path), "FIGAN_SERVICE_MAX_UPLOAD": "lots"})

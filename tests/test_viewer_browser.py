@@ -1,0 +1,92 @@
+"""The viewer page in a real headless Chromium (Debian `chromium` + `chromium-driver`, driven by Selenium),
+served by a real `bentoml serve` whose reads need the API key (the page sends it from its key field).
+
+Loads /viewer/, enters the key, selects a version, compares two versions side by side and checks that every
+image (sequence GIFs, eigen and deviation images, FID trace) really rendered (naturalWidth > 0) and that the
+faithfulness/conditioning charts are drawn. Skipped, with the reason, where Chromium is not installed."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from service_platform import API_KEY, MODEL, shared_platform
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                reason="needs Debian packages chromium and chromium-driver "
+                                       "(apt-get install -y chromium chromium-driver)")
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.chrome.options import Options       # noqa: E402
+from selenium.webdriver.chrome.service import Service       # noqa: E402
+from selenium.webdriver.common.by import By                 # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait   # noqa: E402
+
+IMAGES_PER_VERSION = 1 + 3 * 2          # FID trace + (GIF, eigen, deviation) for each of the 2 components
+
+
+@pytest.fixture(scope="module")
+def served(request, tmp_path_factory):
+    served = shared_platform(request.config, tmp_path_factory).served[1].wait_ready()   # reads need the key
+    yield served
+    served.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = Options()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-proxy-server",
+                "--window-size=1400,1200"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def images(driver, panel: str) -> list[dict]:
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0] + ' img')).map(i => "
+        "({cls: i.className, state: i.dataset.state, width: i.naturalWidth}))", f"#{panel}")
+
+
+def wait_rendered(driver, panel: str, n: int = IMAGES_PER_VERSION) -> list[dict]:
+    WebDriverWait(driver, 30).until(
+        lambda d: sum(i["state"] in ("loaded", "error") for i in images(d, panel)) >= n)
+    return images(driver, panel)
+
+
+def test_viewer_renders_and_compares_versions(served, browser):
+    browser.get(f"{served.url}/viewer/")
+    WebDriverWait(browser, 30).until(lambda d: "401" in d.find_element(By.ID, "status").text)   # reads need the key
+    key = browser.find_element(By.ID, "api-key")
+    key.send_keys(API_KEY)
+    browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+    WebDriverWait(browser, 30).until(lambda d: Select(d.find_element(By.ID, "model")).options)
+    assert Select(browser.find_element(By.ID, "model")).first_selected_option.text == MODEL
+    labels = [o.text for o in Select(browser.find_element(By.ID, "version-a")).options]
+    assert any(label.startswith("v1 (champion") and label.endswith("done") for label in labels), labels
+    assert any(label.startswith("v3") and label.endswith("failed") for label in labels), labels
+
+    Select(browser.find_element(By.ID, "version-a")).select_by_value("1")
+    shown = wait_rendered(browser, "panel-a")
+    assert len(shown) == IMAGES_PER_VERSION and all(i["state"] == "loaded" and i["width"] > 0 for i in shown), shown
+    assert sorted(i["cls"] for i in shown) == ["deviation", "deviation", "eigen", "eigen", "fid", "gif", "gif"]
+    panel_a = browser.find_element(By.ID, "panel-a")
+    assert "v1 (champion)" in panel_a.find_element(By.TAG_NAME, "h2").text
+    assert "% of target variance" in panel_a.find_element(By.CSS_SELECTOR, ".component .numbers").text
+    assert len(panel_a.find_elements(By.CSS_SELECTOR, "svg.chart polyline")) == 2 * 3   # faithfulness + 2 lines
+
+    assert not browser.find_element(By.ID, "panel-b").is_displayed()
+    Select(browser.find_element(By.ID, "version-b")).select_by_value("2")
+    shown_b = wait_rendered(browser, "panel-b")
+    assert browser.find_element(By.ID, "panel-b").is_displayed()
+    assert all(i["state"] == "loaded" and i["width"] > 0 for i in shown_b), shown_b
+    assert "v2" in browser.find_element(By.CSS_SELECTOR, "#panel-b h2").text
+    assert "b=2" in browser.current_url and "a=1" in browser.current_url
+
+    Select(browser.find_element(By.ID, "version-b")).select_by_value("3")     # a failed version: its status
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#panel-b .error"))
+    assert "409" in browser.find_element(By.CSS_SELECTOR, "#panel-b .error").text
+    assert "failed" in browser.find_element(By.CSS_SELECTOR, "#panel-b .error").text
