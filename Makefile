@@ -10,10 +10,16 @@ setup: $(STAMP)
 
 # torch first, from the CPU wheel on local disk (a bare `torch` would pull a multi-GB CUDA build),
 # then the exact pins of requirements.lock, then the project itself without re-resolving.
+# Debian packages: Fashion-MNIST (demo data), PostgreSQL (the team-configuration test), Chromium + its driver
+# (the viewer and report browser tests). Missing ones are installed when apt-get can (root); otherwise the tests
+# that need them say so and skip.
+APT_PKGS := dataset-fashion-mnist postgresql chromium chromium-driver
+
 $(STAMP): pyproject.toml requirements.lock
-	@dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || \
-	  { (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
-	    || echo "warning: could not install Debian package dataset-fashion-mnist (Fashion-MNIST demo data)"; }
+	@missing=$$(for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	  if [ -n "$$missing" ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) \
+	    || echo "warning: could not install Debian package(s) $$missing"; fi
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -r requirements.lock

@@ -1,6 +1,8 @@
 """`figan`: the platform's command line (the core's offline commands plus the MLOps ones).
 
-    figan up | down                         start / stop the embedded MLflow server (SQLite, loopback)
+    figan up | down                         start / stop the embedded platform: MLflow server (SQLite, loopback)
+                                            and the worker (webhook receiver + reconciler); logs in <home>/logs
+    figan worker [--no-receiver]            the worker in the foreground (a container's command)
     figan version-data --src DIR            validate + dvc add + dvc push a dataset folder; prints its md5
     figan register --cnn DIR --name NAME --dataset NAME [--dataset-md5 MD5]
     figan explain-version --name NAME --version N      run the explain flow for one registered version
@@ -20,20 +22,37 @@ from models import cli as core_cli
 
 
 def cmd_up(args) -> int:
-    from .mlflow_server import start_server
+    """Start the embedded platform: MLflow server, Prefect server, worker (receiver + reconciler)."""
+    from .platform import up
     from .settings import Settings
-    s = Settings.load()
-    server = start_server(s.mlflow_home)
-    print(f"MLflow tracking server: {server.uri} (UI in a browser; data in {s.mlflow_home}); stop with `figan down`")
+    up(Settings.load(), receiver=not args.no_receiver)
+    print("stop with `figan down`; `figan status` shows each part")
     return 0
 
 
 def cmd_down(args) -> int:
-    from .mlflow_server import stop_server
+    from .platform import down
     from .settings import Settings
-    stopped = stop_server(Settings.load().mlflow_home)
-    print("MLflow server stopped" if stopped else "no MLflow server was running")
+    down(Settings.load())
     return 0
+
+
+def cmd_worker(args) -> int:
+    """Run the worker in the foreground (what `figan up` starts in the background; a container's command)."""
+    from .explain import tracking_uri
+    from .settings import Settings
+    from .trigger import serve
+    s = Settings.load()
+    serve(s, tracking_uri(s), receiver=not args.no_receiver)
+    return 0
+
+
+def health_lines() -> list[str]:
+    from .platform import health
+    from .settings import Settings
+    return [f"{r['part']:<8} {r['state']:<9} {r.get('url') or '':<26} "
+            + (f"rss {r['rss_mib']} MiB  " if r.get("rss_mib") else "") + (r.get("detail") or "")
+            for r in health(Settings.load())]
 
 
 def cmd_version_data(args) -> int:
@@ -59,7 +78,7 @@ def cmd_explain_version(args) -> int:
     from .explain import explain_version
     res = explain_version(args.name, str(args.version))
     print(json.dumps(res, indent=2))
-    return 0 if res["status"] == "done" else 3
+    return 0 if res["status"] in ("done", "skipped") else 3     # skipped: another process holds the run lease
 
 
 def status_table(name: str | None = None) -> str:
@@ -81,6 +100,7 @@ def status_table(name: str | None = None) -> str:
 
 
 def cmd_status(args) -> int:
+    print("\n".join(health_lines()) + "\n")
     print(status_table(args.name))
     return 0
 
@@ -94,8 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="figan", description="FIGAN explanation platform")
     sub = p.add_subparsers(dest="cmd", required=True)
     core_cli.add_core_commands(sub)
-    sub.add_parser("up", help="start the embedded MLflow server").set_defaults(fn=cmd_up)
-    sub.add_parser("down", help="stop the embedded MLflow server").set_defaults(fn=cmd_down)
+    u = sub.add_parser("up", help="start the embedded platform (MLflow server, worker)")
+    u.add_argument("--no-receiver", action="store_true", help="no webhook receiver: the reconciler alone triggers")
+    u.set_defaults(fn=cmd_up)
+    sub.add_parser("down", help="stop the embedded platform").set_defaults(fn=cmd_down)
+    w = sub.add_parser("worker", help="run the worker (webhook receiver + reconciler) in the foreground")
+    w.add_argument("--no-receiver", action="store_true", help="no webhook receiver: the reconciler alone triggers")
+    w.set_defaults(fn=cmd_worker)
     v = sub.add_parser("version-data", help="version a dataset folder with DVC")
     v.add_argument("--src", required=True, type=Path)
     v.add_argument("--name")

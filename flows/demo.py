@@ -41,8 +41,8 @@ def _say(msg: str) -> None:
 
 def run_demo(workdir: Path, quick: bool = False, keep_server: bool = True) -> int:
     from .cli import status_table
-    from .explain import explain_version, version_dataset_flow
-    from .mlflow_server import start_server
+    from .explain import version_dataset_flow
+    from .platform import down, up
     from .registry import register_cnn
     from .settings import Settings
 
@@ -59,9 +59,9 @@ def run_demo(workdir: Path, quick: bool = False, keep_server: bool = True) -> in
     os.environ.pop("FIGAN_TRACKING_URI", None)
     settings = Settings.load()
 
-    _say(f"starting the embedded MLflow server in {settings.mlflow_home}")
-    server = start_server(settings.mlflow_home)
-    _say(f"MLflow: {server.uri}")
+    _say(f"starting the embedded platform in {settings.home}")
+    urls = up(settings, log=_say)
+    uri = urls["mlflow"]
     try:
         data_dir = workdir / "data" / "phantom"
         if not (data_dir / "manifest.csv").exists():
@@ -72,7 +72,7 @@ def run_demo(workdir: Path, quick: bool = False, keep_server: bool = True) -> in
         md5 = version["md5"]
         _say(f"dataset {ds.name} versioned with DVC: md5 {md5}")
 
-        client = MlflowClient(server.uri)
+        client = MlflowClient(uri)
         for i, tcfg in enumerate(conf["cnns"], start=1):
             cnn_dir = workdir / f"cnn-v{i}"
             if (cnn_dir / "cnn.json").exists():
@@ -86,24 +86,65 @@ def run_demo(workdir: Path, quick: bool = False, keep_server: bool = True) -> in
                 mv = existing[0]
                 _say(f"CNN v{i} already registered as {MODEL} version {mv.version}")
             else:
-                mv = register_cnn(model, spec, MODEL, ds.name, md5, tracking_uri=server.uri,
+                mv = register_cnn(model, spec, MODEL, ds.name, md5, tracking_uri=uri,
                                   extra_tags={"demo.cnn": f"v{i}"})
                 _say(f"registered {MODEL} version {mv.version} ({tcfg.arch}, held-out "
                      f"{ {k: v for k, v in spec.metrics.items() if k.startswith('test_')} })")
-            _say(f"explaining {MODEL} version {mv.version}")
-            res = explain_version(MODEL, str(mv.version))
-            _say(f"{MODEL} v{mv.version}: {res['status']} (run {res.get('run_id')}, new={res.get('new')})")
+            st = wait_explained(client, settings, str(mv.version))
+            _say(f"{MODEL} v{mv.version}: {st['status']} (run {st.get('run_id')}){' — ' + st['error'] if st['error'] else ''}")
         print(status_table(MODEL))
-        _say(f"finished in {time.time() - t0:.0f} s. Open {server.uri} → Models → {MODEL} → a version → its "
+        served = fetch_served(urls["service"], str(mv.version))
+        _say(f"served: {served}; viewer {urls['service']}/viewer/ (pick {MODEL}, compare versions)")
+        _say(f"finished in {time.time() - t0:.0f} s. Open {uri} → Models → {MODEL} → a version → its "
              f"figan.run_id run's artifacts (sequences/*.gif, metrics.json, fid_trace.png). Working folders: "
              f"{settings.work_dir}")
     finally:
         if not keep_server:
-            server.stop()
+            down(settings, log=_say)
         else:
-            _say("the MLflow server keeps running for you to look; stop it with `figan down` "
-                 f"(FIGAN_HOME={settings.home})")
+            _say("the platform keeps running (register another version and the worker explains it); stop it with "
+                 f"`FIGAN_HOME={settings.home} figan down`")
     return 0
+
+
+def fetch_served(service: str, version: str) -> str:
+    """One published sequence, as a downstream app gets it from the explanation service."""
+    import urllib.request
+    url = f"{service}/v1/models/{MODEL}/versions/{version}/components/1/sequence.gif"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.time() + 30                 # the service's listing refreshes every few seconds
+    while True:
+        try:
+            with opener.open(url, timeout=30) as r:
+                body = r.read()
+            return f"GET {url} → {r.status}, {len(body)} bytes ({body[:6].decode(errors='replace')})"
+        except OSError as e:
+            if time.time() > deadline:
+                return f"GET {url} failed: {e}"
+            time.sleep(1)
+
+
+def wait_explained(client: MlflowClient, settings, version: str, timeout: float = 3600) -> dict:
+    """Wait for the worker to explain a version (nothing else calls the flow), printing its status changes and,
+    every 20 s, the latest progress line of its log."""
+    from .registry import get_status
+    t0, last, shown = time.time(), None, 0.0
+    log = settings.logs / f"explain-{MODEL}-v{version}.log"
+    while time.time() - t0 < timeout:
+        st = get_status(client, MODEL, version)
+        if st["status"] != last:
+            last = st["status"]
+            state = last or "registered, waiting for the worker"
+            _say(f"{MODEL} v{version} status: {state} ({time.time() - t0:.0f} s)")
+        if st["status"] in ("done", "failed"):
+            return st
+        if time.time() - shown > 20 and log.is_file():
+            shown = time.time()
+            tail = log.read_bytes()[-4000:].decode(errors="replace").replace("\r", "\n").strip().splitlines()
+            if tail:
+                _say(f"  … {tail[-1].strip()[:150]}")
+        time.sleep(1)
+    raise TimeoutError(f"{MODEL} v{version} not explained within {timeout:.0f} s; see {log}")
 
 
 def _versions(client: MlflowClient):

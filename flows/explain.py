@@ -19,6 +19,7 @@ returns the md5 that names the version.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from models.explain import (ExplainConfig, ExplainRun, prepare, stage_checks, st
                             stage_sequences, stage_train)
 
 from . import registry as R
+from .drift import drift_task, report_task          # across releases: drift + diff, auditor report
 from .data import DataVersionError, fetch_dataset, list_versions, open_store, version_dataset
 from .mlflow_server import find_server
 from .settings import Settings
@@ -85,8 +87,9 @@ class Job:
 
 # --------------------------------------------------------------------------------------------- tasks
 
-@task(name="resolve", **IO_TASK)
-def resolve(client: MlflowClient, settings: Settings, name: str, version: str) -> Job:
+def resolve_job(client: MlflowClient, settings: Settings, name: str, version: str) -> Job:
+    """The job for a version as things stand now: contract, dataset version (pinned md5 or the latest one), config,
+    idempotency key and the run already published for that key, if any. Used by the flow and by the reconciler."""
     contract = R.read_contract(client, name, version)
     cfg = settings.explain_cfg()
     if contract.layer:
@@ -101,6 +104,11 @@ def resolve(client: MlflowClient, settings: Settings, name: str, version: str) -
     md5 = md5.removesuffix(".dir")
     key = explanation_key(name, version, md5, cfg.config_hash())
     return Job(name, version, key, contract.dataset, md5, contract, cfg, R.find_explanation(client, name, version, key))
+
+
+@task(name="resolve", **IO_TASK)
+def resolve(client: MlflowClient, settings: Settings, name: str, version: str) -> Job:
+    return resolve_job(client, settings, name, version)
 
 
 @task(name="load-cnn", **IO_TASK)
@@ -150,48 +158,113 @@ def publish(client: MlflowClient, job: Job, run: ExplainRun, metrics: dict) -> s
 
 # --------------------------------------------------------------------------------------------- flows
 
+def record_failure(client: MlflowClient, settings: Settings, name: str, version: str, exc: BaseException,
+                   key: str | None) -> None:
+    """Mark the version failed with its message and the retry bookkeeping the reconciler reads: contract errors
+    wait for the contract tags to change; other errors are retried after ``retry_backoff`` × 2^(attempts−1)."""
+    prev = R.get_status(client, name, version)
+    contract = isinstance(exc, R.ContractError)
+    attempts = (prev["attempts"] + 1) if (prev.get("key") == key and prev.get("status") in ("failed", "running")
+                                          and key is not None) else 1
+    R.set_status(client, name, version, "failed", error=f"{type(exc).__name__}: {exc}", key=key,
+                 error_kind="contract" if contract else "error", attempts=attempts,
+                 retry_after=round(time.time() + settings.retry_backoff * 2 ** (attempts - 1), 1),
+                 contract_hash=R.contract_fingerprint(client, name, version) if contract else None)
+
+
+class Heartbeat:
+    """Renews the run lease every third of its TTL in a daemon thread; ``lost`` turns true when the lease was
+    taken over (a crash of ours was assumed), and the flow then stops before publishing."""
+
+    def __init__(self, client: MlflowClient, name: str, version: str, owner: str, ttl: float):
+        self.args, self.ttl, self.lost = (client, name, version, owner), ttl, False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"lease-{name}-{version}", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                if not R.renew_lease(*self.args, self.ttl):
+                    self.lost = True
+                    return
+            except Exception:  # noqa: BLE001 — a missed beat is retried; the lease outlives two of them
+                pass
+
+    def __enter__(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        R.release_lease(*self.args)
+
+
 @flow(name="explain-model-version", log_prints=True)
 def explain_version(name: str, version: str, stop_after: int | None = None) -> dict:
-    """Explain one registered CNN version and publish the result on it. Settings come from the environment."""
+    """Explain one registered CNN version and publish the result on it. Settings come from the environment.
+
+    Safe to start any number of times at once for one version (webhook, reconciler, a person): the key's published
+    run answers at once, and otherwise only the holder of the version's run lease works; the others return
+    ``skipped``."""
     log = get_run_logger()
     settings = Settings.load()
     client = MlflowClient(tracking_uri(settings))
+    version = str(version)
     t0 = time.time()
     try:
-        job = resolve(client, settings, name, str(version))
+        job = resolve(client, settings, name, version)
     except Exception as e:
-        R.set_status(client, name, version, "failed", error=f"{type(e).__name__}: {e}")
+        record_failure(client, settings, name, version, e, key=None)
         raise
     if job.existing_run:
         log.info(f"{name}/{version}: explanation for key {job.key} already published (run {job.existing_run})")
         if R.get_status(client, name, version).get("status") != "done":
             R.set_status(client, name, version, "done", run_id=job.existing_run, key=job.key)
         return {"status": "done", "run_id": job.existing_run, "key": job.key, "new": False}
-    R.set_status(client, name, version, "running", key=job.key, error=None)
-    try:
-        model, spec = load_cnn(client, job)
-        ds = fetch_data(settings, job)
-        out = settings.work_dir / f"{name}-v{version}-{job.key}"
-        c = job.contract
-        run = prepare(ds, model, out, job.cfg, task=c.task, input_shape=tuple(c.input_shape),
-                      cnn_name=f"{name} v{version}")
-        layer = job.cfg.layer or "final"
-        features(run, settings.features_cache / f"{name}-v{version}-{job.dataset_md5[:12]}-{layer}.npy")
-        pls(run)
-        step = train(run, stop_after)
-        if step < job.cfg.steps:
-            R.set_status(client, name, version, "queued", key=job.key)
-            log.warning(f"{name}/{version}: GAN training stopped at step {step}; a re-run resumes it")
-            return {"status": "interrupted", "step": step, "key": job.key, "new": True}
-        sequences(run)
-        metrics = checks(run)
-        run_id = publish(client, job, run, metrics)
-    except Exception as e:
-        R.set_status(client, name, version, "failed", error=f"{type(e).__name__}: {e}"[:4000], key=job.key)
-        raise
+    owner = R.new_owner()
+    if R.acquire_lease(client, name, version, job.key, owner, settings.lease_seconds) is None:
+        held = R.read_lease(client, name, version)
+        log.info(f"{name}/{version}: already being explained by {held and held.owner}; nothing to do here")
+        return {"status": "skipped", "held_by": held and held.owner, "key": job.key, "new": False}
+    with Heartbeat(client, name, version, owner, settings.lease_seconds) as beat:
+        done_meanwhile = R.find_explanation(client, name, version, job.key)   # a holder that just finished
+        if done_meanwhile:
+            return {"status": "done", "run_id": done_meanwhile, "key": job.key, "new": False}
+        prev = R.get_status(client, name, version)
+        R.set_status(client, name, version, "running", key=job.key,
+                     attempts=prev["attempts"] if prev.get("key") == job.key else None)
+        try:
+            model, spec = load_cnn(client, job)
+            ds = fetch_data(settings, job)
+            out = settings.work_dir / f"{name}-v{version}-{job.key}"
+            c = job.contract
+            run = prepare(ds, model, out, job.cfg, task=c.task, input_shape=tuple(c.input_shape),
+                          cnn_name=f"{name} v{version}")
+            layer = job.cfg.layer or "final"
+            features(run, settings.features_cache / f"{name}-v{version}-{job.dataset_md5[:12]}-{layer}.npy")
+            pls(run)
+            step = train(run, stop_after)
+            if step < job.cfg.steps:
+                R.set_status(client, name, version, "queued", key=job.key)
+                log.warning(f"{name}/{version}: GAN training stopped at step {step}; a re-run resumes it")
+                return {"status": "interrupted", "step": step, "key": job.key, "new": True}
+            sequences(run)
+            metrics = checks(run)
+            drift_summary = drift_task(client, settings, job, run)    # never raises; tags figan.drift.*
+            report_task(job, run, drift_summary)                      # report.html, published with the run
+            if beat.lost:
+                raise PlatformError(f"{name}/{version}: the run lease was taken over by another process while this "
+                                    f"one worked; not publishing (the other run publishes key {job.key})")
+            run_id = publish(client, job, run, metrics)
+        except Exception as e:
+            if not beat.lost:
+                record_failure(client, settings, name, version, e, key=job.key)
+            raise
     log.info(f"{name}/{version}: done in {time.time() - t0:.0f} s, run {run_id}; gates all_pass="
              f"{metrics['gates']['all_pass']}")
     return {"status": "done", "run_id": run_id, "key": job.key, "new": True, "seconds": round(time.time() - t0, 1),
+            "resumed_from_step": metrics.get("training", {}).get("resumed_from_step"),
             "gates": {k: v["pass"] for k, v in metrics["gates"].items() if isinstance(v, dict)}}
 
 

@@ -49,6 +49,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from .procs import _CHILDREN, _DIRECT, _cmdline, _group_members, _log_tail, _proc_stat, _reap, _rss_bytes
+
 __all__ = ["MlflowServer", "MlflowServerError", "start_server", "find_server", "stop_server"]
 
 DB_FILE = "mlflow.db"
@@ -59,63 +61,10 @@ INFO_FILE = "server.json"
 KEY_FILE = "webhook.key"
 LOCK_FILE = ".server.lock"
 
-# Popen handles of servers started by *this* process: polled so that an exited child is reaped (a zombie
-# would still answer os.kill(pid, 0) and look alive).
-_CHILDREN: dict[int, subprocess.Popen] = {}
-
-# A direct opener: loopback health checks must never go through an HTTP(S)_PROXY.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class MlflowServerError(RuntimeError):
     """The MLflow server could not be started or stopped; the message says why (with the log tail)."""
-
-
-# ----------------------------------------------------------------------------------------------- processes
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, process-group id) of a process, None if there is no such process."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    fields = raw[raw.rindex(")") + 2:].split()     # the command name may contain spaces and parentheses
-    return fields[0], int(fields[2])
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return ""
-
-
-def _group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        st = _proc_stat(int(entry.name))
-        if st is not None and st[1] == pgid and st[0] != "Z":
-            members.append(int(entry.name))
-    return sorted(members)
-
-
-def _rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        pass
-    return 0
-
-
-def _reap(pid: int) -> None:
-    proc = _CHILDREN.get(pid)
-    if proc is not None and proc.poll() is not None:
-        _CHILDREN.pop(pid, None)
 
 
 # ----------------------------------------------------------------------------------------------- the server
@@ -245,15 +194,6 @@ def _webhook_key(home: Path) -> str:
     return key
 
 
-def _log_tail(path: Path, start: int = 0, chars: int = 4000) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(start, path.stat().st_size - chars))
-            return f.read().decode(errors="replace").strip()
-    except FileNotFoundError:
-        return "(no log)"
-
-
 @contextmanager
 def _home_lock(home: Path) -> Iterator[None]:
     with open(home / LOCK_FILE, "w") as lock:
@@ -271,6 +211,9 @@ def _server_env(home: Path) -> dict[str, str]:
         "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": _webhook_key(home),
         "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
         "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        # the server caches each event's webhook list; 60 s (MLflow's default) would miss registrations made
+        # just after `figan up` subscribed
+        "MLFLOW_WEBHOOK_CACHE_TTL": os.environ.get("MLFLOW_WEBHOOK_CACHE_TTL", "2"),
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "PYTHONUNBUFFERED": "1",
     })

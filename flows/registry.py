@@ -27,7 +27,10 @@ can mark just that version failed with a message a data scientist can act on.
 failed), ``figan.run_id``, ``figan.error``, ``figan.key`` (the idempotency key), ``figan.updated`` (ISO time)
 and headline metrics (``figan.fid_best``, ``figan.fid_extractor``, ``figan.faithfulness`` and
 ``figan.pct_variance`` as JSON lists, one entry per PLS component). Status is written last, so whoever sees
-``done`` also sees the run id and the metrics.
+``done`` also sees the run id and the metrics. A failure also records ``figan.error_kind`` (contract | error),
+``figan.attempts`` and ``figan.retry_after`` (the trigger's backoff) and, for contract errors,
+``figan.contract_hash`` (not retried until the contract tags change). ``figan.lease`` names the process explaining
+the version now (:func:`acquire_lease`), so concurrent triggers of one version run once.
 
 **How a CNN is stored.** :func:`register_cnn` logs the model with ``mlflow.pytorch.log_model`` in the
 ``pt2`` (torch.export) format, chosen explicitly: pickle-free, and a standard MLflow model that MLflow itself can
@@ -49,13 +52,17 @@ files, which the MLflow UI's artifact viewer displays.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import tempfile
+import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -84,7 +91,9 @@ __all__ = [
     "TAG_FID_EXTRACTOR", "TAG_FAITHFULNESS", "TAG_PCT_VARIANCE", "STATUSES", "EXPLANATIONS_EXPERIMENT",
     "CNN_EXPERIMENT", "ContractError", "Contract", "DVCDatasetSource", "read_contract", "explain_requested",
     "register_cnn", "load_cnn_version", "set_status", "get_status", "publish_explanation", "find_explanation",
-    "download_explanation", "list_versions", "flatten_metrics",
+    "download_explanation", "list_versions", "flatten_metrics", "TAG_ATTEMPTS", "TAG_RETRY_AFTER", "TAG_ERROR_KIND",
+    "TAG_CONTRACT_HASH", "TAG_LEASE", "contract_fingerprint", "Lease", "read_lease", "acquire_lease", "renew_lease",
+    "release_lease", "new_owner",
 ]
 
 # --------------------------------------------------------------------------------------------- tag names
@@ -108,6 +117,12 @@ TAG_FID_BEST = "figan.fid_best"
 TAG_FID_EXTRACTOR = "figan.fid_extractor"
 TAG_FAITHFULNESS = "figan.faithfulness"
 TAG_PCT_VARIANCE = "figan.pct_variance"
+# retry bookkeeping and the run lease (model version)
+TAG_ATTEMPTS = "figan.attempts"            # failed attempts for the current key
+TAG_RETRY_AFTER = "figan.retry_after"      # epoch seconds before which a failed key is not retried
+TAG_ERROR_KIND = "figan.error_kind"        # contract | error
+TAG_CONTRACT_HASH = "figan.contract_hash"  # fingerprint of the contract tags a contract error was raised on
+TAG_LEASE = "figan.lease"                  # JSON {owner, key, expires}: who is explaining this version now
 # explanation run tags
 RUN_TAG_MODEL = "figan.model"
 RUN_TAG_VERSION = "figan.version"
@@ -122,7 +137,8 @@ CNN_EXPERIMENT = "figan-cnns"
 # set_status(**fields) keyword → tag; lists are stored as JSON
 _STATUS_FIELDS = {"run_id": TAG_RUN_ID, "error": TAG_ERROR, "key": TAG_KEY, "fid_best": TAG_FID_BEST,
                   "fid_extractor": TAG_FID_EXTRACTOR, "faithfulness": TAG_FAITHFULNESS,
-                  "pct_variance": TAG_PCT_VARIANCE}
+                  "pct_variance": TAG_PCT_VARIANCE, "attempts": TAG_ATTEMPTS, "retry_after": TAG_RETRY_AFTER,
+                  "error_kind": TAG_ERROR_KIND, "contract_hash": TAG_CONTRACT_HASH}
 _MAX_ERROR_CHARS = 4000
 
 # artifact layout
@@ -131,7 +147,7 @@ SPEC_FILE, WEIGHTS_FILE = "cnn.json", "cnn.pt"
 LINEAGE_FILE = "lineage.json"
 # what a service needs from an explanation run (required) and what it may use (optional)
 SERVICE_ARTIFACTS = ("gan/best", "pls", "sequences", "metrics.json")
-SERVICE_OPTIONAL = ("config.json", LINEAGE_FILE, "summary.txt")
+SERVICE_OPTIONAL = ("config.json", LINEAGE_FILE, "summary.txt", "fid_trace.png", "pls_variance.png", "report.html")
 
 _MD5_RE = re.compile(r"^[0-9a-f]{32}(\.dir)?$")
 _METRIC_BAD_CHARS = re.compile(r"[^\w./\- :]")
@@ -544,8 +560,10 @@ def set_status(client: MlflowClient, name: str, version: str | int, status: str,
             raise ValueError("status 'failed' requires error='<what went wrong>'")
         if len(err) > _MAX_ERROR_CHARS:
             fields["error"] = err[:_MAX_ERROR_CHARS - 40] + f" ... [{len(err)} chars, truncated]"
-    else:
-        fields.setdefault("error", None)
+    else:                   # a new state clears what only a failure means; done also resets the attempt count
+        for cleared in ("error", "error_kind", "retry_after", "contract_hash") + (("attempts",) if status == "done"
+                                                                                 else ()):
+            fields.setdefault(cleared, None)
     version = str(version)
     current = client.get_model_version(name, version).tags or {}
     for field_name, value in fields.items():
@@ -580,13 +598,114 @@ def _status_from_tags(tags: dict[str, str]) -> dict[str, Any]:
             "key": tags.get(TAG_KEY), "updated": tags.get(TAG_UPDATED),
             "fid_best": _float_or_none(tags.get(TAG_FID_BEST)), "fid_extractor": tags.get(TAG_FID_EXTRACTOR),
             "faithfulness": _json_or_none(tags.get(TAG_FAITHFULNESS)),
-            "pct_variance": _json_or_none(tags.get(TAG_PCT_VARIANCE))}
+            "pct_variance": _json_or_none(tags.get(TAG_PCT_VARIANCE)),
+            "attempts": int(_float_or_none(tags.get(TAG_ATTEMPTS)) or 0),
+            "retry_after": _float_or_none(tags.get(TAG_RETRY_AFTER)), "error_kind": tags.get(TAG_ERROR_KIND),
+            "contract_hash": tags.get(TAG_CONTRACT_HASH), "lease": _json_or_none(tags.get(TAG_LEASE))}
 
 
 def get_status(client: MlflowClient, name: str, version: str | int) -> dict[str, Any]:
     """The explanation status of a version: status, run_id, error, key, updated, fid_best (float),
     fid_extractor, faithfulness and pct_variance (lists); None for whatever is not set."""
     return _status_from_tags(client.get_model_version(name, str(version)).tags or {})
+
+
+# --------------------------------------------------------------------------------------------- run lease
+
+CONTRACT_TAGS = (TAG_DATASET, TAG_DATASET_MD5, TAG_TARGET, TAG_TASK, TAG_LAYER, TAG_INPUT_SHAPE, TAG_CLASS_NAMES,
+                  TAG_EXPLAIN)
+
+
+def contract_fingerprint(client: MlflowClient, name: str, version: str | int) -> str:
+    """A hash of the contract tags as they are now (model tags overridden by version tags): a version that failed
+    with a contract error is not retried until this changes."""
+    tags = _merged_tags(client, name, version)
+    blob = json.dumps({t: tags.get(t) for t in CONTRACT_TAGS}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Who explains a version now: ``owner`` is ``host:pid:nonce`` of the flow process, ``expires`` epoch seconds."""
+    owner: str
+    key: str
+    expires: float
+
+    def live(self, now: float | None = None) -> bool:
+        """Unexpired, and (when the owner runs on this host) its process still exists: a crashed flow's lease is
+        free at once on its own machine and after ``expires`` anywhere else."""
+        if (time.time() if now is None else now) >= self.expires:
+            return False
+        host, _, rest = self.owner.partition(":")
+        pid = rest.partition(":")[0]
+        if host == socket.gethostname() and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                return False
+            except PermissionError:
+                return True
+        return True
+
+
+def new_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def read_lease(client: MlflowClient, name: str, version: str | int) -> Lease | None:
+    raw = _json_or_none((client.get_model_version(name, str(version)).tags or {}).get(TAG_LEASE))
+    try:
+        return Lease(str(raw["owner"]), str(raw["key"]), float(raw["expires"])) if raw else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _write_lease(client: MlflowClient, name: str, version: str, lease: Lease) -> None:
+    client.set_model_version_tag(name, version, TAG_LEASE, json.dumps(asdict(lease)))
+
+
+def acquire_lease(client: MlflowClient, name: str, version: str | int, key: str, owner: str, ttl: float,
+                  settle: float = 1.0) -> Lease | None:
+    """Take the version's run lease for ``owner``, or None when another live owner holds it.
+
+    MLflow tags have no compare-and-set, so this is Fischer's timed mutual exclusion on one tag: read (free or
+    expired or dead), write ours, wait ``settle`` seconds, read again — we hold it only if our write is still there.
+    Any competitor that saw the lease free wrote within milliseconds of its read, so within ``settle`` (which must
+    exceed the read-to-write time of a client; 1 s is generous) every competitor's write is visible and exactly one
+    owner remains. The lease lives in the MLflow database, so it survives restarts of every process and works the
+    same with SQLite and Postgres backends and across machines; a crashed holder's lease expires after ``ttl`` (at
+    once on its own host, where its pid is gone)."""
+    version = str(version)
+    current = read_lease(client, name, version)
+    if current is not None and current.owner != owner and current.live():
+        return None
+    mine = Lease(owner, key, time.time() + ttl)
+    try:
+        _write_lease(client, name, version, mine)
+    except MlflowException:     # a simultaneous first write of the tag (SQL unique key): the other writer won
+        return None
+    time.sleep(settle)
+    now = read_lease(client, name, version)
+    return mine if now is not None and now.owner == owner else None
+
+
+def renew_lease(client: MlflowClient, name: str, version: str | int, owner: str, ttl: float) -> bool:
+    """Extend our lease (heartbeat); False when it is no longer ours (we must stop before publishing)."""
+    current = read_lease(client, name, str(version))
+    if current is None or current.owner != owner:
+        return False
+    _write_lease(client, name, str(version), Lease(owner, current.key, time.time() + ttl))
+    return True
+
+
+def release_lease(client: MlflowClient, name: str, version: str | int, owner: str) -> None:
+    """Drop our lease (a lease held by someone else is left alone)."""
+    current = read_lease(client, name, str(version))
+    if current is not None and current.owner == owner:
+        try:
+            client.delete_model_version_tag(name, str(version), TAG_LEASE)
+        except MlflowException:
+            pass
 
 
 # --------------------------------------------------------------------------------------------- explanations
@@ -747,3 +866,39 @@ def list_versions(client: MlflowClient, name: str | None = None) -> list[dict[st
             if not token:
                 break
     return sorted(rows, key=lambda r: (r["name"], int(r["version"]) if r["version"].isdigit() else 0))
+
+
+# --------------------------------------------------------------------------------------------- drift (across releases)
+
+TAG_DRIFT_DATA = "figan.drift.data"            # headline of the data drift against the previous version (JSON)
+TAG_DRIFT_FEATURES = "figan.drift.features"    # headline of the learned-feature drift (JSON)
+TAG_DIFF = "figan.diff"                        # headline of the explanation diff to the previous version (JSON)
+_DRIFT_FIELDS = {"data": TAG_DRIFT_DATA, "features": TAG_DRIFT_FEATURES, "diff": TAG_DIFF}
+
+
+def set_drift_tags(client: MlflowClient, name: str, version: str | int, **headlines: dict | None) -> None:
+    """Set the drift headlines (``data``, ``features``, ``diff``: small dicts, stored as JSON) as version tags;
+    None deletes that tag. Written by the explain flow's drift task (``flows.drift``)."""
+    unknown = set(headlines) - set(_DRIFT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown drift field(s) {sorted(unknown)}; known: {sorted(_DRIFT_FIELDS)}")
+    version = str(version)
+    current = client.get_model_version(name, version).tags or {}
+    for field_name, value in headlines.items():
+        tag = _DRIFT_FIELDS[field_name]
+        if value is None:
+            if tag in current:
+                client.delete_model_version_tag(name, version, tag)
+        else:
+            client.set_model_version_tag(name, version, tag, json.dumps(value, default=str))
+
+
+def get_drift_tags(client: MlflowClient, name: str, version: str | int) -> dict[str, Any]:
+    """The drift headlines of a version: ``{"data": ..., "features": ..., "diff": ...}`` (None when unset)."""
+    tags = client.get_model_version(name, str(version)).tags or {}
+    return {k: _json_or_none(tags.get(tag)) for k, tag in _DRIFT_FIELDS.items()}
+
+
+def code_version() -> str:
+    """``git rev-parse HEAD`` of this checkout, or ``"unknown"`` (the lineage's code version)."""
+    return _code_version() or "unknown"

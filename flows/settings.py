@@ -12,6 +12,15 @@ Precedence: environment variable > settings file (``FIGAN_SETTINGS`` or ``./figa
 | explain_config   | FIGAN_EXPLAIN_CONFIG   | (ExplainConfig defaults)         | YAML of ExplainConfig fields                   |
 | device           | FIGAN_DEVICE           | auto                             | cpu / cuda / auto                              |
 | model_allowlist  | FIGAN_MODELS           | (all opted-in models)            | comma-separated registered model names         |
+| receiver_port    | FIGAN_RECEIVER_PORT    | 5081                             | webhook receiver (loopback unless host set)    |
+| receiver_host    | FIGAN_RECEIVER_HOST    | 127.0.0.1                        | address the receiver binds                     |
+| public_receiver_url | FIGAN_RECEIVER_URL  | http://<host>:<port>             | URL MLflow delivers webhooks to (containers)   |
+| explain_deployment | FIGAN_EXPLAIN_DEPLOYMENT | (local `figan explain-version` process) | Prefect deployment to submit to instead |
+| reconcile_seconds| FIGAN_RECONCILE_SECONDS| 30                               | reconciler period                              |
+| max_concurrent   | FIGAN_MAX_CONCURRENT   | 1                                | simultaneous explanations per worker           |
+| lease_seconds    | FIGAN_LEASE_SECONDS    | 120                              | run lease TTL (renewed every third of it)      |
+| max_attempts     | FIGAN_MAX_ATTEMPTS     | 3                                | failed runs of one key before it stays failed  |
+| retry_backoff    | FIGAN_RETRY_BACKOFF    | 60                               | seconds before the first retry, doubling       |
 """
 from __future__ import annotations
 
@@ -26,7 +35,13 @@ from models.explain import ExplainConfig
 
 _ENV = {"home": "FIGAN_HOME", "tracking_uri": "FIGAN_TRACKING_URI", "data_store": "FIGAN_DATA_STORE",
         "dvc_remote": "FIGAN_DVC_REMOTE", "work_dir": "FIGAN_WORK_DIR", "explain_config": "FIGAN_EXPLAIN_CONFIG",
-        "device": "FIGAN_DEVICE", "model_allowlist": "FIGAN_MODELS"}
+        "device": "FIGAN_DEVICE", "model_allowlist": "FIGAN_MODELS", "receiver_port": "FIGAN_RECEIVER_PORT",
+        "receiver_host": "FIGAN_RECEIVER_HOST", "reconcile_seconds": "FIGAN_RECONCILE_SECONDS",
+        "max_concurrent": "FIGAN_MAX_CONCURRENT", "lease_seconds": "FIGAN_LEASE_SECONDS",
+        "max_attempts": "FIGAN_MAX_ATTEMPTS", "retry_backoff": "FIGAN_RETRY_BACKOFF",
+        "public_receiver_url": "FIGAN_RECEIVER_URL", "explain_deployment": "FIGAN_EXPLAIN_DEPLOYMENT"}
+_NUMBERS = {"receiver_port": int, "reconcile_seconds": float, "max_concurrent": int, "lease_seconds": float,
+            "max_attempts": int, "retry_backoff": float}
 
 
 @dataclass(frozen=True)
@@ -39,6 +54,15 @@ class Settings:
     explain_config: Path | None = None
     device: str = "auto"
     model_allowlist: tuple[str, ...] = ()
+    receiver_port: int = 5081
+    receiver_host: str = "127.0.0.1"
+    reconcile_seconds: float = 30.0
+    max_concurrent: int = 1
+    lease_seconds: float = 120.0
+    max_attempts: int = 3
+    retry_backoff: float = 60.0
+    public_receiver_url: str | None = None
+    explain_deployment: str | None = None
 
     def __post_init__(self):
         home = Path(self.home).absolute()
@@ -48,12 +72,31 @@ class Settings:
         object.__setattr__(self, "work_dir", Path(self.work_dir or home / "work").absolute())
         if isinstance(self.model_allowlist, str):
             object.__setattr__(self, "model_allowlist", tuple(m for m in self.model_allowlist.split(",") if m))
+        for name, kind in _NUMBERS.items():
+            try:
+                value = kind(getattr(self, name))
+            except (TypeError, ValueError):
+                raise ValueError(f"settings: {name} must be a number, got {getattr(self, name)!r}") from None
+            if value <= 0 and name != "retry_backoff" or value < 0:
+                raise ValueError(f"settings: {name} must be positive, got {value}")
+            object.__setattr__(self, name, value)
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"settings: device must be auto, cpu or cuda[:N], got {self.device!r}")
 
     @property
     def mlflow_home(self) -> Path:
         return self.home / "mlflow"
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def receiver_url(self) -> str:
+        if self.public_receiver_url:
+            return self.public_receiver_url.rstrip("/")
+        host = "127.0.0.1" if self.receiver_host in ("", "0.0.0.0") else self.receiver_host
+        return f"http://{host}:{self.receiver_port}"
 
     @property
     def features_cache(self) -> Path:

@@ -1,5 +1,6 @@
-"""The README's main command, on tiny sizes: embedded MLflow server, DVC-versioned phantom, two CNN versions
-registered and explained through real Prefect flow runs; a second run does nothing new. Plus dvc.yaml."""
+"""The README's main command, on tiny sizes: the embedded platform (MLflow, Prefect server, worker), a DVC-versioned
+phantom, two CNN versions registered and explained by the worker with no other call; a second run does nothing new.
+Plus dvc.yaml."""
 import os
 import subprocess
 import sys
@@ -16,14 +17,19 @@ def test_platform_demo_quick(tmp_path, capsys, monkeypatch):
     assert main(["demo", "--quick", "--workdir", str(tmp_path), "--stop-server"]) == 0
     out = capsys.readouterr().out
     assert "versioned with DVC: md5" in out
+    # the worker explained both registrations: the demo only registered and watched
+    assert "phantom-cnn v1 status: running" in out and "phantom-cnn v2 status: running" in out
     assert out.count("phantom-cnn v1: done") == 1 and out.count("phantom-cnn v2: done") == 1
-    assert "new=True" in out
+    assert "→ 200" in out and "(GIF89a)" in out            # served by the explanation service
     table = out[out.index("model "):]
     assert table.count(" done ") == 2
-    # everything is reused the second time: same versions, no new explanation
+    run_ids = sorted(line.split("(run ")[1].split(")")[0] for line in out.splitlines() if ": done (run " in line)
+    # everything is reused the second time: same versions, same explanations, nothing runs again
     assert main(["demo", "--quick", "--workdir", str(tmp_path), "--stop-server"]) == 0
     out2 = capsys.readouterr().out
-    assert "already registered" in out2 and "new=True" not in out2 and out2.count("new=False") == 2
+    assert "already registered" in out2 and "running" not in out2.split("platform in")[1].split("model ")[0]
+    assert sorted(line.split("(run ")[1].split(")")[0] for line in out2.splitlines() if ": done (run " in line) \
+        == run_ids
 
 
 def test_dvc_pipeline_declares_the_demo_stages(tmp_path):

@@ -1,0 +1,147 @@
+"""The embedded platform as one unit: `figan up` / `figan down` / `figan status` call these.
+
+Parts, each a background process recorded in the home folder (see :mod:`flows.procs`), logs in ``<home>/logs``
+(MLflow's in ``<home>/mlflow``):
+
+=========  ==================================================================  ==========================
+part       what                                                                started when
+=========  ==================================================================  ==========================
+mlflow     tracking server + Model Registry (SQLite, loopback)                 no FIGAN_TRACKING_URI set
+prefect    Prefect server (API + UI): every explain process reports its flow  no PREFECT_API_URL set
+           run there instead of starting a temporary server of its own
+worker     webhook receiver + reconciler + dispatcher (:mod:`flows.trigger`)   always
+service    the BentoML explanation service + viewer (:mod:`services.explanations`)  always
+=========  ==================================================================  ==========================
+
+With external engines configured (a team's MLflow, a Prefect server), only what is missing is started.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import urllib.request
+from pathlib import Path
+
+from .mlflow_server import find_server, start_server, stop_server
+from .procs import Daemon, find_daemon, start_daemon, stop_daemon
+from .settings import Settings
+
+WORKER, PREFECT, SERVICE = "worker", "prefect", "service"
+REPO = Path(__file__).resolve().parents[1]
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_prefect(settings: Settings) -> Daemon:
+    """The embedded Prefect server (its database in ``<home>/prefect``)."""
+    existing = find_daemon(settings.home, PREFECT)
+    if existing is not None:
+        return existing
+    port = _free_port()
+    env = {"PREFECT_HOME": str(settings.home / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_LOGGING_SERVER_LEVEL": "WARNING"}
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+           "--no-ui", "--analytics-off"]
+    return start_daemon(settings.home, PREFECT, cmd, f"http://127.0.0.1:{port}", env=env,
+                        marker="prefect server start", health="/api/health", timeout=120)
+
+
+def prefect_api_url(settings: Settings) -> str | None:
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    d = find_daemon(settings.home, PREFECT)
+    return f"{d.url}/api" if d else None
+
+
+def start_worker(settings: Settings, tracking_uri: str, receiver: bool = True) -> Daemon:
+    cmd = [sys.executable, "-m", "flows.cli", "worker"] + ([] if receiver else ["--no-receiver"])
+    env = {"FIGAN_TRACKING_URI": tracking_uri}
+    api = prefect_api_url(settings)
+    if api:
+        env["PREFECT_API_URL"] = api
+    return start_daemon(settings.home, WORKER, cmd, settings.receiver_url, env=env, marker="flows.cli worker",
+                        timeout=90)
+
+
+def start_service(settings: Settings, tracking_uri: str) -> Daemon:
+    """`bentoml serve` of the explanation service on loopback. The embedded platform serves one laptop, so the
+    API key is off unless ``FIGAN_SERVICE_API_KEY`` is set (a deployment sets it; see deploy/)."""
+    port = int(os.environ.get("FIGAN_SERVICE_PORT", "3000"))
+    env = {"FIGAN_TRACKING_URI": tracking_uri, "BENTOML_HOME": str(settings.home / "bentoml"),
+           "BENTOML_DO_NOT_TRACK": "true", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    if not os.environ.get("FIGAN_SERVICE_API_KEY"):
+        env.update(FIGAN_SERVICE_AUTH="off", FIGAN_SERVICE_PUBLIC_READ="true")
+    cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", "services.explanations:Explanations",
+           "--host", "127.0.0.1", "--port", str(port), "--working-dir", str(REPO)]
+    return start_daemon(settings.home, SERVICE, cmd, f"http://127.0.0.1:{port}", env=env,
+                        marker="services.explanations", health="/readyz", timeout=120)
+
+
+def up(settings: Settings, receiver: bool = True, log=print) -> dict[str, str]:
+    """Start whatever part is not running; returns {part: url}."""
+    urls = {}
+    if settings.tracking_uri:
+        urls["mlflow"] = settings.tracking_uri
+    else:
+        server = start_server(settings.mlflow_home)
+        urls["mlflow"] = server.uri
+        log(f"MLflow tracking server  {server.uri}  (UI; data in {settings.mlflow_home})")
+    if not os.environ.get("PREFECT_API_URL"):
+        prefect = start_prefect(settings)
+        urls["prefect"] = prefect.url
+        log(f"Prefect server          {prefect.url}  (flow runs of every explanation)")
+    worker = start_worker(settings, urls["mlflow"], receiver)
+    urls["worker"] = worker.url
+    log(f"worker                  {worker.url}  (webhook receiver{'' if receiver else ' off'}, reconciler every "
+        f"{settings.reconcile_seconds:g} s, {settings.max_concurrent} explanation(s) at a time)")
+    service = start_service(settings, urls["mlflow"])
+    urls["service"] = service.url
+    log(f"explanation service     {service.url}  (viewer {service.url}/viewer/, API docs {service.url}/docs)")
+    log(f"logs                    {settings.logs}")
+    return urls
+
+
+def down(settings: Settings, log=print) -> None:
+    """Stop every part this home started (the worker first, so no new explanation starts)."""
+    for name in (WORKER, SERVICE, PREFECT):
+        log(f"{name}: {'stopped' if stop_daemon(settings.home, name) else 'was not running'}")
+    if not settings.tracking_uri:
+        log(f"mlflow: {'stopped' if stop_server(settings.mlflow_home) else 'was not running'}")
+
+
+def health(settings: Settings) -> list[dict]:
+    """One row per part: name, state (up | down | unhealthy | external), url, rss_mib, detail."""
+    rows = []
+    if settings.tracking_uri:
+        rows.append({"part": "mlflow", "state": "external", "url": settings.tracking_uri})
+    else:
+        s = find_server(settings.mlflow_home)
+        rows.append({"part": "mlflow", "state": "down" if s is None else ("up" if s.healthy() else "unhealthy"),
+                     "url": s and s.uri, "rss_mib": s and round(s.rss_bytes() / 2**20)})
+    for name, path in ((PREFECT, "/api/health"), (WORKER, "/health"), (SERVICE, "/readyz")):
+        d = find_daemon(settings.home, name)
+        row = {"part": name, "state": "down", "url": None}
+        if d is not None:
+            row.update(url=d.url, rss_mib=round(d.rss_bytes() / 2**20), state="unhealthy")
+            try:
+                with _DIRECT.open(d.url + path, timeout=3) as r:
+                    body = r.read()
+                row["state"] = "up"
+                if name == WORKER:
+                    h = json.loads(body)
+                    row["detail"] = f"in flight: {h['inflight'] or '-'}"
+            except OSError as e:
+                row["detail"] = str(e)
+        rows.append(row)
+    return rows
+
+
+def log_paths(settings: Settings) -> list[Path]:
+    return sorted(settings.logs.glob("*.log")) + [settings.mlflow_home / "mlflow-server.log"]
