@@ -36,6 +36,8 @@ bench: setup
 	$(BIN)/python benchmarks/core_pls.py
 	$(BIN)/python benchmarks/core_gan.py
 	$(BIN)/python benchmarks/pipeline.py
+	$(BIN)/python benchmarks/trigger_burst.py
+	$(BIN)/python benchmarks/service_load.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -253,7 +253,8 @@ def explain_version(name: str, version: str, stop_after: int | None = None) -> d
             metrics = checks(run)
             drift_summary = drift_task(client, settings, job, run)    # never raises; tags figan.drift.*
             report_task(job, run, drift_summary)                      # report.html, published with the run
-            if beat.lost:
+            if beat.lost or not R.renew_lease(client, name, version, owner, settings.lease_seconds):
+                beat.lost = True                 # the other holder owns the status now: record nothing
                 raise PlatformError(f"{name}/{version}: the run lease was taken over by another process while this "
                                     f"one worked; not publishing (the other run publishes key {job.key})")
             run_id = publish(client, job, run, metrics)

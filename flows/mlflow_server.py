@@ -49,7 +49,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from .procs import _CHILDREN, _DIRECT, _cmdline, _group_members, _log_tail, _proc_stat, _reap, _rss_bytes
+from .procs import (_CHILDREN, _DIRECT, _cmdline, _group_members, _log_tail, _proc_stat, _reap, _rss_bytes,
+                    wait_group_gone)
 
 __all__ = ["MlflowServer", "MlflowServerError", "start_server", "find_server", "stop_server"]
 
@@ -127,17 +128,7 @@ class MlflowServer:
             pass
 
     def _wait_gone(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            _reap(self.pid)
-            if not _group_members(self.pid):
-                proc = _CHILDREN.pop(self.pid, None)
-                if proc is not None:
-                    proc.wait(timeout=1)
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
+        return wait_group_gone(self.pid, timeout)
 
     def _forget(self) -> None:
         info = _read_info(self.home)

@@ -103,7 +103,7 @@ def up(settings: Settings, receiver: bool = True, log=print) -> dict[str, str]:
         f"{settings.reconcile_seconds:g} s, {settings.max_concurrent} explanation(s) at a time)")
     service = start_service(settings, urls["mlflow"])
     urls["service"] = service.url
-    log(f"explanation service     {service.url}  (viewer {service.url}/viewer/, API docs {service.url}/docs)")
+    log(f"explanation service     {service.url}  (viewer {service.url}/viewer/, OpenAPI {service.url}/docs.json)")
     log(f"logs                    {settings.logs}")
     return urls
 

@@ -77,6 +77,21 @@ def _reap(pid: int) -> None:
         _CHILDREN.pop(pid, None)
 
 
+def wait_group_gone(pgid: int, timeout: float) -> bool:
+    """Wait until no live process is left in the group (reaping our own child); False on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _reap(pgid)
+        if not _group_members(pgid):
+            proc = _CHILDREN.pop(pgid, None)
+            if proc is not None:
+                proc.wait(timeout=1)
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
 def _log_tail(path: Path, start: int = 0, chars: int = 4000) -> str:
     try:
         with open(path, "rb") as f:
@@ -130,17 +145,7 @@ class Daemon:
         return was_alive
 
     def _gone(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while True:
-            _reap(self.pid)
-            if not _group_members(self.pid):
-                proc = _CHILDREN.pop(self.pid, None)
-                if proc is not None:
-                    proc.wait(timeout=1)
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.1)
+        return wait_group_gone(self.pid, timeout)
 
 
 def _record(home: Path, name: str) -> Path:

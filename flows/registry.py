@@ -544,6 +544,17 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def _write_tags(client: MlflowClient, name: str, version: str, tags: dict[str, str | None]) -> None:
+    """Set version tags; a None value deletes that tag (if present)."""
+    current = client.get_model_version(name, version).tags or {}
+    for tag, value in tags.items():
+        if value is None:
+            if tag in current:
+                client.delete_model_version_tag(name, version, tag)
+        else:
+            client.set_model_version_tag(name, version, tag, value)
+
+
 def set_status(client: MlflowClient, name: str, version: str | int, status: str, **fields: Any) -> None:
     """Set ``figan.status`` (+ ``figan.updated``) and any of the fields run_id, error, key, fid_best,
     fid_extractor, faithfulness, pct_variance on the model version (None deletes a field's tag).
@@ -565,14 +576,8 @@ def set_status(client: MlflowClient, name: str, version: str | int, status: str,
                                                                                  else ()):
             fields.setdefault(cleared, None)
     version = str(version)
-    current = client.get_model_version(name, version).tags or {}
-    for field_name, value in fields.items():
-        tag = _STATUS_FIELDS[field_name]
-        if value is None:
-            if tag in current:
-                client.delete_model_version_tag(name, version, tag)
-        else:
-            client.set_model_version_tag(name, version, tag, _tag_value(value))
+    _write_tags(client, name, version, {_STATUS_FIELDS[f]: None if v is None else _tag_value(v)
+                                        for f, v in fields.items()})
     client.set_model_version_tag(name, version, TAG_UPDATED, _now())
     client.set_model_version_tag(name, version, TAG_STATUS, status)
 
@@ -882,15 +887,8 @@ def set_drift_tags(client: MlflowClient, name: str, version: str | int, **headli
     unknown = set(headlines) - set(_DRIFT_FIELDS)
     if unknown:
         raise ValueError(f"unknown drift field(s) {sorted(unknown)}; known: {sorted(_DRIFT_FIELDS)}")
-    version = str(version)
-    current = client.get_model_version(name, version).tags or {}
-    for field_name, value in headlines.items():
-        tag = _DRIFT_FIELDS[field_name]
-        if value is None:
-            if tag in current:
-                client.delete_model_version_tag(name, version, tag)
-        else:
-            client.set_model_version_tag(name, version, tag, json.dumps(value, default=str))
+    _write_tags(client, name, str(version), {_DRIFT_FIELDS[f]: None if v is None else json.dumps(v, default=str)
+                                             for f, v in headlines.items()})
 
 
 def get_drift_tags(client: MlflowClient, name: str, version: str | int) -> dict[str, Any]:
