@@ -39,6 +39,16 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values) * 1000, q)) if values else float("nan")
 
 
+async def _ok(request) -> bool:
+    """Send one request (an aiohttp request context) and read the body; True for a 200."""
+    try:
+        async with request as resp:
+            await resp.read()
+            return resp.status == 200
+    except aiohttp.ClientError:
+        return False
+
+
 async def load(url: str, clients: int, duration: float, method: str = "GET", json: dict | None = None,
                headers: dict | None = None) -> tuple[list[float], int, float]:
     """``clients`` loops requesting ``url`` for ``duration`` s: (latencies in s, errors, elapsed s)."""
@@ -52,13 +62,7 @@ async def load(url: str, clients: int, duration: float, method: str = "GET", jso
             nonlocal errors
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
-                try:
-                    async with session.request(method, url, json=json) as resp:
-                        await resp.read()
-                        ok = resp.status == 200
-                except aiohttp.ClientError:
-                    ok = False
-                if ok:
+                if await _ok(session.request(method, url, json=json)):
                     lat.append(time.perf_counter() - t0)
                 else:
                     errors += 1
@@ -100,13 +104,7 @@ async def paced(url: str, clients: int, rate: float, duration: float) -> tuple[l
             while (due := t0 + k / rate + n * period) < t0 + duration:
                 n += 1
                 await asyncio.sleep(max(0.0, due - time.perf_counter()))
-                try:
-                    async with session.get(url) as resp:
-                        await resp.read()
-                        ok = resp.status == 200
-                except aiohttp.ClientError:
-                    ok = False
-                if ok:
+                if await _ok(session.get(url)):
                     lat.append(time.perf_counter() - due)
                 else:
                     errors += 1

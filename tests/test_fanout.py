@@ -8,12 +8,10 @@ import time
 
 import pytest
 
-pytest.importorskip("prefect_dask", reason="prefect-dask is not installed (deploy/requirements-team.txt)")
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
-from prefect import flow, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
-from flows.fanout import _normalise, dask_runner, explain_many, run_windowed  # noqa: E402
+from flows.fanout import _normalise, dask_runner, explain_many, run_windowed
 
 _lock = threading.Lock()
 _state = {"now": 0, "max": 0, "calls": []}
