@@ -414,9 +414,9 @@ def train_cnn_device(ds, epochs: int, dev: torch.device, batch_size: int = 64):
 def time_to_gates(P: Plan, dev: torch.device, writer, root: Path, deadline: Deadline, res: Results,
                   fid_extractor: str, flops: float | None, peak: float) -> dict:
     from models.data import ImageDataset
-    from models.explain import (ExplainConfig, _real_fid_sets, gan_training_data, make_fid_fn, prepare, stage_checks,
-                                stage_features, stage_pls, stage_sequences)
-    from models.fid import FIDScorer, real_floor
+    from models.explain import (ExplainConfig, make_fid_fn, prepare, stage_checks, stage_features, stage_images,
+                                stage_pls, stage_sequences)
+    from models.fid import real_floor
 
     e: dict = {"resolution": P.e2e_res, "n_images": P.e2e_n, "batch": P.e2e_batch, "fid_extractor": fid_extractor}
     res.d["time_to_gates"] = e
@@ -432,7 +432,7 @@ def time_to_gates(P: Plan, dev: torch.device, writer, root: Path, deadline: Dead
     log(f"  CNN (SmallCNN, {P.e2e_cnn_epochs} epochs on {dev.type}): held-out R² {spec.metrics['test_r2']:.3f}, "
         f"{e['cnn']['seconds']} s")
     lr = lr_for_batch(2e-4, P.e2e_batch)
-    cfg = ExplainConfig(resolution=P.e2e_res, steps=math.ceil(TARGET_IMAGES / P.e2e_batch), batch_size=P.e2e_batch,
+    cfg = ExplainConfig(generator="cgan", resolution=P.e2e_res, steps=math.ceil(TARGET_IMAGES / P.e2e_batch), batch_size=P.e2e_batch,
                         ngf=P.ngf, ndf=P.ndf, z_dim=P.z_dim, lr=lr, ckpt_every=P.e2e_ckpt_every, n_components=P.k,
                         fid_extractor=fid_extractor, fid_input_size=P.e2e_res if P.e2e_res >= 75 else None,
                         fid_samples=P.e2e_fid_samples, frames=P.e2e_frames, seeds=P.e2e_seeds,
@@ -445,10 +445,8 @@ def time_to_gates(P: Plan, dev: torch.device, writer, root: Path, deadline: Dead
     stage_pls(run)
     # models.explain.stage_train + train_generator, with the GAN training time-boxed
     t = time.time()
-    run.data, run.cond, run.image_channels, run.mask_channels = gan_training_data(run.ds, run.scores, cfg)
-    run.real_a, real_b = _real_fid_sets(run.data, run.image_channels, cfg.fid_samples, cfg.seed)
-    run.scorer = FIDScorer(run.real_a, extractor=cfg.fid_extractor, device=run.device, input_size=cfg.fid_input_size)
-    run.floor = real_floor(torch.cat([run.real_a, real_b]), extractor=run.scorer.extractor, seed=cfg.seed,
+    stage_images(run)
+    run.floor = real_floor(torch.cat([run.real_a, run.real_b]), extractor=run.scorer.extractor, seed=cfg.seed,
                            device=run.device)
     gcfg = CGANConfig(resolution=run.data.shape[-1], image_channels=run.image_channels, mask_channels=run.mask_channels,
                       k=run.cond.shape[1], z_dim=cfg.z_dim, ngf=cfg.ngf, ndf=cfg.ndf, batch_size=cfg.batch_size,

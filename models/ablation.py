@@ -26,15 +26,17 @@ def cell_name(size: int | None, res: int | None, masks: bool) -> str:
 def summarise(metrics: dict) -> dict:
     comps = metrics["components"]
     gated = [c for c in comps if c["pct_target_variance"] >= 10] or comps[:1]
-    row = {"fid_best": metrics["fid"]["best"], "fid_floor": metrics["fid"]["floor"],
+    gates = metrics["gates"]
+    row = {"fid": metrics["fid"]["best"], "fid_floor": metrics["fid"]["floor"],
            "faithfulness_min": min(c["faithfulness"]["rho_mean"] for c in gated),
+           "reader_min": min(c["reader"]["rho_mean"] for c in gated),
            "conditioning_min": min(c["conditioning"]["r_pooled"] for c in gated),
-           "diversity": metrics["diversity"]["ratio"], "seconds": metrics["timings_s"]["total"],
-           "img_per_s": metrics["training"]["img_per_s"], "all_gates": metrics["gates"]["all_pass"]}
-    gt = metrics["gates"].get("ground_truth")
-    if gt:
-        row.update(gt_driving_rho=gt["driving_rho"], gt_driving_effect_sd=gt["driving_effect_sd"],
-                   gt_worst_nuisance_sd=gt["worst_nuisance_effect_sd"])
+           "diversity_pixels": metrics["diversity"]["pixel_ratio"], "seconds": metrics["timings_s"]["total"],
+           "img_per_s": metrics["training"].get("img_per_s"), "verdict": metrics["verdict"]["verdict"]}
+    if "driving_factor" in gates:
+        row.update(gt_driving_rho=gates["driving_factor"]["rho"], gt_driving_effect_sd=gates["driving_factor"]["effect_sd"])
+    if "nuisance" in gates:
+        row.update(gt_worst_nuisance_deviation_sd=gates["nuisance"]["worst_deviation_sd"])
     return row
 
 

@@ -39,6 +39,8 @@ def _add_explain_args(p: argparse.ArgumentParser) -> None:
     for f in fields(ExplainConfig):
         if f.name == "seeds":
             typ = lambda s: tuple(int(x) for x in s.split(","))
+        elif f.name == "sweep_quantiles":
+            typ = lambda s: tuple(float(x) for x in s.split(","))
         else:
             typ = _TYPES[str(f.type).replace(" | None", "")]
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=typ, default=None,

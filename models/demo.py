@@ -14,11 +14,12 @@ from .explain import ExplainConfig, explain
 from .phantom import PhantomConfig, write_phantom
 
 # Sizes that finish in about ten minutes on 2 CPU cores and pass the fidelity gates; --quick is a smoke test.
-DEMO = dict(phantom=PhantomConfig(n=3000, size=64, seed=0), cnn=TrainConfig(epochs=6),
-            explain=ExplainConfig(steps=1500, fid_samples=500, fid_input_size=128))
+DEMO = dict(phantom=PhantomConfig(n=3000, size=64, seed=0), cnn=TrainConfig(epochs=6, width=12),
+            explain=ExplainConfig(fid_samples=1500, fid_input_size=128))
 QUICK = dict(phantom=PhantomConfig(n=240, size=32, seed=0), cnn=TrainConfig(epochs=2, width=8),
              explain=ExplainConfig(steps=20, ckpt_every=10, ngf=8, ndf=8, batch_size=16, fid_samples=32,
-                                   fid_extractor="randconv", frames=4, seeds=(0, 1)))
+                                   fid_extractor="randconv", frames=4, seeds=(0, 1), check_seeds=8, reader_epochs=2,
+                                   register_iters=30))
 
 
 def run_demo(workdir: Path, quick: bool = False) -> int:

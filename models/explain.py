@@ -1,4 +1,4 @@
-"""One FIGAN explanation, offline: dataset + CNN → features → PLS → cGAN → sequences → checks → artifacts folder.
+"""One FIGAN explanation, offline: dataset + CNN → features → PLS → generator → sequences → checks → artifacts.
 
 Each stage is a function that takes data and returns data (the Prefect flow of the pipeline calls them one by one
 as tasks); `explain()` composes them and does the folder I/O. The artifacts folder is self-contained::
@@ -7,14 +7,16 @@ as tasks); `explain()` composes them and does the folder I/O. The artifacts fold
     features.npy           N x F learned features (input of the CNN's final Linear unless a layer is named)
     pls/                   the fitted PLS state (pls.npz + pls.json), enough to map images to scores
     pls_variance.png/.csv  % of target variance per component
-    scores.csv             each image's standardised component scores (the GAN's conditions)
-    gan/last.pt            full training state (exact resume); gan/best/ the EMA generator with the lowest FID
-    fid_trace.json/.png    FID at every checkpoint, with the extractor's name and the real-vs-real floor
-    sequences/             per component: GIF, strip, eigen and deviation PNGs, npz
-    metrics.json           every check (schema figan.metrics/1); summary.txt the same in words
+    scores.csv             each image's standardised component scores (the generator's conditions)
+    gan/best/              the kept generator G(z, c): the patient generator (default, models.patient_generator)
+                           or the cGAN's EMA generator with the lowest FID; gan/pose.pt the registration (patient),
+                           gan/last.pt the cGAN's full training state (exact resume), fid_trace.json/.png its FID
+    sequences/             per component: GIF, strip, eigen and deviation PNGs, npz (the shown seeds)
+    metrics.json           every check and the verdict (schema figan.metrics/2); summary.txt the same in words
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -30,6 +32,9 @@ import torch.nn.functional as F
 
 from . import checks as C
 from .cgan import CGAN, CGANConfig, generate_with, images_to_u8, load_generator
+from .features import model_output
+from .patient_generator import PatientGenerator, PatientGeneratorConfig, register, save_patient_generator
+from .reader import train_reader
 from .data import ImageDataset
 from .features import extract_features
 from .fid import FIDScorer, diversity_ratio, plot_fid_trace, real_floor
@@ -37,8 +42,15 @@ from .pls import PLSState, fit_pls, plot_variance, save_pls
 from .sequences import render_sweep, sweep_values, write_component
 
 
+GENERATORS = ("patient", "cgan")
+
+
 @dataclass
 class ExplainConfig:
+    # generator: "patient" (registered shape–appearance model of real patients, models.patient_generator) or
+    # "cgan" (the pixel cGAN of models.cgan; its knobs are the GAN block below)
+    generator: str = "patient"
+    register_iters: int = 120            # patient generator: Adam steps per registration round
     # features + PLS
     layer: str | None = None
     n_components: int | None = None
@@ -60,14 +72,35 @@ class ExplainConfig:
     # FID
     fid_extractor: str = "inception_v3_pool3"
     fid_input_size: int | None = None    # None = the extractor's native size (299 for Inception)
-    fid_samples: int = 500
-    # sequences
-    sweep_lo: float = -2.0
-    sweep_hi: float = 2.0
+    fid_samples: int = 2000              # FID n = min(fid_samples, N // 2) with the floor at the same n
+    # sequences: by default each component sweeps the 2.5–97.5 % quantiles of its real scores; sweep_lo/sweep_hi
+    # (SD units) override that for every component
+    sweep_lo: float | None = None
+    sweep_hi: float | None = None
+    sweep_quantiles: tuple[float, float] = (0.025, 0.975)
     frames: int = 9
-    seeds: tuple[int, ...] = (0, 1, 2)
+    seeds: tuple[int, ...] = (0, 1, 2)   # the seeds shown in the published sequences
+    check_seeds: int = 32                # seeds per component for the checks (the shown ones included)
+    # independent reader (models.reader)
+    reader_epochs: int = 6
+    reader_size: int = 32
     seed: int = 0
     device: str = "auto"
+
+    def __post_init__(self):
+        """Bad settings fail here, with the field named, before any expensive work."""
+        if self.generator not in GENERATORS:
+            raise ValueError(f"generator must be one of {list(GENERATORS)}, got {self.generator!r}")
+        if (self.sweep_lo is None) != (self.sweep_hi is None):
+            raise ValueError("sweep_lo and sweep_hi go together (or leave both unset for the quantile range)")
+        if self.sweep_lo is not None and not self.sweep_lo < self.sweep_hi:
+            raise ValueError(f"sweep_lo must be < sweep_hi, got {self.sweep_lo} and {self.sweep_hi}")
+        lo, hi = self.sweep_quantiles
+        if not 0 <= lo < hi <= 1:
+            raise ValueError(f"sweep_quantiles must satisfy 0 <= lo < hi <= 1, got {self.sweep_quantiles}")
+        if self.check_seeds < len(self.seeds):
+            raise ValueError(f"check_seeds ({self.check_seeds}) must be >= the number of shown seeds "
+                             f"({len(self.seeds)})")
 
     def config_hash(self) -> str:
         d = {k: v for k, v in asdict(self).items() if k != "device"}
@@ -79,8 +112,9 @@ class ExplainConfig:
         if unknown:
             raise ValueError(f"unknown explain config key(s): {sorted(unknown)}")
         d = dict(d)
-        if "seeds" in d:
-            d["seeds"] = tuple(d["seeds"])
+        for key in ("seeds", "sweep_quantiles"):
+            if key in d:
+                d[key] = tuple(d[key])
         return cls(**d)
 
 
@@ -129,13 +163,19 @@ def gan_resolution(ds: ImageDataset, cfg: ExplainConfig) -> int:
     return max(16, 2 ** math.ceil(math.log2(h)))
 
 
+def training_indices(ds: ImageDataset, cfg: ExplainConfig) -> np.ndarray:
+    """Rows of the dataset the generator is built from: all, or a seeded subsample of ``max_images``."""
+    idx = np.arange(len(ds))
+    if cfg.max_images and cfg.max_images < len(idx):
+        idx = np.sort(np.random.default_rng(cfg.seed).choice(idx, cfg.max_images, replace=False))
+    return idx
+
+
 def gan_training_data(ds: ImageDataset, scores: np.ndarray, cfg: ExplainConfig) -> tuple[torch.Tensor, torch.Tensor, int, int]:
     """uint8 (N, C+M, R, R) images (+ one-hot mask channels) and float conditions (N, k)."""
     res = gan_resolution(ds, cfg)
     src = ds if tuple(ds.image_shape[1:]) == (res, res) else ImageDataset(ds.root, size=(res, res))
-    idx = np.arange(len(src))
-    if cfg.max_images and cfg.max_images < len(idx):
-        idx = np.sort(np.random.default_rng(cfg.seed).choice(idx, cfg.max_images, replace=False))
+    idx = training_indices(ds, cfg)
     masks = cfg.use_masks and src.has_masks
     n_mask = 0
     if masks:
@@ -209,7 +249,11 @@ class ExplainRun:
     real_a: torch.Tensor | None = None
     floor: float | None = None
     result: object | None = None
+    real_b: torch.Tensor | None = None
+    data_index: np.ndarray | None = None          # dataset rows of run.data
     sweeps: list = field(default_factory=list)
+    check_sweeps: list = field(default_factory=list)
+    sweep_label: str = ""
     generate: Callable | None = None
     gen_cfg: CGANConfig | None = None
     gen_step: int | None = None
@@ -272,78 +316,232 @@ def stage_pls(run: ExplainRun) -> PLSState:
     return state
 
 
-def stage_train(run: ExplainRun, stop_after: int | None = None, progress: bool = True):
-    """Train the cGAN (resuming from gan/last.pt when present) with FID at every checkpoint."""
-    t = time.time()
+@dataclass
+class PatientFit:
+    """What fitting the patient generator reports (the cGAN's TrainResult has the same fields it is read by):
+    one closed-form fit, so it is complete (step = the configured steps) and has no FID trace."""
+    step: int
+    seconds: float
+    n_pool: int
+    start_step: int = 0
+
+
+def _fid_sets(run: ExplainRun, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint image indices: the FID reference (n images) and the rest (the patient pool, the floor's half)."""
+    perm = np.random.default_rng(run.cfg.seed + 3).permutation(len(run.data))
+    n = min(n, len(run.data) // 2)
+    return perm[:n], perm[n:]
+
+
+def stage_images(run: ExplainRun) -> tuple[np.ndarray, np.ndarray]:
+    """Images at the generator's resolution, the FID reference (held out from the generator's patients) and its
+    scorer; returns the indices of the reference and of the rest."""
     cfg = run.cfg
     run.data, run.cond, run.image_channels, run.mask_channels = gan_training_data(run.ds, run.scores, cfg)
-    run.real_a, real_b = _real_fid_sets(run.data, run.image_channels, cfg.fid_samples, cfg.seed)
+    run.data_index = training_indices(run.ds, cfg)
+    ref, rest = _fid_sets(run, cfg.fid_samples)
+    to_f = lambda ix: run.data[np.sort(ix), :run.image_channels].float() / 255.0
+    run.real_a, run.real_b = to_f(ref), to_f(rest[:len(ref)])
     run.scorer = FIDScorer(run.real_a, extractor=cfg.fid_extractor, device=run.device, input_size=cfg.fid_input_size)
-    run.floor = real_floor(torch.cat([run.real_a, real_b]), extractor=run.scorer.extractor, seed=cfg.seed,
-                           device=run.device) if len(real_b) else None
-    _log(f"cGAN: {len(run.data)} images {tuple(run.data.shape[1:])}, k={run.cond.shape[1]}, {cfg.steps} steps; "
-         f"FID extractor {run.scorer.label}; real-vs-real floor {run.floor if run.floor is None else round(run.floor, 2)}")
-    run.result = train_generator(run.data, run.cond, run.image_channels, run.mask_channels, cfg, run.out / "gan",
-                                 run.scorer, run.device, stop_after, progress)
-    run.timings["gan"] = time.time() - t
-    if run.result.step >= cfg.steps:
-        (run.out / "fid_trace.json").write_text(json.dumps(
-            {"extractor": run.scorer.label, "floor": run.floor, "best_step": run.result.best_step,
-             "trace": run.result.fid_trace}, indent=2))
-        plot_fid_trace(run.result.fid_trace, run.out / "fid_trace.png", floor=run.floor, label=run.scorer.label,
-                       best_step=run.result.best_step)
+    return ref, rest
+
+
+def stage_train(run: ExplainRun, stop_after: int | None = None, progress: bool = True,
+                pose_cache: Path | None = None):
+    """Fit the generator: the patient generator (registration + conditional means, cached in gan/pose.pt) or the
+    cGAN (resuming from gan/last.pt when present, with FID at every checkpoint). ``pose_cache``: a file shared by
+    explanations of the same images (e.g. keyed by dataset md5 and resolution): the registration depends on the
+    images alone."""
+    t = time.time()
+    cfg = run.cfg
+    ref, rest = stage_images(run)
+    real_b = run.real_b
+    if cfg.generator == "patient":
+        images = run.data[:, :run.image_channels].float() / 255.0
+        pcfg = PatientGeneratorConfig(register_iters=cfg.register_iters)
+        pose_file = run.out / "gan" / "pose.pt"      # registration is the slow part: kept for a re-run
+        _log(f"patient generator: {len(images)} images {tuple(images.shape[1:])}, k={run.cond.shape[1]}, "
+             f"pool {len(rest)} patients (the FID reference's {len(ref)} held out)")
+        cached = [f for f in (pose_file, pose_cache) if f is not None and Path(f).exists()]
+        pose = torch.load(cached[0]) if cached else None
+        if pose is None or len(pose) != len(images):
+            pose = register(images, pcfg, progress)
+        for f in (pose_file, pose_cache):
+            if f is not None and not Path(f).exists():
+                Path(f).parent.mkdir(parents=True, exist_ok=True)
+                torch.save(pose, f)
+        G = PatientGenerator.fit(images, run.cond, np.sort(rest), pcfg, pose=pose, progress=progress)
+        gcfg = CGANConfig(resolution=images.shape[-1], image_channels=run.image_channels, mask_channels=0,
+                          k=run.cond.shape[1], z_dim=1, steps=cfg.steps, seed=cfg.seed)
+        save_patient_generator(G, run.out / "gan" / "best", gcfg.to_dict())
+        run.result = PatientFit(step=cfg.steps, seconds=time.time() - t, n_pool=len(rest))
+    else:
+        run.floor = real_floor(torch.cat([run.real_a, real_b]), extractor=run.scorer.extractor, seed=cfg.seed,
+                               device=run.device) if len(real_b) else None
+        _log(f"cGAN: {len(run.data)} images {tuple(run.data.shape[1:])}, k={run.cond.shape[1]}, {cfg.steps} steps; "
+             f"FID extractor {run.scorer.label}; real-vs-real floor {run.floor if run.floor is None else round(run.floor, 2)}")
+        run.result = train_generator(run.data, run.cond, run.image_channels, run.mask_channels, cfg, run.out / "gan",
+                                     run.scorer, run.device, stop_after, progress)
+        if run.result.step >= cfg.steps:
+            (run.out / "fid_trace.json").write_text(json.dumps(
+                {"extractor": run.scorer.label, "floor": run.floor, "best_step": run.result.best_step,
+                 "trace": run.result.fid_trace}, indent=2))
+            plot_fid_trace(run.result.fid_trace, run.out / "fid_trace.png", floor=run.floor, label=run.scorer.label,
+                           best_step=run.result.best_step)
+    run.timings["generator"] = time.time() - t
     return run.result
 
 
-def stage_sequences(run: ExplainRun) -> list:
-    """A sweep per component from the best (lowest-FID) EMA generator, written as GIF/strip/eigen/deviation."""
+def sweep_ranges(run: ExplainRun) -> tuple[np.ndarray, np.ndarray, str]:
+    """Per component (lo, hi) in SD units, and a label saying what range that is."""
+    cfg, k = run.cfg, run.scores.shape[1]
+    if cfg.sweep_lo is not None:
+        return np.full(k, float(cfg.sweep_lo)), np.full(k, float(cfg.sweep_hi)), \
+            f"{cfg.sweep_lo:+g} to {cfg.sweep_hi:+g} SD of each component's real scores"
+    qlo, qhi = cfg.sweep_quantiles
+    lo, hi = np.quantile(run.scores, qlo, axis=0), np.quantile(run.scores, qhi, axis=0)
+    return lo, hi, f"the {100 * qlo:g}-{100 * qhi:g} % quantiles of each component's real scores"
+
+
+def stage_sequences(run: ExplainRun, generator: tuple[Callable, CGANConfig] | None = None) -> list:
+    """A sweep per component from the kept generator (or ``generator`` = (generate(z, c) → [0, 1], its config)), with ``check_seeds`` seeds (the checks use them all); the
+    published GIF/strip/eigen/deviation show the first ``seeds``. The patient generator holds every other
+    component at the patient's own score (NaN base); the cGAN at 0."""
     t = time.time()
-    G, run.gen_cfg, run.gen_step = load_generator(run.out / "gan" / "best", run.device)
     device = run.device
-    run.generate = lambda z, c: generate_with(G, z, c, device)
-    values = sweep_values(run.cfg.sweep_lo, run.cfg.sweep_hi, run.cfg.frames)
-    run.sweeps = []
+    if generator is None:
+        G, run.gen_cfg, run.gen_step = load_generator(run.out / "gan" / "best", run.device)
+        run.generate = lambda z, c: generate_with(G, z, c, device)
+    else:
+        run.generate, run.gen_cfg = generator
+    cfg = run.cfg
+    lo, hi, run.sweep_label = sweep_ranges(run)
+    shown = tuple(cfg.seeds)
+    seeds = shown + tuple(s for s in range(1000, 1000 + cfg.check_seeds) if s not in shown)[:cfg.check_seeds - len(shown)]
+    base = np.full(run.gen_cfg.k, np.nan) if cfg.generator == "patient" else None
+    run.sweeps, run.check_sweeps = [], []
     for j in range(run.state.n_components):
-        sw = render_sweep(run.generate, run.gen_cfg.z_dim, run.gen_cfg.k, j, values, seeds=run.cfg.seeds,
-                          device=device)
-        write_component(run.out / "sequences", sw, run.pct[j])
-        run.sweeps.append(sw)
+        values = sweep_values(float(lo[j]), float(hi[j]), cfg.frames)
+        sw = render_sweep(run.generate, run.gen_cfg.z_dim, run.gen_cfg.k, j, values, seeds=seeds, base=base,
+                          device=device, image_channels=run.image_channels + run.gen_cfg.mask_channels
+                          if run.gen_cfg.mask_channels else None)
+        if run.gen_cfg.mask_channels:
+            sw.image_channels = run.image_channels
+        shown_sw = dataclasses.replace(sw, seeds=shown, frames=sw.frames[:len(shown)])
+        write_component(run.out / "sequences", shown_sw, run.pct[j], range_label=run.sweep_label)
+        run.sweeps.append(shown_sw)
+        run.check_sweeps.append(sw)
     run.timings["sequences"] = time.time() - t
     return run.sweeps
 
 
+def sweep_frame_samples(run: ExplainRun, n: int, seed: int) -> torch.Tensor:
+    """n frames of single-component sweeps, as users see them: a random seed, a random component at a uniform
+    position inside its sweep range, the others as in the published sweeps."""
+    g = torch.Generator().manual_seed(seed)
+    k = run.gen_cfg.k
+    lo, hi, _ = sweep_ranges(run)
+    j = torch.randint(0, k, (n,), generator=g)
+    u = torch.rand(n, generator=g).double()
+    if run.cfg.generator == "patient":
+        c = torch.full((n, k), float("nan"))
+    else:
+        c = torch.zeros(n, k)
+    c[torch.arange(n), j] = (torch.as_tensor(lo)[j] + u * torch.as_tensor(hi - lo)[j]).float()
+    z = torch.randn(n, run.gen_cfg.z_dim, generator=g)
+    return torch.cat([run.generate(z[i:i + 256], c[i:i + 256])[:, :run.image_channels] for i in range(0, n, 256)])
+
+
+def _heldout_variance(run: ExplainRun) -> dict:
+    """PLS fit on one part of the images, judged on the rest: % of target variance and % of the CNN's own output
+    variance (its outputs in target space) the k components capture, cumulatively."""
+    ds, cfg = run.ds, run.cfg
+    if "split" in ds.manifest.columns and len(ds.indices("train")) and len(ds.indices("test")):
+        fit_idx = ds.indices("train")
+        held = np.setdiff1d(np.arange(len(ds)), fit_idx)
+    else:
+        perm = np.random.default_rng(cfg.seed + 5).permutation(len(ds))
+        fit_idx, held = np.sort(perm[:int(0.7 * len(ds))]), np.sort(perm[int(0.7 * len(ds)):])
+    k = run.state.n_components
+    try:
+        state, _ = fit_pls(run.features[fit_idx], ds.targets(fit_idx), ds.meta.task, n_components=k,
+                           class_names=ds.class_names if ds.meta.task == "classification" else None)
+    except ValueError as e:         # e.g. a class missing from the fit part
+        return {"error": str(e)}
+    outputs = C.outputs_in_target_space(
+        model_output(run.model, ds.iter_batches(256), device=run.device, transform=run.to_cnn), run.task, run.state)
+    y = ds.targets()
+    targets = np.eye(len(ds.class_names))[y] if ds.meta.task == "classification" \
+        else np.asarray(y, np.float64).reshape(len(ds), -1)
+    s_fit, s_held = state.transform(run.features[fit_idx]), state.transform(run.features[held])
+
+    def r2(y: np.ndarray, j: int) -> float:
+        X = np.column_stack([np.ones(len(fit_idx)), s_fit[:, :j]])
+        beta = np.linalg.lstsq(X, y[fit_idx], rcond=None)[0]
+        pred = np.column_stack([np.ones(len(held)), s_held[:, :j]]) @ beta
+        yh = y[held]
+        return float(100 * (1 - ((yh - pred) ** 2).sum() / max(((yh - yh.mean(0)) ** 2).sum(), 1e-12)))
+    return {"n_fit": int(len(fit_idx)), "n_heldout": int(len(held)),
+            "cumulative_pct_target_variance": [round(r2(targets, j), 3) for j in range(1, k + 1)],
+            "cumulative_pct_cnn_output_variance": [round(r2(outputs, j), 3) for j in range(1, k + 1)]}
+
+
 def stage_checks(run: ExplainRun) -> dict:
-    """Every fidelity check → metrics.json (schema figan.metrics/1) + summary.txt."""
+    """Every fidelity check → metrics.json (schema figan.metrics/2, with the verdict) + summary.txt."""
     t = time.time()
     cfg, state, device, to_cnn = run.cfg, run.state, run.device, run.to_cnn
-    spread, expected = {}, None
+    images = run.data[:, :run.image_channels].float() / 255.0
+    factors = run.ds.meta.factors or {}
+    spread, conditional_spread, expected, expected_ci = {}, {}, None, None
     if run.ruler is not None:
-        real_meas = run.ruler(run.data[:, :run.image_channels].float().numpy() / 255.0)
+        real_meas = run.ruler(images.numpy())
         spread = {k: float(v) for k, v in real_meas.std().items()}
-        expected = C.expected_effects(run.cond.numpy(), real_meas, spread)
+        X1 = np.column_stack([np.ones(len(run.cond)), run.cond.numpy()])
+        resid = real_meas.to_numpy(np.float64) - X1 @ np.linalg.lstsq(X1, real_meas.to_numpy(np.float64), rcond=None)[0]
+        conditional_spread = dict(zip(real_meas.columns, resid.std(0).tolist()))
+        expected, expected_ci = C.expected_effects(run.cond.numpy(), real_meas, spread, n_boot=300, seed=cfg.seed)
+    _log("checks: independent reader")
+    target_task = run.ds.meta.task            # what PLS and the reader are fit on (the CNN's task is run.task)
+    reader, reader_info = train_reader(images, run.ds.targets(run.data_index), target_task,
+                                       n_classes=len(run.ds.class_names) if target_task == "classification" else None,
+                                       epochs=cfg.reader_epochs, size=cfg.reader_size, seed=cfg.seed + 101)
     components = []
-    for j, sw in enumerate(run.sweeps):
+    for j, sw in enumerate(run.check_sweeps):
+        _log(f"checks: component {j + 1}/{len(run.check_sweeps)} ({len(sw.seeds)} seeds x {len(sw.values)} frames)")
         comp = {"component": j + 1, "pct_target_variance": round(run.pct[j], 3),
+                "sweep": {"lo": round(float(sw.values[0]), 4), "hi": round(float(sw.values[-1]), 4),
+                          "n_seeds": len(sw.seeds)},
                 "faithfulness": C.faithfulness(run.model, sw, run.task, state, transform=to_cnn, device=device),
+                "reader": C.faithfulness(reader, sw, target_task, state),
                 "conditioning": C.conditioning_sweep(run.model, sw, state, layer=cfg.layer, transform=to_cnn,
                                                      device=device)}
         if run.ruler is not None:
-            comp["ground_truth"] = C.ground_truth(sw, run.ruler, spread, expected[j])
+            comp["ground_truth"] = C.ground_truth(sw, run.ruler, spread, expected[j], expected_ci[j], seed=cfg.seed)
         components.append(comp)
+    _log(f"checks: sweeps done ({time.time() - t:.0f} s); conditioning over random c, diversity")
     cond_random = C.conditioning_random(run.generate, run.gen_cfg.z_dim, run.scores, run.model, state,
                                         run.image_channels, layer=cfg.layer, transform=to_cnn, device=device,
                                         seed=cfg.seed)
     for comp, r in zip(components, cond_random["r_per_component"]):
         comp["conditioning"]["r_random"] = r
-    g = torch.Generator().manual_seed(cfg.seed + 11)
-    n_cond, n_seeds = 16, 4
-    c_div = run.cond[torch.randint(0, len(run.cond), (n_cond,), generator=g)].repeat_interleave(n_seeds, 0)
-    fakes = run.generate(torch.randn(n_cond * n_seeds, run.gen_cfg.z_dim, generator=g), c_div)[:, :run.image_channels]
-    div = diversity_ratio(fakes.reshape(n_cond, n_seeds, *fakes.shape[1:]), run.real_a,
-                          extractor=run.scorer.extractor, device=device)
+    div = C.diversity(run.generate, run.gen_cfg.z_dim, run.scores, images.numpy(), run.image_channels,
+                      ruler=run.ruler, spread=conditional_spread, marginal_spread=spread,
+                      factors=list(factors.get("nuisance", ())), seed=cfg.seed + 11)
+    n_fid = len(run.real_a)
+    _log(f"checks: FID on {n_fid} sweep frames vs {n_fid} real images, floor at the same n ({run.scorer.label})")
+    fid = {"extractor": run.scorer.label, "n_samples": n_fid,
+           "protocol": "frames of single-component sweeps (random seed, component and position in its range) vs a "
+                       "held-out real reference; floor: other real images vs the same reference",
+           "best": round(run.scorer.score(sweep_frame_samples(run, n_fid, cfg.seed + 13)), 3),
+           "floor": round(run.scorer.score(run.real_b), 3) if len(run.real_b) else None}
+    if cfg.generator == "cgan":
+        fid.update(cgan_best=run.result.best_fid, best_step=run.result.best_step, trace=run.result.fid_trace,
+                   cgan_floor=run.floor)
+    heldout = _heldout_variance(run)
     run.timings["checks"] = time.time() - t
     run.timings["total"] = sum(v for k, v in run.timings.items() if k != "total")
     result = run.result
+    lo, hi, label = sweep_ranges(run)
     metrics = {
         "schema": C.SCHEMA,
         "dataset": {"name": run.ds.name, "n_images": len(run.ds), "task": run.task, "target": run.ds.meta.target},
@@ -351,20 +549,25 @@ def stage_checks(run: ExplainRun) -> dict:
                 "n_features": int(run.features.shape[1])},
         "config_hash": cfg.config_hash(),
         "pls": {"n_components": state.n_components, "pct_target_variance": [round(p, 3) for p in run.pct],
-                "cumulative_pct": round(float(sum(run.pct)), 3)},
-        "fid": {"extractor": run.scorer.label, "best": result.best_fid, "best_step": result.best_step,
-                "floor": run.floor, "n_samples": len(run.real_a), "trace": result.fid_trace},
-        "diversity": {"ratio": round(float(div), 4), "n_conditions": n_cond, "n_seeds": n_seeds,
-                      "extractor": run.scorer.label},
-        "training": {"steps": result.step, "resumed_from_step": result.start_step, "batch_size": cfg.batch_size,
-                     "img_per_s": round(result.img_per_s, 1), "resolution": run.gen_cfg.resolution,
-                     "mask_channels": run.gen_cfg.mask_channels, "generator_step": run.gen_step, "device": device,
-                     "score_regressor_r2": result.regressor_r2},
+                "cumulative_pct": round(float(sum(run.pct)), 3), "heldout": heldout},
+        "sweep": {"range": label, "lo": [round(float(v), 4) for v in lo], "hi": [round(float(v), 4) for v in hi],
+                  "frames": cfg.frames, "shown_seeds": list(cfg.seeds), "check_seeds": cfg.check_seeds},
+        "fid": fid,
+        "diversity": div,
+        "reader": reader_info,
+        "training": {"generator": cfg.generator, "steps": result.step, "resumed_from_step": result.start_step,
+                     "resolution": run.gen_cfg.resolution, "mask_channels": run.gen_cfg.mask_channels,
+                     "generator_step": run.gen_step, "device": device,
+                     **({"patient_pool": result.n_pool, "fit_seconds": round(result.seconds, 1)}
+                        if cfg.generator == "patient" else
+                        {"batch_size": cfg.batch_size, "img_per_s": round(result.img_per_s, 1),
+                         "score_regressor_r2": result.regressor_r2})},
         "components": components,
         "timings_s": {k: round(v, 2) for k, v in run.timings.items()},
     }
-    factors = run.ds.meta.factors or {}
-    metrics["gates"] = C.evaluate_gates(metrics, C.Thresholds(), factors.get("driving", ()), factors.get("nuisance", ()))
+    metrics["gates"] = C.evaluate_gates(metrics, C.Thresholds(), factors.get("driving", ()),
+                                        factors.get("nuisance", ()), factors.get("shortcut", ()))
+    metrics["verdict"] = C.verdict(metrics["gates"])
     (run.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (run.out / "summary.txt").write_text(C.summary_text(metrics))
     run.metrics = metrics

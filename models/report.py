@@ -6,6 +6,8 @@ of ``models.explain``), optionally a lineage dict, a drift summary and an explan
 
 * **self-contained** — every image is inlined as a base64 ``data:`` URI, the CSS is in a ``<style>`` element, and
   there is no script, font or link to fetch; it opens offline, from a file or inside an iframe;
+* **the verdict first**: a banner (id ``verdict``) at the very top, green "Explanation checks: PASS" or red
+  "Explanation checks: FAIL — failing gates: ..." (:func:`models.verdict.verdict_of`);
 * **sections** (each an element with a stable id): ``cautions``, ``lineage``, ``variance``, ``components``,
   ``fid``, ``checks`` (faithfulness, conditioning, ground truth, gates), ``drift``, ``diff``;
 * **plain-language cautions** first: components explaining < 5 % of the target variance, faithfulness below its
@@ -29,6 +31,7 @@ from typing import Any
 from jinja2 import Environment, StrictUndefined
 
 from .checks import Thresholds
+from .verdict import verdict_of, verdict_text
 
 REPORT_FILE = "report.html"
 MIN_VARIANCE_PCT = 5.0                       # components below this get a caution
@@ -138,6 +141,15 @@ def cautions(metrics: dict, drift: dict | None = None, diff: dict | None = None,
 
 # --------------------------------------------------------------------------------------------- view model
 
+def _sweep_label(metrics: dict, cfg: dict) -> str:
+    """What range the sweeps show: from metrics.json (per-component quantile ranges) or the config's SD range."""
+    sweep = metrics.get("sweep") or {}
+    if sweep.get("range"):
+        return f"over {sweep['range']}"
+    lo, hi = cfg.get("sweep_lo"), cfg.get("sweep_hi")
+    return f"from {float(-2.0 if lo is None else lo):.2f} to {float(2.0 if hi is None else hi):.2f} SD"
+
+
 def _component_view(art: Path, c: dict, th_faith: float, th_cond: float, min_pct: float) -> dict:
     j = c["component"]
     seq = art / "sequences"
@@ -148,7 +160,8 @@ def _component_view(art: Path, c: dict, th_faith: float, th_cond: float, min_pct
         "gif": data_uri(seq / f"component_{j}.gif"), "strip": data_uri(seq / f"component_{j}_strip.png"),
         "eigen": data_uri(seq / f"component_{j}_eigen.png"),
         "deviation": data_uri(seq / f"component_{j}_deviation.png"),
-        "faith": faith, "cond": cond, "gt": gt,
+        "faith": faith, "cond": cond, "gt": gt, "reader": c.get("reader") or {},
+        "range": c.get("sweep") or {},
         "faith_ok": faith.get("rho_mean") is not None and faith["rho_mean"] >= th_faith,
         "cond_ok": cond.get("r_pooled") is not None and cond["r_pooled"] >= th_cond,
         "small": c.get("pct_target_variance") is not None and c["pct_target_variance"] < min_pct,
@@ -204,10 +217,11 @@ def build_report(artifacts_dir: str | Path, lineage: dict | None = None, drift: 
     if diff_image is None and (art / "diff" / "matched_components.png").is_file():
         diff_image = art / "diff" / "matched_components.png"
     pls = metrics.get("pls") or {}
+    verdict = verdict_of(metrics)
     view = {
         "title": title or f"FIGAN explanation — {lineage_rows[0][1]} {('v' + str(lineage['cnn_version'])) if lineage.get('cnn_version') else ''}".strip(),
         "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "all_pass": gates.get("all_pass"),
+        "verdict": (verdict or {}).get("verdict"), "verdict_text": verdict_text(verdict),
         "cautions": cautions(metrics, drift, diff, thresholds, min_variance_pct),
         "lineage": [(k, _fmt(v)) for k, v in lineage_rows if v is not None],
         "config": [(k, _fmt(v)) for k, v in sorted(cfg.items())],
@@ -219,7 +233,7 @@ def build_report(artifacts_dir: str | Path, lineage: dict | None = None, drift: 
         "diversity": metrics.get("diversity"), "training": metrics.get("training") or {},
         "th": asdict(thresholds) | {"faithfulness": th_faith, "conditioning": th_cond},
         "min_pct": min_variance_pct,
-        "sweep": (float(cfg.get("sweep_lo", -2.0)), float(cfg.get("sweep_hi", 2.0))),
+        "sweep_label": _sweep_label(metrics, cfg),
         "gates": [(k, g) for k, g in gates.items() if isinstance(g, dict)],
         "drift": drift, "drift_data": _drift_rows((drift or {}).get("data")),
         "drift_features": _drift_rows((drift or {}).get("features")),
@@ -250,6 +264,10 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}.pass{color:#1a7f37;fo
 .caution{background:#fff8c5;border-left:4px solid #bf8700;padding:.4rem .7rem;margin:.35rem 0}
 .caution b{text-transform:uppercase;font-size:.75rem;letter-spacing:.04em;margin-right:.4rem}
 .ok{background:#dafbe1;border-left:4px solid #1a7f37;padding:.4rem .7rem}
+.verdict{font-weight:600;font-size:1.05rem;padding:.55rem .9rem;margin:.2rem 0 .6rem;border-radius:4px;
+border-left:6px solid}.verdict.pass{background:#dafbe1;color:#116329;border-color:#1a7f37}
+.verdict.fail{background:#ffebe9;color:#a40e26;border-color:#cf222e}
+.verdict.unknown{background:#eaeef2;color:#424a53;border-color:#8c959f}
 .comp{border:1px solid #d0d7de;border-radius:6px;padding:.6rem .9rem;margin:1rem 0}
 .imgs{display:flex;flex-wrap:wrap;gap:.8rem;align-items:flex-start}.imgs figure{margin:0}
 figcaption{font-size:.8rem;color:#57606a}img{max-width:100%;height:auto}img.gif{image-rendering:pixelated;width:192px}
@@ -265,9 +283,10 @@ _TEMPLATE = """<!DOCTYPE html>
 <style>""" + _CSS + """</style>
 </head>
 <body>
+<div id="verdict" class="verdict {{ verdict or 'unknown' }}" role="status" data-verdict="{{ verdict or 'unknown' }}">Explanation checks: {{ verdict_text }}</div>
 <h1>{{ title }}</h1>
 <p class="muted">Generated {{ generated }} by the FIGAN platform. All gates:
-{% if all_pass is none %}not evaluated{% elif all_pass %}<span class="pass">PASS</span>{% else %}<span class="fail">FAIL</span>{% endif %}.
+{% if verdict is none %}not evaluated{% elif verdict == 'pass' %}<span class="pass">PASS</span>{% else %}<span class="fail">FAIL</span>{% endif %}.
 Self-contained page: every figure is embedded; nothing is fetched.</p>
 <nav><a href="#cautions">Cautions</a><a href="#lineage">Lineage</a><a href="#variance">PLS variance</a>
 <a href="#components">Components</a><a href="#fid">FID</a><a href="#checks">Checks</a><a href="#drift">Drift</a>
@@ -301,8 +320,8 @@ space, ranked by the share of the (standardised) target variance it explains. To
 
 <section id="components">
 <h2>Components</h2>
-<p class="muted">Each sweep moves one component from {{ fmt(sweep[0]) }} to {{ fmt(sweep[1]) }} SD with the other
-components and the noise fixed. Eigen image: the leading pattern of pixel change along the sweep (red = brighter as
+<p class="muted">Each sweep moves one component {{ sweep_label }} (values in SD of the component's scores) with the
+other components and the seed fixed. Eigen image: the leading pattern of pixel change along the sweep (red = brighter as
 the component increases). Deviation images: each frame minus the frame at 0 SD.</p>
 {% for c in components %}
 <div class="comp" id="component-{{ c.n }}">
@@ -310,7 +329,9 @@ the component increases). Deviation images: each frame minus the frame at 0 SD.<
 <p>Faithfulness ρ = {{ fmt(c.faith.get('rho_mean')) }}
 <span class="{{ 'pass' if c.faith_ok else 'fail' }}">{{ 'ok' if c.faith_ok else 'below ' ~ th.faithfulness }}</span>;
 conditioning r = {{ fmt(c.cond.get('r_pooled')) }}
-<span class="{{ 'pass' if c.cond_ok else 'fail' }}">{{ 'ok' if c.cond_ok else 'below ' ~ th.conditioning }}</span>.</p>
+<span class="{{ 'pass' if c.cond_ok else 'fail' }}">{{ 'ok' if c.cond_ok else 'below ' ~ th.conditioning }}</span>{% if c.reader %};
+independent reader ρ = {{ fmt(c.reader.get('rho_mean')) }}{% endif %}{% if c.range %}; sweep {{ fmt(c.range.get('lo')) }} →
+{{ fmt(c.range.get('hi')) }} SD, checks on {{ c.range.get('n_seeds') }} seeds{% endif %}.</p>
 <div class="imgs">
 {% if c.gif %}<figure><img class="gif" src="{{ c.gif }}" alt="component {{ c.n }} sweep (animated)"><figcaption>sweep, seed 0</figcaption></figure>{% endif %}
 {% if c.eigen %}<figure><img src="{{ c.eigen }}" alt="component {{ c.n }} eigen image" width="360"><figcaption>eigen image</figcaption></figure>{% endif %}
@@ -324,17 +345,19 @@ conditioning r = {{ fmt(c.cond.get('r_pooled')) }}
 </section>
 
 <section id="fid">
-<h2>Image quality: FID over training</h2>
+<h2>Image quality: FID</h2>
 {% if fid.get('best') is not none %}
-<p>Best FID <b>{{ fmt(fid.best) }}</b> at step {{ fid.get('best_step') }}; real-vs-real floor
+<p>FID <b>{{ fmt(fid.best) }}</b>{% if fid.get('best_step') is not none %} (cGAN checkpoint of step {{ fid.get('best_step') }}){% endif %}{% if fid.get('protocol') %} on {{ fid.protocol }}{% endif %}; real-vs-real floor
 <b>{{ fmt(fid.get('floor')) }}</b>{% if fid.get('ratio') %} (ratio {{ fmt(fid.ratio) }}×){% endif %};
 {{ fid.get('n_samples') }} images per side. Feature extractor: <b>{{ fid.get('extractor') }}</b>.
 FID values are only comparable with the same extractor and sample size.</p>
 {% else %}<p>No FID was computed.</p>{% endif %}
 {% if fid_png %}<img src="{{ fid_png }}" alt="FID trace with real-vs-real floor">{% endif %}
-{% if diversity %}<p>Diversity across noise seeds: {{ fmt(diversity.ratio) }}× the spread of real images.</p>{% endif %}
-<p class="muted">Training: {{ training.get('steps') }} steps, {{ training.get('resolution') }}² px,
-device {{ training.get('device') }}, generator from step {{ training.get('generator_step') }}.</p>
+{% if diversity %}<p>Diversity across seeds at a fixed c: pixel distance {{ fmt(diversity.get('pixel_ratio', diversity.get('ratio'))) }}×
+that between real images{% if diversity.get('factor_ratio') %}; per measured nuisance (spread across seeds / spread of
+real images at the same c): {% for k, v in diversity.factor_ratio.items() %}{{ k }} {{ fmt(v) }}{% if not loop.last %}, {% endif %}{% endfor %}{% endif %}.</p>{% endif %}
+<p class="muted">Generator: {{ training.get('generator', 'cgan') }}, {{ training.get('resolution') }}² px, device
+{{ training.get('device') }}{% if training.get('patient_pool') %}, {{ training.patient_pool }} real patients as seeds{% endif %}.</p>
 </section>
 
 <section id="checks">
@@ -353,9 +376,10 @@ device {{ training.get('device') }}, generator from step {{ training.get('genera
 </table>
 <h3 id="ground-truth">Ground truth: which known factor does each sweep move?</h3>
 {% if components and components[0].gt %}
-<table><tr><th>component</th><th>factor</th><th>ρ along sweep</th><th>effect (SD)</th><th>expected effect (SD)</th></tr>
+<table><tr><th>component</th><th>factor</th><th>ρ along sweep</th><th>effect (SD) [95 % CI]</th><th>expected effect (SD) [95 % CI]</th></tr>
 {% for c in components %}{% for name, g in c.gt %}<tr><td>c{{ c.n }}</td><td>{{ name }}</td><td class="num">{{ fmt(g.get('rho')) }}</td>
-<td class="num">{{ fmt(g.get('effect_sd')) }}</td><td class="num">{{ fmt(g.get('expected_effect_sd')) }}</td></tr>{% endfor %}{% endfor %}
+<td class="num">{{ fmt(g.get('effect_sd')) }}{% if g.get('ci95') %} [{{ fmt(g.ci95[0]) }}, {{ fmt(g.ci95[1]) }}]{% endif %}</td>
+<td class="num">{{ fmt(g.get('expected_effect_sd')) }}{% if g.get('expected_ci95') %} [{{ fmt(g.expected_ci95[0]) }}, {{ fmt(g.expected_ci95[1]) }}]{% endif %}</td></tr>{% endfor %}{% endfor %}
 </table>
 {% else %}<p>No ground truth: the dataset declares no measurable factors (only phantoms have a ruler).</p>{% endif %}
 <h3 id="gates">Gates</h3>

@@ -126,7 +126,8 @@ def render_sweep(generate: Generate, z_dim: int, k: int, component: int, values,
                  image_channels: int | None = None) -> SweepResult:
     """Render component ``component`` of c over ``values`` for each seed (same z for all frames of a seed).
 
-    ``base``: length-k values of c for the other components (default zeros). ``image_channels``: how many of the
+    ``base``: length-k values of c for the other components (default zeros; NaN asks a generator that starts
+    from a real image, such as the patient generator, to keep that image's own score). ``image_channels``: how many of the
     generator's output channels are the image; None accepts only 1- or 3-channel output (no masks).
     """
     if not callable(generate):
@@ -150,8 +151,8 @@ def render_sweep(generate: Generate, z_dim: int, k: int, component: int, values,
         b = np.asarray(base, dtype=np.float64).reshape(-1) if np.ndim(base) <= 1 else None
         if b is None or b.shape != (k,):
             raise ValueError(f"base must have length k={k}, got shape {np.shape(base)}")
-        if not np.isfinite(b).all():
-            raise ValueError(f"base must be finite, got {b.tolist()}")
+        if np.isinf(b).any():
+            raise ValueError(f"base must be finite (NaN = the seed's own value), got {b.tolist()}")
     if not _is_int(batch_size) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
@@ -439,14 +440,15 @@ def save_deviation_png(dev, values, path: str | Path, caption: str, component: i
 
 
 def write_component(out_dir: str | Path, result: SweepResult, pct_variance: float, name: str | None = None,
-                    fps: float = 6, gif_scale: int | None = None) -> dict[str, Path]:
+                    fps: float = 6, gif_scale: int | None = None, range_label: str | None = None) -> dict[str, Path]:
     """Write a component's GIF, strip, eigen and deviation PNGs and a small npz; returns their paths.
 
     Files: ``<name>.gif`` (seed 0, image channels, boomerang), ``<name>_strip.png``, ``<name>_eigen.png``,
     ``<name>_deviation.png``, ``<name>.npz`` (values, frames_seed0 uint8 (F, C_out, H, W), eigen (C, H, W),
     eigen_ratio, deviation (F, C_img, H, W), component, pct_variance, image_channels, seeds). ``pct_variance``
     is the component's share of explained target variance in percent (0..100). ``gif_scale`` defaults to the
-    smallest integer that makes the GIF at least 128 px on its longer side.
+    smallest integer that makes the GIF at least 128 px on its longer side. ``range_label`` (e.g. "2.5-97.5 %
+    quantiles of the real scores") is added to every figure's caption so it says what range it shows.
     """
     if not isinstance(result, SweepResult):
         raise ValueError(f"result must be a SweepResult, got {type(result).__name__}")
@@ -463,6 +465,8 @@ def write_component(out_dir: str | Path, result: SweepResult, pct_variance: floa
     H, W = f.shape[3:]
     scale = gif_scale if gif_scale is not None else max(1, math.ceil(128 / max(H, W)))
     caption = component_caption(result.component, float(pct_variance))
+    if range_label:
+        caption = f"{caption}; sweep: {range_label}"
     eigen, ratio = eigen_image(f, ic, result.values)
     dev = deviation_images(f[:, :, :ic], result.values)
     paths = {

@@ -8,9 +8,11 @@ is a 4xx naming its field; a version whose explanation is queued/running/failed 
 
 =====================================================================  ===========================================
 ``GET  /v1/models``                                                    versions with an explanation: status,
-                                                                       aliases, headline metrics
+                                                                       verdict + failing gates, aliases,
+                                                                       headline metrics
 ``GET  /v1/resolve/{name@version|name@alias}``                         the version a reference points to
-``GET  /v1/models/{m}/versions/{v}``                                   one explanation: components (% variance,
+``GET  /v1/models/{m}/versions/{v}``                                   one explanation: verdict (pass | fail)
+                                                                       + failing gates, components (% variance,
                                                                        faithfulness, conditioning), FID, URLs
 ``GET  /v1/models/{m}/versions/{v}/metrics.json | fid_trace.png``      the published metrics / FID trace figure
 ``GET  /v1/models/{m}/versions/{v}/components/{c}/sequence.gif|png|json``  the published sequence (local cache)
@@ -18,7 +20,8 @@ is a 4xx naming its field; a version whose explanation is queued/running/failed 
 ``POST /v1/generate``                                                  a sweep on demand (API key)
 ``POST /v1/models/{m}/versions/{v}/explain-image``                     an uploaded image's scores + sweeps centred
                                                                        on them (multipart ``image``; API key)
-``GET  /viewer/``                                                      the viewer page (static, offline)
+``GET  /viewer/``                                                      the viewer page (static, offline; a
+                                                                       PASS/FAIL banner tops each version)
 ``GET  /healthz``, ``/readyz``, ``/metrics``                           BentoML: alive; ready = MLflow reachable;
                                                                        Prometheus metrics
 =====================================================================  ===========================================
@@ -265,7 +268,8 @@ async def _explanation(request: Request, model: str, version: str) -> tuple[Expl
 def _urls(request: Request, expl: Explanation) -> dict:
     base = f"{request.scope.get('root_path', '')}/models/{expl.name}/versions/{expl.version}"
     comp = lambda j, f: f"{base}/components/{j}/{f}"   # noqa: E731
-    return {"metrics": f"{base}/metrics.json", "fid_trace": f"{base}/fid_trace.png",
+    has_trace = bool((expl.metrics.get("fid") or {}).get("trace"))      # only a cGAN has a training trace
+    return {"metrics": f"{base}/metrics.json", "fid_trace": f"{base}/fid_trace.png" if has_trace else None,
             "components": [{"gif": comp(j, "sequence.gif"), "strip": comp(j, "sequence.png"),
                             "frames": comp(j, "sequence.json"), "eigen": comp(j, "eigen.png"),
                             "deviation": comp(j, "deviation.png")} for j in range(1, expl.k + 1)]}
@@ -273,7 +277,7 @@ def _urls(request: Request, expl: Explanation) -> dict:
 
 @api.get("/models")
 async def models(request: Request) -> dict:
-    """Every model version that has an explanation, with status, aliases and headline metrics."""
+    """Every model version that has an explanation, with status, verdict, aliases and headline metrics."""
     svc = _svc()
     svc.authorize(request, write=False)
     return {"models": await run_in_threadpool(svc.store.models), "listing_ttl_s": svc.cfg.listing_ttl}
@@ -292,7 +296,8 @@ async def resolve(request: Request, ref: str) -> dict:
 
 @api.get("/models/{model}/versions/{version}")
 async def version(request: Request, model: str, version: str) -> dict:
-    """One explanation: status, headline metrics, components (% variance, faithfulness, conditioning), URLs."""
+    """One explanation: status, verdict + failing gates, headline metrics, components (% variance, faithfulness,
+    conditioning), URLs."""
     _, expl = await _explanation(request, model, version)
     return {**expl.summary(), "urls": _urls(request, expl)}
 

@@ -51,6 +51,7 @@ from models.features import extract_features, model_output
 from models.fid import plot_fid_trace
 from models.pls import PLSState, load_pls
 from models.sequences import sweep_values
+from models.verdict import verdict_of
 
 from . import render
 from .contract import RUN_ID_RE, SWEEP_LIMIT, VERSION_RE, ServiceError, check_name, check_ref, public_row
@@ -137,6 +138,15 @@ class Explanation:
     def k(self) -> int:
         return self.gen_cfg.k
 
+    def sweep_range(self, component: int) -> tuple[float, float]:
+        """The published sweep range (SD) of a 0-based component: per component in metrics.json, else the
+        config's SD range, else ±2 SD."""
+        sweep = self.metrics.get("sweep") or {}
+        if sweep.get("lo") and component < len(sweep["lo"]):
+            return float(sweep["lo"][component]), float(sweep["hi"][component])
+        lo, hi = self.config.get("sweep_lo"), self.config.get("sweep_hi")
+        return (-2.0 if lo is None else float(lo)), (2.0 if hi is None else float(hi))
+
     def component_file(self, component: int, kind: str) -> Path:
         """Published file of a 0-based component: kind gif | strip | eigen | deviation | npz."""
         suffix = {"gif": ".gif", "strip": "_strip.png", "eigen": "_eigen.png", "deviation": "_deviation.png",
@@ -144,15 +154,21 @@ class Explanation:
         return self.dir / "sequences" / f"component_{component + 1}{suffix}"
 
     def summary(self) -> dict[str, Any]:
-        """The version row plus components (with % variance, faithfulness, conditioning) and sweep settings."""
+        """The version row plus components (with % variance, faithfulness, conditioning) and sweep settings; the
+        verdict (pass | fail) and failing gates come from the published metrics.json itself."""
         sweep = {k: self.config.get(k) for k in ("sweep_lo", "sweep_hi", "frames", "seeds")}
+        sweep.update(self.metrics.get("sweep") or {})      # per-component ranges and what they are
         comps = []
         for j, c in enumerate(self.metrics.get("components") or []):
             comps.append({"component": j + 1, "pct_target_variance": c.get("pct_target_variance"),
                           "faithfulness": c.get("faithfulness"), "conditioning": c.get("conditioning"),
                           "ground_truth": c.get("ground_truth")})
         fid = {k: v for k, v in (self.metrics.get("fid") or {}).items() if k != "trace"}
-        return {**public_row(self.row), "k": self.k, "resolution": self.gen_cfg.resolution,
+        row = public_row(self.row)
+        verdict = verdict_of(self.metrics)
+        if verdict is not None:
+            row.update(verdict=verdict["verdict"], failing_gates=verdict["failing"])
+        return {**row, "k": self.k, "resolution": self.gen_cfg.resolution,
                 "image_channels": self.gen_cfg.image_channels, "sweep": sweep, "fid": fid,
                 "diversity": self.metrics.get("diversity"), "gates": self.metrics.get("gates"),
                 "dataset": self.metrics.get("dataset"), "cnn": self.metrics.get("cnn"), "components": comps}
@@ -475,9 +491,9 @@ class ExplanationStore:
         G, gcfg = self.generator(expl)
         with self.generation:
             sweeps = render.sweep_frames(G, gcfg, list(range(expl.k)), values, seed, base)
-        lo, hi = expl.config.get("sweep_lo", -2.0), expl.config.get("sweep_hi", 2.0)
         comps = []
         for j in range(expl.k):
+            lo, hi = expl.sweep_range(j)
             s = float(scores[j])
             comps.append({"component": j + 1, "score": round(s, 4),
                           "position": "below" if s < lo else "above" if s > hi else "within",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,12 +30,14 @@ from flows.mlflow_server import MlflowServer, start_server
 from models.cnn import TrainConfig, train_cnn
 from models.data import DatasetMeta, write_dataset
 from models.explain import ExplainConfig, explain
+from models.verdict import verdict_of
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "discs-cnn"
 API_KEY = "test-key-0123456789"
-TINY = ExplainConfig(steps=30, ckpt_every=15, ngf=8, ndf=8, z_dim=8, batch_size=16, fid_samples=32,
-                     fid_extractor="randconv", frames=5, seeds=(0, 1), n_components=2, regressor_steps=10)
+TINY = ExplainConfig(generator="cgan", steps=30, ckpt_every=15, ngf=8, ndf=8, z_dim=8, batch_size=16, fid_samples=32,
+                     fid_extractor="randconv", frames=5, seeds=(0, 1), n_components=2, regressor_steps=10,
+                     sweep_lo=-2.0, sweep_hi=2.0, check_seeds=8, reader_epochs=2)
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -102,6 +105,7 @@ class Platform:
     artifacts: Path
     metrics: dict
     served: list[Served] = field(default_factory=list)
+    verdicts: dict[str, dict | None] = field(default_factory=dict)     # version → verdict, where tests set one
 
     @classmethod
     def start(cls, home: Path, cfg: ExplainConfig = TINY, size: int = 16, serve: tuple[dict, ...] = ({},)
@@ -140,6 +144,20 @@ class Platform:
     def publish(self, version: str) -> str:
         return R.publish_explanation(self.client, MODEL, version, self.artifacts, self.metrics,
                                      {"dataset": "discs"}, key=f"key-{version}")
+
+    def publish_opposite_verdict(self, version: str) -> dict:
+        """Publish the explanation on ``version`` with the opposite verdict of version 1's (a copy of the artifacts
+        whose gates all pass, or whose fid and diversity gates fail); returns that copy's metrics."""
+        passing = (verdict_of(self.metrics) or {}).get("verdict") != "pass"
+        gates = {name: {**g, "pass": passing or name not in ("fid", "diversity")}
+                 for name, g in self.metrics["gates"].items() if isinstance(g, dict)}
+        metrics = {**self.metrics, "gates": {**gates, "all_pass": passing}}
+        metrics["verdict"] = verdict_of({"gates": metrics["gates"]})
+        art = self.home / f"explanation-v{version}"
+        shutil.copytree(self.artifacts, art)
+        (art / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        R.publish_explanation(self.client, MODEL, version, art, metrics, {"dataset": "discs"}, key=f"key-{version}")
+        return metrics
 
     def serve(self, **env: str) -> Served:
         """Start the service against this MLflow; returns once /readyz answers 200."""
@@ -185,7 +203,8 @@ _SHARED: Platform | None = None
 def shared_platform(config, tmp_path_factory) -> Platform:
     """One platform per pytest session (both service test modules use it); stopped when the session ends.
 
-    Version 1 (alias ``champion``) and 2 are done, 3 failed, 4 running. Two services boot while the explanation
+    Version 1 (alias ``champion``) and 2 are done, with opposite verdicts (``platform.verdicts``), 3 failed,
+    4 running. Two services boot while the explanation
     is made: ``served[0]`` with public reads (tests/test_service.py), ``served[1]`` with the default, reads need
     the key too (tests/test_viewer_browser.py); both need the key for generation and uploads."""
     global _SHARED
@@ -194,7 +213,8 @@ def shared_platform(config, tmp_path_factory) -> Platform:
                                   serve=({"FIGAN_SERVICE_PUBLIC_READ": "true"}, {}))
         config.add_cleanup(platform.stop)
         v2, v3, v4 = platform.new_version(), platform.new_version(), platform.new_version()
-        platform.publish(v2)
+        v2_metrics = platform.publish_opposite_verdict(v2)
+        platform.verdicts = {"1": verdict_of(platform.metrics), v2: verdict_of(v2_metrics)}
         R.set_status(platform.client, MODEL, v3, "failed", error="features: layer 'fc9' names no layer")
         R.set_status(platform.client, MODEL, v4, "running")
         _SHARED = platform

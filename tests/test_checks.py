@@ -83,21 +83,60 @@ def test_sweep_of_other_component_moves_disc_not_radius(fitted):
 
 
 def test_gates_and_summary(fitted):
+    gt = lambda heart, shift, dev: {"heart": {"rho": 0.99, "effect_sd": heart},
+                                    "shift": {"rho": 0.9, "effect_sd": shift, "deviation_beyond_expected_ci_sd": dev}}
     metrics = {"components": [
         {"component": 1, "pct_target_variance": 80.0, "faithfulness": {"rho_mean": 0.95},
-         "conditioning": {"r_pooled": 0.97},
-         "ground_truth": {"heart": {"rho": 0.99, "effect_sd": 2.5}, "shift": {"rho": 0.9, "effect_sd": 0.05}}},
-        {"component": 2, "pct_target_variance": 5.0, "faithfulness": {"rho_mean": 0.1},
+         "reader": {"rho_mean": 0.93}, "conditioning": {"r_pooled": 0.97}, "ground_truth": gt(2.5, 0.05, 0.0)},
+        {"component": 2, "pct_target_variance": 5.0, "faithfulness": {"rho_mean": 0.1}, "reader": {"rho_mean": 0.0},
          "conditioning": {"r_pooled": 0.2}}],
-        "fid": {"best": 10.0, "floor": 6.0, "extractor": "x", "best_step": 5}, "diversity": {"ratio": 0.8}}
+        "fid": {"best": 10.0, "floor": 6.0, "extractor": "x", "n_samples": 100},
+        "diversity": {"pixel_ratio": 0.8, "factor_ratio": {"shift": 0.9}}}
     gates = C.evaluate_gates(metrics, C.Thresholds(), ["heart"], ["shift"])
     assert gates["faithfulness"]["pass"] and gates["faithfulness"]["components"] == [1]   # 5 % component not gated
-    assert gates["fid"]["pass"] and gates["ground_truth"]["pass"] and gates["all_pass"]
-    metrics["components"][0]["ground_truth"]["shift"]["effect_sd"] = 0.4
-    assert not C.evaluate_gates(metrics, C.Thresholds(), ["heart"], ["shift"])["ground_truth"]["pass"]
-    metrics["gates"] = gates
+    assert gates["fid"]["pass"] and gates["driving_factor"]["pass"] and gates["nuisance"]["pass"] and gates["all_pass"]
+    assert C.verdict(gates) == {"verdict": "pass", "failing": []}
+    metrics["components"][0]["ground_truth"] = gt(2.5, 0.4, 0.3)
+    bad = C.evaluate_gates(metrics, C.Thresholds(), ["heart"], ["shift"])
+    assert not bad["nuisance"]["pass"] and C.verdict(bad) == {"verdict": "fail", "failing": ["nuisance"]}
+    metrics["diversity"]["factor_ratio"]["shift"] = 0.2
+    assert C.evaluate_gates(metrics, C.Thresholds(), ["heart"], ["shift"])["diversity"]["worst"] == "shift"
+    metrics["gates"], metrics["verdict"] = gates, C.verdict(gates)
     text = C.summary_text(metrics)
-    assert "gate faithfulness: PASS" in text and "heart +2.50" in text
+    assert "gate faithfulness: PASS" in text and "heart +2.50" in text and "VERDICT: PASS" in text
+
+
+def test_every_output_layout_reads_the_same_direction():
+    """One logit, one probability, two logits, two probabilities: the same ranking along a sweep."""
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(200, 5))
+    state, _ = fit_pls(feats, (feats[:, 0] > 0).astype(int), "classification", n_components=2, class_names=["a", "b"])
+    logit = np.linspace(-3, 3, 7)
+    p = 1 / (1 + np.exp(-logit))
+    layouts = {"one logit": logit[:, None], "one probability": p[:, None],
+               "two logits": np.stack([np.zeros(7), logit], 1), "two probabilities": np.stack([1 - p, p], 1)}
+    sign = np.sign(state.y_loadings[1, 0])
+    for name, out in layouts.items():
+        resp = C.target_response(out, "classification", state, 0)
+        assert np.all(np.diff(resp) * sign > 0), name
+    with pytest.raises(ValueError, match="3 output value"):
+        C.target_response(rng.normal(size=(7, 3)), "classification", state, 0)
+
+
+def test_regression_with_several_targets_and_a_wrong_width():
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(200, 4))
+    y = np.stack([feats[:, 0], feats[:, 1]], 1)
+    state, _ = fit_pls(feats, y, "regression", n_components=2)
+    assert C.target_response(y[:5], "regression", state, 0).shape == (5,)
+    with pytest.raises(ValueError, match="one value per target"):
+        C.target_response(y[:5, :1], "regression", state, 0)
+
+
+def test_old_metrics_schema_gets_a_clear_error():
+    with pytest.raises(C.SchemaError, match="figan.metrics/1.*figan.metrics/2"):
+        C.check_schema({"schema": "figan.metrics/1"})
+    assert C.check_schema({"schema": C.SCHEMA})["schema"] == "figan.metrics/2"
 
 
 def test_classification_response_direction():

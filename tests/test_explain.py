@@ -2,6 +2,7 @@
 re-run reuses features and the finished GAN; the CLI reports bad input clearly."""
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -10,8 +11,11 @@ from models.cnn import TrainConfig, save_cnn, train_cnn
 from models.explain import ExplainConfig, explain
 from models.phantom import PhantomConfig, write_phantom
 
-TINY = ExplainConfig(steps=20, ckpt_every=10, ngf=8, ndf=8, z_dim=16, batch_size=16, fid_samples=32,
-                     fid_extractor="randconv", frames=4, seeds=(0, 1), n_components=2)
+TINY = ExplainConfig(fid_samples=32, fid_extractor="randconv", frames=4, seeds=(0, 1), n_components=2, check_seeds=8,
+                     reader_epochs=2, register_iters=30)
+TINY_CGAN = ExplainConfig(generator="cgan", steps=20, ckpt_every=10, ngf=8, ndf=8, z_dim=16, batch_size=16,
+                          fid_samples=32, fid_extractor="randconv", frames=4, seeds=(0, 1), n_components=2,
+                          check_seeds=4, reader_epochs=1)
 
 
 @pytest.fixture(scope="module")
@@ -27,25 +31,57 @@ def test_explain_artifacts(phantom_cnn):
     root, ds, model, spec = phantom_cnn
     out = root / "explanation"
     m = explain(ds, model, out, TINY, task=spec.task, input_shape=tuple(spec.input_shape), cnn_name="tiny")
-    for f in ["config.json", "features.npy", "pls/pls.npz", "pls_variance.png", "scores.csv", "gan/last.pt",
-              "gan/best/generator.pt", "fid_trace.png", "fid_trace.json", "metrics.json", "summary.txt",
+    for f in ["config.json", "features.npy", "pls/pls.npz", "pls_variance.png", "scores.csv", "gan/pose.pt",
+              "gan/best/generator.pt", "gan/best/generator.json", "metrics.json", "summary.txt",
               "sequences/component_1.gif", "sequences/component_2_eigen.png", "sequences/component_1_deviation.png",
               "sequences/component_1_strip.png"]:
         assert (out / f).exists(), f
     with Image.open(out / "sequences/component_1.gif") as gif:
         assert gif.n_frames >= 4
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["schema"] == "figan.metrics/1" and saved == json.loads(json.dumps(m))
-    assert [r["step"] for r in saved["fid"]["trace"]] == [10, 20]
+    assert saved["schema"] == "figan.metrics/2" and saved == json.loads(json.dumps(m))
     assert "randconv" in saved["fid"]["extractor"].lower() and saved["fid"]["floor"] >= 0
+    assert saved["fid"]["n_samples"] == 32 and "sweep" in saved["fid"]["protocol"]
+    assert "quantiles" in saved["sweep"]["range"] and len(saved["sweep"]["lo"]) == 2
     c1 = saved["components"][0]
-    assert {"faithfulness", "conditioning", "ground_truth"} <= set(c1)
+    assert {"faithfulness", "reader", "conditioning", "ground_truth", "sweep"} <= set(c1)
+    assert len(c1["faithfulness"]["rho_per_seed"]) == 8               # the checks use check_seeds seeds
     assert {"heart_size", "vascular_fullness", "shift_x", "noise"} <= set(c1["ground_truth"])
-    assert set(saved["gates"]) >= {"faithfulness", "conditioning", "fid", "diversity", "ground_truth", "all_pass"}
-    # second run: features reused, GAN already finished → identical generator
+    assert len(c1["ground_truth"]["heart_size"]["ci95"]) == 2
+    assert set(saved["gates"]) >= {"faithfulness", "reader", "conditioning", "fid", "diversity", "driving_factor",
+                                   "nuisance", "all_pass"}
+    assert saved["verdict"]["verdict"] == ("pass" if saved["gates"]["all_pass"] else "fail")
+    assert len(saved["pls"]["heldout"]["cumulative_pct_cnn_output_variance"]) == 2
+    # the published sweep shows the chosen seeds only
+    with np.load(out / "sequences/component_1.npz") as z:
+        assert z["seeds"].tolist() == [0, 1]
+    # second run: registration reused → identical generator
     before = (out / "gan/best/generator.pt").read_bytes()
     explain(ds, model, out, TINY, task=spec.task, input_shape=tuple(spec.input_shape), cnn_name="tiny")
     assert (out / "gan/best/generator.pt").read_bytes() == before
+
+
+def test_patient_generator_is_the_patient_at_its_own_scores(phantom_cnn):
+    """At c = the patient's own scores the edit is the identity; the noise z picks the patient."""
+    import torch
+    from models.cgan import load_generator
+    root, *_ = phantom_cnn
+    G, gcfg, _ = load_generator(root / "explanation" / "gan" / "best")
+    idx = torch.arange(5)
+    own = G.edit(idx, G.pool_scores[idx])
+    assert torch.allclose(own, G.pool_images[idx].float() / 255, atol=2e-3)
+    moved = G.edit(idx, G.pool_scores[idx] + torch.tensor([2.0, 0.0]))
+    assert (moved - own).abs().mean() > 1e-3
+    z = torch.tensor([[-3.0], [0.0], [3.0]])
+    assert G.patient_index(z).tolist() == sorted(G.patient_index(z).tolist())
+
+
+def test_cgan_generator_still_explains(phantom_cnn):
+    root, ds, model, spec = phantom_cnn
+    out = root / "explanation-cgan"
+    m = explain(ds, model, out, TINY_CGAN, task=spec.task, input_shape=tuple(spec.input_shape), cnn_name="tiny")
+    assert (out / "gan/last.pt").exists() and (out / "fid_trace.json").exists()
+    assert [r["step"] for r in m["fid"]["trace"]] == [10, 20] and m["training"]["generator"] == "cgan"
 
 
 def test_cli_explain_and_errors(phantom_cnn, tmp_path, capsys):

@@ -1,8 +1,10 @@
-"""The auditor's report.html on a real (tiny) explanation: self-contained, every section, cautions when due."""
+"""The auditor's report.html on a real (tiny) explanation: self-contained, every section, cautions when due, and
+the verdict banner at the very top following the gates."""
 import base64
 import binascii
 import io
 import json
+import re
 import shutil
 from html.parser import HTMLParser
 
@@ -17,8 +19,8 @@ from models.explain import ExplainConfig, explain
 from models.phantom import PhantomConfig, write_phantom
 from models.report import build_report, cautions
 
-TINY = dict(steps=20, ckpt_every=10, ngf=8, ndf=8, z_dim=16, batch_size=16, fid_samples=32, fid_extractor="randconv",
-            frames=4, seeds=(0, 1), n_components=2, regressor_steps=20)
+TINY = dict(fid_samples=32, fid_extractor="randconv", frames=4, seeds=(0, 1), n_components=2, check_seeds=8,
+            reader_epochs=2, register_iters=30)
 SECTIONS = {"cautions", "lineage", "variance", "components", "fid", "checks", "drift", "diff"}
 LINEAGE = {"cnn_name": "phantom-cnn", "cnn_version": "3", "dataset": "phantom", "dataset_md5": "d" * 32,
            "code_version": "0123abcd" * 5, "key": "k" * 16}
@@ -82,7 +84,15 @@ def _copy(src, dst, edit=None):
     return dst
 
 
+def banner(html: str) -> tuple[str, str]:
+    """(class, text) of the verdict banner, which must be the first element of the body."""
+    match = re.search(r'<body>\s*<div id="verdict" class="([^"]+)"[^>]*>([^<]*)</div>', html)
+    assert match, html[html.find("<body>"):][:300]
+    return match.group(1), match.group(2)
+
+
 def _all_good(m):
+    m.pop("verdict", None)                   # as an older metrics.json: the verdict is derived from the gates
     for c in m["components"]:
         c["pct_target_variance"] = 40.0
         c["faithfulness"]["rho_mean"] = 0.97
@@ -110,7 +120,7 @@ def test_report_is_self_contained_with_every_section(artifacts):
     imgs = page.images()
     metrics = json.loads((artifacts / "metrics.json").read_text())
     k = len(metrics["components"])
-    assert len(imgs) == 2 + 4 * k                    # variance chart, FID trace; per component gif/eigen/strip/deviation
+    assert len(imgs) == 1 + 4 * k                    # variance chart; per component gif/eigen/strip/deviation
     formats = [_decode(src).format for src in imgs]
     assert formats.count("GIF") == k and formats.count("PNG") == len(imgs) - k
     text = " ".join(page.text)
@@ -148,6 +158,12 @@ def test_cautions_appear_when_their_conditions_hold(artifacts, tmp_path):
     assert "9 of 12 image statistics drifted" in text and "RuntimeError: boom" in text
     assert "matches none of the top 2 components of v2" in text
     assert "intensity_mean" in text
+    html = (art / "report.html").read_text()
+    assert banner(html) == ("verdict fail", "Explanation checks: FAIL — failing gates: conditioning")
+    m = json.loads((art / "metrics.json").read_text())           # a stored verdict wins over the gates
+    m["verdict"] = {"verdict": "fail", "failing": ["fid", "diversity"]}
+    (art / "metrics.json").write_text(json.dumps(m))
+    assert banner(build_report(art).read_text())[1] == "Explanation checks: FAIL — failing gates: fid, diversity"
 
 
 def test_no_caution_for_a_clean_explanation(artifacts, tmp_path):
@@ -161,6 +177,7 @@ def test_no_caution_for_a_clean_explanation(artifacts, tmp_path):
     assert page.cautions == []
     text = " ".join(page.text)
     assert "No caution" in text and "same dataset version" in text and "matches previous c1" in text
+    assert banner((art / "report.html").read_text()) == ("verdict pass", "Explanation checks: PASS")
 
 
 def test_report_needs_metrics(tmp_path):

@@ -122,7 +122,7 @@ def test_other_component_moves_the_disc():
 
 @pytest.mark.parametrize("kw, arg", [
     (dict(k=0), "k"), (dict(component=3), "component"), (dict(component=-1), "component"),
-    (dict(base=[0, 0]), "base"), (dict(base=[0, np.nan, 0]), "base"), (dict(values=[1.0]), "values"),
+    (dict(base=[0, 0]), "base"), (dict(base=[0, np.inf, 0]), "base"), (dict(values=[1.0]), "values"),
     (dict(values=[0, np.inf]), "values"), (dict(seeds=()), "seeds"), (dict(seeds=[0.5]), "seeds"),
     (dict(z_dim=0), "z_dim"), (dict(batch_size=0), "batch_size"), (dict(image_channels=3), "image_channels"),
     (dict(generate=None), "generate"),

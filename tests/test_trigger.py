@@ -32,8 +32,9 @@ from models.cnn import TrainConfig, train_cnn
 from models.phantom import PhantomConfig, write_phantom
 
 # 120 GAN steps with a checkpoint every 20: long enough to kill a worker mid-training, short on 2 cores
-TINY = dict(steps=120, ckpt_every=20, ngf=8, ndf=8, z_dim=16, batch_size=16, fid_samples=32,
-            fid_extractor="randconv", frames=4, seeds=[0, 1], n_components=2, regressor_steps=20)
+TINY = dict(generator="cgan", steps=120, ckpt_every=20, ngf=8, ndf=8, z_dim=16, batch_size=16, fid_samples=32,
+            fid_extractor="randconv", frames=4, seeds=[0, 1], n_components=2, regressor_steps=20, check_seeds=4,
+            reader_epochs=1)
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 

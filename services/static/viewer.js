@@ -111,6 +111,22 @@ function componentCard(summary, comp, urls) {
   return card;
 }
 
+// The verdict banner at the top of a version's panel: green when every explanation check (gate) passed, red
+// naming the failing gates otherwise.
+function verdictText(s) {
+  const failing = s.failing_gates || [];
+  if (s.verdict === "pass") return "Explanation checks: PASS";
+  if (s.verdict === "fail") {
+    return "Explanation checks: FAIL" + (failing.length ? ` — failing gates: ${failing.join(", ")}` : "");
+  }
+  return "Explanation checks: not evaluated";
+}
+
+function verdictBanner(s) {
+  const kind = s.verdict === "pass" || s.verdict === "fail" ? s.verdict : "unknown";
+  return el("div", { class: `verdict ${kind}`, role: "status", "data-verdict": kind }, verdictText(s));
+}
+
 async function showVersion(panel, model, version) {
   const token = `${model}/${version}/${Date.now()}/${Math.random()}`;
   panel.dataset.showing = token;                  // a later selection wins over a slower earlier answer
@@ -129,9 +145,12 @@ async function showVersion(panel, model, version) {
   const table = el("table", { class: "headline" });
   const fid = s.fid || {};
   const rows = [
-    ["status", s.status], ["FID (best)", `${fmt(fid.best, 1)} at step ${fid.best_step ?? "–"}`],
+    ["status", s.status],
+    ["FID", fid.best_step != null ? `${fmt(fid.best, 1)} at step ${fid.best_step}` : fmt(fid.best, 1)],
     ["real-vs-real floor", fmt(fid.floor, 1)], ["FID extractor", fid.extractor || "–"],
-    ["diversity", fmt((s.diversity || {}).ratio)], ["gates", (s.gates || {}).all_pass ? "all pass" : "not all pass"],
+    ["diversity (seeds / real)", fmt((s.diversity || {}).pixel_ratio ?? (s.diversity || {}).ratio)],
+    ["sweep range", (s.sweep || {}).range || `${fmt((s.sweep || {}).sweep_lo)} to ${fmt((s.sweep || {}).sweep_hi)} SD`],
+    ["gates", (s.gates || {}).all_pass ? "all pass" : "not all pass"],
     ["dataset", `${(s.dataset || {}).name || "–"} (${(s.dataset || {}).n_images ?? "–"} images)`],
   ];
   for (const [k, v] of rows) {
@@ -140,19 +159,21 @@ async function showVersion(panel, model, version) {
     table.appendChild(tr);
   }
   const fidImg = el("img", { class: "fid", alt: "FID trace" });
-  loadImage(fidImg, s.urls.fid_trace);
+  if (s.urls.fid_trace) loadImage(fidImg, s.urls.fid_trace);     // a cGAN's training trace; none for the patient generator
   const comps = el("div", { class: "components" });
   s.components.forEach((comp, i) => comps.appendChild(componentCard(s, comp, s.urls.components[i])));
   const overview = el("div", { class: "overview" });
-  overview.append(table, fidImg);
-  panel.replaceChildren(head, overview, comps);
+  overview.append(table);
+  if (s.urls.fid_trace) overview.append(fidImg);
+  panel.replaceChildren(verdictBanner(s), head, overview, comps);
 }
 
 let listing = [];
 
 function fillVersions(modelName, a, b) {
   const m = listing.find((x) => x.name === modelName) || { versions: [] };
-  const label = (v) => `v${v.version}${v.aliases.length ? " (" + v.aliases.join(", ") + ")" : ""} — ${v.status}`;
+  const label = (v) => `v${v.version}${v.aliases.length ? " (" + v.aliases.join(", ") + ")" : ""} — ${v.status}` +
+    (v.status === "done" && v.verdict ? ` · checks ${v.verdict}` : "");
   const options = (sel, withNone) => {
     sel.replaceChildren(...(withNone ? [el("option", { value: "" }, "—")] : []),
       ...m.versions.map((v) => el("option", { value: v.version }, label(v))));
