@@ -6,7 +6,7 @@
     figan version-data --src DIR            validate + dvc add + dvc push a dataset folder; prints its md5
     figan register --cnn DIR --name NAME --dataset NAME [--dataset-md5 MD5]
     figan explain-version --name NAME --version N      run the explain flow for one registered version
-    figan status [--name NAME]              registered versions, explanation status and headline metrics
+    figan status [--name NAME]              registered versions, explanation status, verdict, headline metrics
     figan demo [--quick]                    the quick start: data → CNN → registration → explanation, twice
 
 Settings (home folder, tracking URI, DVC remote, explain config) come from `flows.settings.Settings`.
@@ -81,19 +81,30 @@ def cmd_explain_version(args) -> int:
     return 0 if res["status"] in ("done", "skipped") else 3     # skipped: another process holds the run lease
 
 
+def verdict_cell(row: dict) -> str:
+    """The status table's verdict: ``pass`` or ``fail: fid, diversity`` for a published (done) explanation, ``-``
+    otherwise (a running or failed version's verdict tag belongs to its previous explanation)."""
+    from .registry import verdict_tag
+    if row.get("status") != "done" or not row.get("verdict"):
+        return "-"
+    return verdict_tag({"verdict": row["verdict"], "failing": row.get("failing_gates") or []})
+
+
 def status_table(name: str | None = None) -> str:
     from mlflow import MlflowClient
     from .explain import tracking_uri
     from .registry import list_versions
     from .settings import Settings
     rows = list_versions(MlflowClient(tracking_uri(Settings.load())), name)
-    head = f"{'model':<20} {'ver':>3} {'status':<8} {'FID best':>9} {'% var (c1, c2, …)':<24} {'faithfulness':<22} error"
+    head = (f"{'model':<20} {'ver':>3} {'status':<8} {'verdict':<28} {'FID best':>9} {'% var (c1, c2, …)':<24} "
+            f"{'faithfulness':<22} error")
     lines = [head, "-" * len(head)]
     for r in rows:
         pct = ", ".join(f"{p:.1f}" for p in (r.get("pct_variance") or []))
         faith = ", ".join(f"{f:.2f}" for f in (r.get("faithfulness") or []))
         fid = r.get("fid_best")
-        lines.append(f"{r['name']:<20} {r['version']:>3} {str(r.get('status') or '-'):<8} "
+        verdict = verdict_cell(r)
+        lines.append(f"{r['name']:<20} {r['version']:>3} {str(r.get('status') or '-'):<8} {verdict:<28} "
                      f"{(f'{fid:.1f}' if isinstance(fid, (int, float)) else '-'):>9} {pct:<24} {faith:<22} "
                      f"{(r.get('error') or '')[:60]}")
     return "\n".join(lines)

@@ -26,9 +26,14 @@ can mark just that version failed with a message a data scientist can act on.
 **Status** of a version's explanation is kept in version tags: ``figan.status`` (queued | running | done |
 failed), ``figan.run_id``, ``figan.error``, ``figan.key`` (the idempotency key), ``figan.updated`` (ISO time)
 and headline metrics (``figan.fid_best``, ``figan.fid_extractor``, ``figan.faithfulness`` and
-``figan.pct_variance`` as JSON lists, one entry per PLS component). Status is written last, so whoever sees
-``done`` also sees the run id and the metrics. A failure also records ``figan.error_kind`` (contract | error),
-``figan.attempts`` and ``figan.retry_after`` (the trigger's backoff) and, for contract errors,
+``figan.pct_variance`` as JSON lists, one entry per PLS component) and the verdict ``figan.verdict``: ``pass``,
+or ``fail: fid, diversity`` naming the failing gates (from ``metrics.json``'s ``verdict``, see
+:func:`models.verdict.verdict_of`). ``done`` means published; the verdict says whether to trust it. Status is
+written last, so whoever sees ``done`` also sees the run id, the metrics and the verdict. With the setting
+``pass_alias`` (``FIGAN_PASS_ALIAS``) publishing also points that registered-model alias at the version when its
+verdict is pass (and takes it off the version when a re-explanation fails), so ``models:/<name>@<alias>`` only
+ever names explanations that passed (:func:`apply_pass_alias`). A failure also records ``figan.error_kind``
+(contract | error), ``figan.attempts`` and ``figan.retry_after`` (the trigger's backoff) and, for contract errors,
 ``figan.contract_hash`` (not retried until the contract tags change). ``figan.lease`` names the process explaining
 the version now (:func:`acquire_lease`), so concurrent triggers of one version run once.
 
@@ -84,6 +89,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 from models.cnn import ARCHITECTURES, CNNSpec, build_cnn
+from models.verdict import FAIL, PASS, verdict_of
 
 __all__ = [
     "TAG_DATASET", "TAG_DATASET_MD5", "TAG_TARGET", "TAG_TASK", "TAG_LAYER", "TAG_INPUT_SHAPE", "TAG_CLASS_NAMES",
@@ -93,7 +99,8 @@ __all__ = [
     "register_cnn", "load_cnn_version", "set_status", "get_status", "publish_explanation", "find_explanation",
     "download_explanation", "list_versions", "flatten_metrics", "TAG_ATTEMPTS", "TAG_RETRY_AFTER", "TAG_ERROR_KIND",
     "TAG_CONTRACT_HASH", "TAG_LEASE", "contract_fingerprint", "Lease", "read_lease", "acquire_lease", "renew_lease",
-    "release_lease", "new_owner",
+    "release_lease", "new_owner", "TAG_VERDICT", "verdict_tag", "parse_verdict_tag", "apply_pass_alias",
+    "run_verdict",
 ]
 
 # --------------------------------------------------------------------------------------------- tag names
@@ -117,6 +124,7 @@ TAG_FID_BEST = "figan.fid_best"
 TAG_FID_EXTRACTOR = "figan.fid_extractor"
 TAG_FAITHFULNESS = "figan.faithfulness"
 TAG_PCT_VARIANCE = "figan.pct_variance"
+TAG_VERDICT = "figan.verdict"              # pass | fail: <failing gates, comma-separated>
 # retry bookkeeping and the run lease (model version)
 TAG_ATTEMPTS = "figan.attempts"            # failed attempts for the current key
 TAG_RETRY_AFTER = "figan.retry_after"      # epoch seconds before which a failed key is not retried
@@ -138,7 +146,7 @@ CNN_EXPERIMENT = "figan-cnns"
 _STATUS_FIELDS = {"run_id": TAG_RUN_ID, "error": TAG_ERROR, "key": TAG_KEY, "fid_best": TAG_FID_BEST,
                   "fid_extractor": TAG_FID_EXTRACTOR, "faithfulness": TAG_FAITHFULNESS,
                   "pct_variance": TAG_PCT_VARIANCE, "attempts": TAG_ATTEMPTS, "retry_after": TAG_RETRY_AFTER,
-                  "error_kind": TAG_ERROR_KIND, "contract_hash": TAG_CONTRACT_HASH}
+                  "error_kind": TAG_ERROR_KIND, "contract_hash": TAG_CONTRACT_HASH, "verdict": TAG_VERDICT}
 _MAX_ERROR_CHARS = 4000
 
 # artifact layout
@@ -394,15 +402,40 @@ def flatten_metrics(metrics: dict) -> dict[str, float]:
     return out
 
 
+def verdict_tag(verdict: dict | None) -> str | None:
+    """The ``figan.verdict`` tag of a verdict dict: ``pass`` or ``fail: fid, diversity`` (None: not evaluated)."""
+    if not verdict:
+        return None
+    if verdict["verdict"] == PASS:
+        return PASS
+    failing = verdict.get("failing") or []
+    return f"{FAIL}: {', '.join(failing)}" if failing else FAIL
+
+
+def parse_verdict_tag(raw: str | None) -> dict | None:
+    """``figan.verdict`` → ``{"verdict": "pass" | "fail", "failing": [...]}``; None when unset or unreadable."""
+    if not raw:
+        return None
+    head, _, rest = raw.strip().partition(":")
+    head = head.strip().lower()
+    if head == PASS:
+        return {"verdict": PASS, "failing": []}
+    if head == FAIL:
+        return {"verdict": FAIL, "failing": [g.strip() for g in rest.split(",") if g.strip()]}
+    return None
+
+
 def _headline(metrics: dict) -> dict[str, Any]:
-    """The status-tag headline of metrics.json: best FID + extractor, faithfulness and % variance per component."""
+    """The status-tag headline of metrics.json: best FID + extractor, faithfulness and % variance per component,
+    and the verdict."""
     fid = metrics.get("fid") or {}
     comps = metrics.get("components") or []
     pct = (metrics.get("pls") or {}).get("pct_target_variance") or [c.get("pct_target_variance") for c in comps]
     faith = [(c.get("faithfulness") or {}).get("rho_mean") for c in comps]
     return {"fid_best": _finite(fid.get("best")), "fid_extractor": fid.get("extractor"),
             "faithfulness": [_finite(v) for v in faith] if comps else None,
-            "pct_variance": [_finite(v) for v in pct] if pct else None}
+            "pct_variance": [_finite(v) for v in pct] if pct else None,
+            "verdict": verdict_tag(verdict_of(metrics))}
 
 
 def _tag_value(value: Any) -> str:
@@ -557,7 +590,8 @@ def _write_tags(client: MlflowClient, name: str, version: str, tags: dict[str, s
 
 def set_status(client: MlflowClient, name: str, version: str | int, status: str, **fields: Any) -> None:
     """Set ``figan.status`` (+ ``figan.updated``) and any of the fields run_id, error, key, fid_best,
-    fid_extractor, faithfulness, pct_variance on the model version (None deletes a field's tag).
+    fid_extractor, faithfulness, pct_variance, verdict (the :func:`verdict_tag` string) on the model version (None
+    deletes a field's tag).
 
     ``failed`` requires ``error``; any other status clears a previous error. The status tag is written last."""
     if status not in STATUSES:
@@ -599,6 +633,7 @@ def _float_or_none(raw: str | None) -> float | None:
 
 
 def _status_from_tags(tags: dict[str, str]) -> dict[str, Any]:
+    verdict = parse_verdict_tag(tags.get(TAG_VERDICT))
     return {"status": tags.get(TAG_STATUS), "run_id": tags.get(TAG_RUN_ID), "error": tags.get(TAG_ERROR),
             "key": tags.get(TAG_KEY), "updated": tags.get(TAG_UPDATED),
             "fid_best": _float_or_none(tags.get(TAG_FID_BEST)), "fid_extractor": tags.get(TAG_FID_EXTRACTOR),
@@ -606,12 +641,14 @@ def _status_from_tags(tags: dict[str, str]) -> dict[str, Any]:
             "pct_variance": _json_or_none(tags.get(TAG_PCT_VARIANCE)),
             "attempts": int(_float_or_none(tags.get(TAG_ATTEMPTS)) or 0),
             "retry_after": _float_or_none(tags.get(TAG_RETRY_AFTER)), "error_kind": tags.get(TAG_ERROR_KIND),
-            "contract_hash": tags.get(TAG_CONTRACT_HASH), "lease": _json_or_none(tags.get(TAG_LEASE))}
+            "contract_hash": tags.get(TAG_CONTRACT_HASH), "lease": _json_or_none(tags.get(TAG_LEASE)),
+            "verdict": verdict and verdict["verdict"], "failing_gates": verdict and verdict["failing"]}
 
 
 def get_status(client: MlflowClient, name: str, version: str | int) -> dict[str, Any]:
     """The explanation status of a version: status, run_id, error, key, updated, fid_best (float),
-    fid_extractor, faithfulness and pct_variance (lists); None for whatever is not set."""
+    fid_extractor, faithfulness and pct_variance (lists), verdict (pass | fail) and failing_gates (list); None for
+    whatever is not set."""
     return _status_from_tags(client.get_model_version(name, str(version)).tags or {})
 
 
@@ -736,8 +773,9 @@ def _stage(src: Path, dst: Path) -> None:
 
 
 def publish_explanation(client: MlflowClient, name: str, version: str | int, artifacts_dir: Path, metrics: dict,
-                        lineage: dict, key: str) -> str:
-    """Publish an explanation's artifacts folder as one finished run and mark the version ``done``.
+                        lineage: dict, key: str, pass_alias: str | None = None) -> str:
+    """Publish an explanation's artifacts folder as one finished run and mark the version ``done`` with its
+    headline metrics and verdict (``figan.verdict``); with ``pass_alias``, then :func:`apply_pass_alias`.
 
     The run (experiment ``figan-explanations``) gets every file of ``artifacts_dir`` except ``features.npy`` and
     ``gan/*.pt`` (``gan/best/`` is kept), ``metrics`` flattened into run metrics and the FID trace as the step
@@ -793,8 +831,34 @@ def publish_explanation(client: MlflowClient, name: str, version: str | int, art
     except BaseException:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
-    set_status(client, name, version, "done", run_id=run_id, key=key, **_headline(metrics))
+    headline = _headline(metrics)
+    set_status(client, name, version, "done", run_id=run_id, key=key, **headline)
+    if pass_alias:
+        apply_pass_alias(client, name, version, pass_alias, parse_verdict_tag(headline["verdict"]))
     return run_id
+
+
+def apply_pass_alias(client: MlflowClient, name: str, version: str | int, alias: str, verdict: dict | None) -> bool:
+    """Point the registered-model ``alias`` at ``version`` when its verdict is pass; otherwise take the alias off
+    this version if it names it (a failed or unevaluated explanation never keeps it; another version holding the
+    alias keeps it). Returns whether the alias names this version now."""
+    version = str(version)
+    if verdict and verdict.get("verdict") == PASS:
+        client.set_registered_model_alias(name, alias, version)
+        return True
+    if str((client.get_registered_model(name).aliases or {}).get(alias)) == version:
+        client.delete_registered_model_alias(name, alias)
+    return False
+
+
+def run_verdict(client: MlflowClient, run_id: str) -> dict | None:
+    """The verdict of a published explanation run, from its ``metrics.json`` (None when it has none)."""
+    with tempfile.TemporaryDirectory(prefix="figan-verdict-") as tmp:
+        try:
+            path = client.download_artifacts(run_id, "metrics.json", dst_path=tmp)
+        except (MlflowException, OSError):
+            return None
+        return verdict_of(json.loads(Path(path).read_text()))
 
 
 def _quote(value: str) -> str:

@@ -21,10 +21,13 @@ Precedence: environment variable > settings file (``FIGAN_SETTINGS`` or ``./figa
 | lease_seconds    | FIGAN_LEASE_SECONDS    | 120                              | run lease TTL (renewed every third of it)      |
 | max_attempts     | FIGAN_MAX_ATTEMPTS     | 3                                | failed runs of one key before it stays failed  |
 | retry_backoff    | FIGAN_RETRY_BACKOFF    | 60                               | seconds before the first retry, doubling       |
+| pass_alias       | FIGAN_PASS_ALIAS       | (none)                           | registered-model alias moved to a version when |
+|                  |                        |                                  | its explanation's verdict is pass              |
 """
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Mapping
@@ -39,7 +42,10 @@ _ENV = {"home": "FIGAN_HOME", "tracking_uri": "FIGAN_TRACKING_URI", "data_store"
         "receiver_host": "FIGAN_RECEIVER_HOST", "reconcile_seconds": "FIGAN_RECONCILE_SECONDS",
         "max_concurrent": "FIGAN_MAX_CONCURRENT", "lease_seconds": "FIGAN_LEASE_SECONDS",
         "max_attempts": "FIGAN_MAX_ATTEMPTS", "retry_backoff": "FIGAN_RETRY_BACKOFF",
-        "public_receiver_url": "FIGAN_RECEIVER_URL", "explain_deployment": "FIGAN_EXPLAIN_DEPLOYMENT"}
+        "public_receiver_url": "FIGAN_RECEIVER_URL", "explain_deployment": "FIGAN_EXPLAIN_DEPLOYMENT",
+        "pass_alias": "FIGAN_PASS_ALIAS"}
+_ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+_RESERVED_ALIAS_RE = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)       # MLflow refuses these
 _NUMBERS = {"receiver_port": int, "reconcile_seconds": float, "max_concurrent": int, "lease_seconds": float,
             "max_attempts": int, "retry_backoff": float}
 
@@ -63,6 +69,7 @@ class Settings:
     retry_backoff: float = 60.0
     public_receiver_url: str | None = None
     explain_deployment: str | None = None
+    pass_alias: str | None = None
 
     def __post_init__(self):
         home = Path(self.home).absolute()
@@ -80,6 +87,10 @@ class Settings:
             if value <= 0 and name != "retry_backoff" or value < 0:
                 raise ValueError(f"settings: {name} must be positive, got {value}")
             object.__setattr__(self, name, value)
+        if self.pass_alias is not None and not (_ALIAS_RE.match(str(self.pass_alias))
+                                                and not _RESERVED_ALIAS_RE.match(str(self.pass_alias))):
+            raise ValueError(f"settings: pass_alias must be an MLflow alias (a letter or _, then letters, digits, _ "
+                             f"or -; not 'latest' or v<number>), got {self.pass_alias!r}")
         if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
             raise ValueError(f"settings: device must be auto, cpu or cuda[:N], got {self.device!r}")
 

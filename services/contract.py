@@ -57,6 +57,6 @@ def check_component(component: Any, k: int, field: str = "component") -> int:
 
 def public_row(row: dict) -> dict[str, Any]:
     """A listing row (``flows.registry.list_versions``) as the API shows it."""
-    keys = ("name", "version", "aliases", "status", "error", "updated", "fid_best", "fid_extractor",
-            "faithfulness", "pct_variance")
+    keys = ("name", "version", "aliases", "status", "verdict", "failing_gates", "error", "updated", "fid_best",
+            "fid_extractor", "faithfulness", "pct_variance")
     return {k: row.get(k) for k in keys}

@@ -2,7 +2,7 @@
 
 Covers flows.mlflow_server (start, idempotent start, find, stop leaves no process) and flows.registry (register a
 tiny trained CNN with its contract, load it back as a hookable nn.Module, contract errors name the tag, status
-tags, publishing/finding/downloading an explanation run, the status table).
+tags, publishing/finding/downloading an explanation run, the verdict tag and the pass alias, the status table).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from flows.mlflow_server import find_server, start_server, stop_server
 from models.cnn import TrainConfig, train_cnn
 from models.features import extract_features
 from models.phantom import PhantomConfig, write_phantom
+from models.verdict import verdict_of, verdict_text
 
 MD5 = "0123456789abcdef0123456789abcdef.dir"
 
@@ -202,6 +203,8 @@ def test_publish_find_download(client, registered, fake_explanation, tmp_path):
     assert st["status"] == "done" and st["run_id"] == run_id and st["key"] == "key-1"
     assert st["fid_best"] == 12.5 and st["fid_extractor"] == "randconv"
     assert st["faithfulness"] == [0.9, 0.5] and st["pct_variance"] == [60.5, 20.25]
+    assert client.get_model_version("cnn", v).tags[R.TAG_VERDICT] == "pass"
+    assert (st["verdict"], st["failing_gates"]) == ("pass", [])
 
     assert R.find_explanation(client, "cnn", v, "key-1") == run_id
     assert R.find_explanation(client, "cnn", v, "key-2") is None
@@ -220,6 +223,72 @@ def test_publish_find_download(client, registered, fake_explanation, tmp_path):
     (row,) = R.list_versions(client, "cnn")
     assert row["aliases"] == ["champion"] and row["faithfulness"] == [0.9, 0.5]
     assert {r["name"] for r in R.list_versions(client)} >= {"cnn"}
+
+
+def test_verdict_of_and_its_tag():
+    gates = {"faithfulness": {"pass": True, "threshold": 0.9}, "fid": {"pass": False}, "diversity": {"pass": False},
+             "all_pass": False}
+    failing = {"verdict": "fail", "failing": ["fid", "diversity"]}
+    assert verdict_of({"gates": gates}) == failing                          # older metrics.json: from the gates
+    assert verdict_of({"gates": {"fid": {"pass": True}, "all_pass": True}}) == {"verdict": "pass", "failing": []}
+    stored = {"verdict": "fail", "failing": ["conditioning"]}
+    assert verdict_of({"gates": {"all_pass": True}, "verdict": stored}) == stored   # the stored verdict wins
+    assert verdict_of({}) is None and verdict_text(None) == "not evaluated"
+    assert verdict_text(failing) == "FAIL — failing gates: fid, diversity" and verdict_text(verdict_of(
+        {"gates": {"all_pass": True}})) == "PASS"
+    assert R.verdict_tag(failing) == "fail: fid, diversity" and R.verdict_tag({"verdict": "pass"}) == "pass"
+    assert R.parse_verdict_tag("fail: fid, diversity") == failing and R.parse_verdict_tag("pass")["failing"] == []
+    assert R.verdict_tag(None) is None and R.parse_verdict_tag(None) is None and R.parse_verdict_tag("?") is None
+
+
+def _gates(*failing: str) -> dict:
+    gates = {g: {"pass": g not in failing} for g in ("faithfulness", "conditioning", "fid", "diversity")}
+    return {**gates, "all_pass": not failing}
+
+
+def test_verdict_tag_status_column_and_pass_alias(client, registered, fake_explanation, monkeypatch):
+    """Publishing tags the verdict; `figan status` shows it; the pass alias only ever names a passing version."""
+    from flows.cli import status_table
+
+    d, metrics = fake_explanation
+    first = client.get_model_version("cnn", registered.version)
+    model_id = first.model_id or first.source.removeprefix("models:/")
+    v_pass, v_fail = (client.create_model_version("cnn", first.source, first.run_id, model_id=model_id).version
+                      for _ in range(2))
+
+    def publish(version: str, key: str, gates: dict) -> str:
+        m = {**metrics, "gates": gates}
+        (d / "metrics.json").write_text(json.dumps(m))
+        return R.publish_explanation(client, "cnn", version, d, m, {}, key=key, pass_alias="trusted")
+
+    run_pass = publish(v_pass, "key-pass", _gates())
+    run_fail = publish(v_fail, "key-fail", _gates("fid", "diversity"))
+    tags = {v: client.get_model_version("cnn", v).tags for v in (v_pass, v_fail)}
+    assert tags[v_pass][R.TAG_VERDICT] == "pass" and tags[v_fail][R.TAG_VERDICT] == "fail: fid, diversity"
+    assert tags[v_pass][R.TAG_STATUS] == tags[v_fail][R.TAG_STATUS] == "done"      # done = published, either way
+    assert client.get_registered_model("cnn").aliases["trusted"] == v_pass
+    assert R.run_verdict(client, run_fail) == {"verdict": "fail", "failing": ["fid", "diversity"]}
+    assert R.run_verdict(client, run_pass) == {"verdict": "pass", "failing": []}
+    rows = {r["version"]: r for r in R.list_versions(client, "cnn")}
+    assert (rows[v_fail]["verdict"], rows[v_fail]["failing_gates"]) == ("fail", ["fid", "diversity"])
+    assert (rows[v_pass]["verdict"], rows[v_pass]["failing_gates"]) == ("pass", [])
+
+    monkeypatch.setenv("FIGAN_TRACKING_URI", client.tracking_uri)
+    monkeypatch.setenv("FIGAN_HOME", str(d.parent / "home"))
+    lines = {line.split()[1]: line for line in status_table("cnn").splitlines() if line.startswith("cnn ")}
+    assert "verdict" in status_table("cnn").splitlines()[0]
+    assert " done     pass " in lines[v_pass] and " done     fail: fid, diversity " in lines[v_fail]
+    R.set_status(client, "cnn", v_fail, "running", key="key-again")       # the tag is the previous explanation's
+    assert " running  - " in {line.split()[1]: line for line in status_table("cnn").splitlines()
+                               if line.startswith("cnn ")}[v_fail]
+
+    fixed, failed_again = {"verdict": "pass", "failing": []}, {"verdict": "fail", "failing": ["conditioning"]}
+    assert R.apply_pass_alias(client, "cnn", v_fail, "trusted", fixed)      # re-explained, passes: takes the alias
+    assert client.get_registered_model("cnn").aliases["trusted"] == v_fail
+    assert not R.apply_pass_alias(client, "cnn", v_pass, "trusted", failed_again)   # not its alias: left alone
+    assert client.get_registered_model("cnn").aliases["trusted"] == v_fail
+    assert not R.apply_pass_alias(client, "cnn", v_fail, "trusted", failed_again)   # fails again: taken off
+    assert "trusted" not in (client.get_registered_model("cnn").aliases or {})
 
 
 def test_stop_server_leaves_no_process(server):

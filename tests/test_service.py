@@ -96,6 +96,23 @@ def test_listing_statuses_aliases_and_headline_metrics(http, platform):
     assert by_number["urls"]["components"][1]["gif"] == f"{V}/1/components/2/sequence.gif"
 
 
+def test_verdict_in_the_listing_and_the_version_json(http, platform):
+    """Versions 1 and 2 are done with opposite verdicts (one passes, one fails named gates): the listing (from the
+    figan.verdict tag) and the version JSON (from the published metrics.json) both say which."""
+    verdicts = platform.verdicts
+    assert sorted(v["verdict"] for v in verdicts.values()) == ["fail", "pass"]
+    (model,) = [m for m in http.get("/v1/models").json()["models"] if m["name"] == MODEL]
+    rows = {v["version"]: v for v in model["versions"]}
+    for version, want in verdicts.items():
+        assert (rows[version]["verdict"], rows[version]["failing_gates"]) == (want["verdict"], want["failing"])
+        body = http.get(f"{V}/{version}").json()
+        assert (body["status"], body["verdict"], body["failing_gates"]) == ("done", want["verdict"], want["failing"])
+        if want["verdict"] == "fail":
+            assert want["failing"] and all(not body["gates"][g]["pass"] for g in want["failing"])
+    assert rows["3"]["verdict"] is None and rows["4"]["verdict"] is None        # never published: no verdict
+    assert http.get(f"/v1/resolve/{MODEL}@champion").json()["verdict"] == verdicts["1"]["verdict"]
+
+
 def test_published_files_are_served_from_the_cache(http, platform, served):
     seq = platform.artifacts / "sequences"
     for c in (1, 2):

@@ -2,14 +2,16 @@
 served by a real `bentoml serve` whose reads need the API key (the page sends it from its key field).
 
 Loads /viewer/, enters the key, selects a version, compares two versions side by side and checks that every
-image (sequence GIFs, eigen and deviation images, FID trace) really rendered (naturalWidth > 0) and that the
-faithfulness/conditioning charts are drawn. Skipped, with the reason, where Chromium is not installed."""
+image (sequence GIFs, eigen and deviation images, FID trace) really rendered (naturalWidth > 0), that the
+faithfulness/conditioning charts are drawn, and that each panel opens with its verdict banner (versions 1 and 2
+have opposite verdicts). Skipped, with the reason, where Chromium is not installed."""
 from __future__ import annotations
 
 import shutil
 
 import pytest
 
+from models.verdict import verdict_text
 from service_platform import API_KEY, MODEL, shared_platform
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -27,8 +29,13 @@ IMAGES_PER_VERSION = 1 + 3 * 2          # FID trace + (GIF, eigen, deviation) fo
 
 
 @pytest.fixture(scope="module")
-def served(request, tmp_path_factory):
-    served = shared_platform(request.config, tmp_path_factory).served[1].wait_ready()   # reads need the key
+def platform(request, tmp_path_factory):
+    return shared_platform(request.config, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def served(platform):
+    served = platform.served[1].wait_ready()   # reads need the key
     yield served
     served.stop()
 
@@ -57,7 +64,15 @@ def wait_rendered(driver, panel: str, n: int = IMAGES_PER_VERSION) -> list[dict]
     return images(driver, panel)
 
 
-def test_viewer_renders_and_compares_versions(served, browser):
+def banner(driver, panel: str) -> tuple[str, str, str]:
+    """(verdict, text, background colour) of the first element of a panel, which must be its verdict banner."""
+    return tuple(driver.execute_script(
+        "const b = document.querySelector(arguments[0]).firstElementChild; "
+        "return [b.classList.contains('verdict') ? b.dataset.verdict : 'no banner', b.textContent, "
+        "getComputedStyle(b).backgroundColor];", f"#{panel}"))
+
+
+def test_viewer_renders_and_compares_versions(served, browser, platform):
     browser.get(f"{served.url}/viewer/")
     WebDriverWait(browser, 30).until(lambda d: "401" in d.find_element(By.ID, "status").text)   # reads need the key
     key = browser.find_element(By.ID, "api-key")
@@ -66,7 +81,7 @@ def test_viewer_renders_and_compares_versions(served, browser):
     WebDriverWait(browser, 30).until(lambda d: Select(d.find_element(By.ID, "model")).options)
     assert Select(browser.find_element(By.ID, "model")).first_selected_option.text == MODEL
     labels = [o.text for o in Select(browser.find_element(By.ID, "version-a")).options]
-    assert any(label.startswith("v1 (champion") and label.endswith("done") for label in labels), labels
+    assert any(label.startswith("v1 (champion") and "— done" in label for label in labels), labels
     assert any(label.startswith("v3") and label.endswith("failed") for label in labels), labels
 
     Select(browser.find_element(By.ID, "version-a")).select_by_value("1")
@@ -77,6 +92,11 @@ def test_viewer_renders_and_compares_versions(served, browser):
     assert "v1 (champion)" in panel_a.find_element(By.TAG_NAME, "h2").text
     assert "% of target variance" in panel_a.find_element(By.CSS_SELECTOR, ".component .numbers").text
     assert len(panel_a.find_elements(By.CSS_SELECTOR, "svg.chart polyline")) == 2 * 3   # faithfulness + 2 lines
+    want = platform.verdicts["1"]
+    assert any(label.startswith("v1 (") and label.endswith(f"— done · checks {want['verdict']}")
+               for label in labels), labels
+    verdict_a, text_a, colour_a = banner(browser, "panel-a")
+    assert (verdict_a, text_a) == (want["verdict"], f"Explanation checks: {verdict_text(want)}")
 
     assert not browser.find_element(By.ID, "panel-b").is_displayed()
     Select(browser.find_element(By.ID, "version-b")).select_by_value("2")
@@ -84,6 +104,13 @@ def test_viewer_renders_and_compares_versions(served, browser):
     assert browser.find_element(By.ID, "panel-b").is_displayed()
     assert all(i["state"] == "loaded" and i["width"] > 0 for i in shown_b), shown_b
     assert "v2" in browser.find_element(By.CSS_SELECTOR, "#panel-b h2").text
+    want_b = platform.verdicts["2"]
+    verdict_b, text_b, colour_b = banner(browser, "panel-b")
+    assert (verdict_b, text_b) == (want_b["verdict"], f"Explanation checks: {verdict_text(want_b)}")
+    colours = {verdict_a: colour_a, verdict_b: colour_b}                  # one passes, one fails
+    assert colours["pass"] == "rgb(218, 251, 225)" and colours["fail"] == "rgb(255, 235, 233)"   # green, red
+    if want_b["verdict"] == "fail":
+        assert "failing gates: fid, diversity" in text_b
     assert "b=2" in browser.current_url and "a=1" in browser.current_url
 
     Select(browser.find_element(By.ID, "version-b")).select_by_value("3")     # a failed version: its status
