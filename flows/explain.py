@@ -6,7 +6,9 @@
     data md5) → pls → train (cGAN; resumes from its checkpoint after a crash) → sequences → checks → publish
 
 * **Status** lives on the model version (`flows.registry`): `running` when work starts, `done` with headline
-  metrics when the MLflow run holding every artifact is published, `failed` with the error message otherwise.
+  metrics and the verdict (`figan.verdict`: pass, or fail + the failing gates) when the MLflow run holding every
+  artifact is published, `failed` with the error message otherwise. `done` means published; with
+  `FIGAN_PASS_ALIAS` set, that alias is also moved to the version when its verdict is pass.
 * **Idempotent by key** = (model name, version, dataset md5, explain-config hash): a key that already has a
   published run is not explained again (the flow returns it). The working folder is keyed the same way, so a
   re-run after a crash reuses the cached features and resumes GAN training from `gan/last.pt`.
@@ -28,9 +30,10 @@ from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from models.data import ImageDataset
+from models.data import DatasetError, ImageDataset
 from models.explain import (ExplainConfig, ExplainRun, prepare, stage_checks, stage_features, stage_pls,
                             stage_sequences, stage_train)
+from models.verdict import verdict_of, verdict_text
 
 from . import registry as R
 from .drift import drift_task, report_task          # across releases: drift + diff, auditor report
@@ -134,8 +137,8 @@ def pls(run: ExplainRun) -> None:
 
 
 @task(name="train-gan", **WORK_TASK)
-def train(run: ExplainRun, stop_after: int | None) -> int:
-    return stage_train(run, stop_after).step         # tqdm bar on stderr: losses, img/s, ETA
+def train(run: ExplainRun, stop_after: int | None, pose_cache: Path | None = None) -> int:
+    return stage_train(run, stop_after, pose_cache=pose_cache).step     # progress on stderr
 
 
 @task(name="sequences", **WORK_TASK)
@@ -149,11 +152,12 @@ def checks(run: ExplainRun) -> dict:
 
 
 @task(name="publish", **IO_TASK)
-def publish(client: MlflowClient, job: Job, run: ExplainRun, metrics: dict) -> str:
+def publish(client: MlflowClient, job: Job, run: ExplainRun, metrics: dict, pass_alias: str | None = None) -> str:
     lineage = {"dataset": job.dataset, "dataset_md5": job.dataset_md5, "cnn_name": job.name,
                "cnn_version": job.version, "config_hash": job.cfg.config_hash(), "key": job.key,
                "config": asdict(job.cfg)}
-    return R.publish_explanation(client, job.name, job.version, run.out, metrics, lineage, job.key)
+    return R.publish_explanation(client, job.name, job.version, run.out, metrics, lineage, job.key,
+                                 pass_alias=pass_alias)
 
 
 # --------------------------------------------------------------------------------------------- flows
@@ -220,7 +224,10 @@ def explain_version(name: str, version: str, stop_after: int | None = None) -> d
     if job.existing_run:
         log.info(f"{name}/{version}: explanation for key {job.key} already published (run {job.existing_run})")
         if R.get_status(client, name, version).get("status") != "done":
-            R.set_status(client, name, version, "done", run_id=job.existing_run, key=job.key)
+            R.set_status(client, name, version, "done", run_id=job.existing_run, key=job.key,
+                         verdict=R.verdict_tag(R.run_verdict(client, job.existing_run)))
+        if settings.pass_alias:         # idempotent; also the retry of an alias write that failed after publishing
+            R.apply_pass_alias(client, name, version, settings.pass_alias, R.get_status(client, name, version))
         return {"status": "done", "run_id": job.existing_run, "key": job.key, "new": False}
     owner = R.new_owner()
     if R.acquire_lease(client, name, version, job.key, owner, settings.lease_seconds) is None:
@@ -236,15 +243,20 @@ def explain_version(name: str, version: str, stop_after: int | None = None) -> d
                      attempts=prev["attempts"] if prev.get("key") == job.key else None)
         try:
             model, spec = load_cnn(client, job)
-            ds = fetch_data(settings, job)
-            out = settings.work_dir / f"{name}-v{version}-{job.key}"
             c = job.contract
+            try:            # the contract's target and task, not the dataset.yaml default, define what is explained
+                ds = fetch_data(settings, job).with_target(c.target, c.task)
+            except DatasetError as e:
+                raise R.ContractError(f"tags figan.target / figan.task do not fit dataset {job.dataset}: {e}") from e
+            out = settings.work_dir / f"{name}-v{version}-{job.key}"
             run = prepare(ds, model, out, job.cfg, task=c.task, input_shape=tuple(c.input_shape),
                           cnn_name=f"{name} v{version}")
             layer = job.cfg.layer or "final"
             features(run, settings.features_cache / f"{name}-v{version}-{job.dataset_md5[:12]}-{layer}.npy")
             pls(run)
-            step = train(run, stop_after)
+            res = job.cfg.resolution or "auto"
+            step = train(run, stop_after, settings.features_cache / f"{job.dataset}-{job.dataset_md5[:12]}-{res}-"
+                                                                     f"{job.cfg.max_images or 'all'}-{job.cfg.register_iters}-pose.pt")
             if step < job.cfg.steps:
                 R.set_status(client, name, version, "queued", key=job.key)
                 log.warning(f"{name}/{version}: GAN training stopped at step {step}; a re-run resumes it")
@@ -257,16 +269,17 @@ def explain_version(name: str, version: str, stop_after: int | None = None) -> d
                 beat.lost = True                 # the other holder owns the status now: record nothing
                 raise PlatformError(f"{name}/{version}: the run lease was taken over by another process while this "
                                     f"one worked; not publishing (the other run publishes key {job.key})")
-            run_id = publish(client, job, run, metrics)
+            run_id = publish(client, job, run, metrics, settings.pass_alias)
         except Exception as e:
             if not beat.lost:
                 record_failure(client, settings, name, version, e, key=job.key)
             raise
-    log.info(f"{name}/{version}: done in {time.time() - t0:.0f} s, run {run_id}; gates all_pass="
-             f"{metrics['gates']['all_pass']}")
+    log.info(f"{name}/{version}: done in {time.time() - t0:.0f} s, run {run_id}; checks "
+             f"{verdict_text(verdict_of(metrics))}")
     return {"status": "done", "run_id": run_id, "key": job.key, "new": True, "seconds": round(time.time() - t0, 1),
             "resumed_from_step": metrics.get("training", {}).get("resumed_from_step"),
-            "gates": {k: v["pass"] for k, v in metrics["gates"].items() if isinstance(v, dict)}}
+            "gates": {k: v["pass"] for k, v in metrics["gates"].items() if isinstance(v, dict)},
+            "verdict": verdict_of(metrics)}
 
 
 @flow(name="version-dataset", log_prints=True)

@@ -18,6 +18,9 @@ offending file, unless the caller asks for a fixed ``size=(H, W)``, in which cas
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import math
 import shutil
 from dataclasses import dataclass, asdict
@@ -213,6 +216,22 @@ class ImageDataset:
         if unknown:
             raise DatasetError(f"{where}: class label(s) {unknown[:5]} are not in class_names {names}")
         return col.astype(str).map(lut).to_numpy(np.int64)
+
+    def with_target(self, target: str | list[str], task: str) -> "ImageDataset":
+        """This dataset read against another target column (or columns) and task — e.g. the ones a registered CNN's
+        contract names, which need not be the dataset.yaml default. Validated like the default target (a missing
+        column or a non-class column names itself); the folder is not touched."""
+        target = target[0] if isinstance(target, (list, tuple)) and len(target) == 1 else target
+        if target == self.meta.target and task == self.meta.task:
+            return self
+        if task not in ("regression", "classification"):
+            raise DatasetError(f"task must be 'regression' or 'classification', got {task!r}")
+        same = task == "classification" and self.meta.task == "classification" and target == self.meta.target
+        view = copy.copy(self)
+        view.meta = dataclasses.replace(self.meta, target=list(target) if isinstance(target, (list, tuple)) else target,
+                                        task=task, class_names=self.meta.class_names if same else None)
+        view._validate_manifest(self.root / "manifest.csv")
+        return view
 
     # -- properties -------------------------------------------------------------------------------
     def __len__(self) -> int:

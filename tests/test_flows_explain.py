@@ -17,7 +17,8 @@ from models.phantom import PhantomConfig, write_phantom
 from models.pls import load_pls
 
 TINY = dict(steps=20, ckpt_every=10, ngf=8, ndf=8, z_dim=16, batch_size=16, fid_samples=32, fid_extractor="randconv",
-            frames=4, seeds=[0, 1], n_components=2, regressor_steps=20)
+            frames=4, seeds=[0, 1], n_components=2, regressor_steps=20, check_seeds=8, reader_epochs=2,
+            register_iters=30)
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,7 @@ def platform(tmp_path_factory):
     (home / "explain.yaml").write_text(yaml.safe_dump(TINY))
     mp.setenv("FIGAN_HOME", str(home))
     mp.setenv("FIGAN_EXPLAIN_CONFIG", str(home / "explain.yaml"))
+    mp.setenv("FIGAN_PASS_ALIAS", "trusted")
     mp.delenv("FIGAN_TRACKING_URI", raising=False)
     server = start_server(home / "mlflow")
     try:
@@ -54,11 +56,16 @@ def test_explain_publishes_and_is_idempotent(platform, tmp_path):
     assert st["status"] == "done" and st["run_id"] == res["run_id"] and st["key"] == res["key"]
     assert isinstance(st["fid_best"], float) and "randconv" in st["fid_extractor"].lower()
     assert len(st["faithfulness"]) == 2 and len(st["pct_variance"]) == 2
+    verdict = res["verdict"]                         # metrics.json's verdict, as the tag and the pass alias say
+    assert verdict["verdict"] in ("pass", "fail") and (st["verdict"], st["failing_gates"]) == (
+        verdict["verdict"], verdict["failing"])
+    aliases = p.client.get_registered_model("cnn-a").aliases or {}
+    assert (aliases.get("trusted") == v) == (verdict["verdict"] == "pass"), (aliases, verdict)
     run = p.client.get_run(res["run_id"])
     lineage = {k: v for k, v in run.data.tags.items() if k.startswith("lineage.")}
     assert p.md5 in json.dumps(lineage)
     listed = {a.path for a in p.client.list_artifacts(res["run_id"])}
-    assert {"pls_variance.png", "fid_trace.png", "summary.txt", "metrics.json", "sequences"} <= listed, listed
+    assert {"pls_variance.png", "summary.txt", "metrics.json", "sequences", "report.html"} <= listed, listed
     got = download_explanation(p.client, res["run_id"], tmp_path / "dl")
     for f in ["sequences/component_1.gif", "sequences/component_2_eigen.png", "metrics.json"]:
         assert (got / f).exists(), f
@@ -73,11 +80,14 @@ def test_explain_publishes_and_is_idempotent(platform, tmp_path):
     assert len(runs) == 1
     from flows.cli import status_table
     row = [line for line in status_table("cnn-a").splitlines() if line.startswith("cnn-a")][0]
-    assert " done " in row
+    assert " done " in row and f" {verdict['verdict']}" in row
 
 
-def test_interrupted_training_resumes(platform):
+def test_interrupted_training_resumes(platform, monkeypatch):
+    """The pixel cGAN trains in steps: a killed flow run resumes from its checkpoint."""
     p = platform
+    (p.home / "explain-cgan.yaml").write_text(yaml.safe_dump({**TINY, "generator": "cgan"}))
+    monkeypatch.setenv("FIGAN_EXPLAIN_CONFIG", str(p.home / "explain-cgan.yaml"))
     v = _register(p, "cnn-b")
     first = explain_version("cnn-b", v, stop_after=10)
     assert first["status"] == "interrupted" and first["step"] == 10
