@@ -18,6 +18,8 @@ Design choices (and why):
 * **EMA of G's weights** with StyleGAN2-ADA's schedule (half-life 10 k images, ramped up over the first images
   seen): sequences, FID and serving use the EMA generator. A fixed decay of 0.999 lagged so far behind G in a
   1 500-step run that its images were dark blurs (FID 2 700 where G itself was already close to the data).
+  Before the EMA generator is scored or saved its BatchNorm statistics are re-estimated from its own activations
+  (:meth:`CGAN.inference_generator`); the live G's buffers belong to other weights.
 * **DiffAugment** (Zhao et al. 2020), translation by default, applied to real and fake alike: a few thousand
   medical images are "small data" for a GAN, and differentiable augmentation keeps D from memorising them.
   Colour/cutout are opt-in: cutout hides anatomy the conditioning depends on.
@@ -522,8 +524,11 @@ class CGAN:
     # -- sampling ---------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, z: torch.Tensor, c: torch.Tensor, ema: bool = True) -> torch.Tensor:
-        """Images (and mask channels) in [0, 1], (N, C, H, W), float32 on CPU."""
-        return generate_with(self.G_ema if ema else self.G, z, c, self.device)
+        """Images (and mask channels) in [0, 1], (N, C, H, W), float32 on CPU; ``ema``: the EMA generator as of the
+        last checkpoint when one was made at this step (its own BatchNorm statistics), else G_ema."""
+        evaluated = getattr(self, "_G_eval", None)
+        G = (evaluated[1] if evaluated and evaluated[0] == self.step else self.G_ema) if ema else self.G
+        return generate_with(G, z, c, self.device)
 
     # -- one step ---------------------------------------------------------------------------------
     def _autocast(self):
@@ -674,6 +679,7 @@ class CGAN:
         training loop has run that long (under DDP it is checked every ``log_every`` steps, by all ranks at once).
         Under DDP every rank calls this with the same full data; rank 0 alone calls ``fid_fn`` and writes files.
         """
+        self._bn_cond = cond
         cfg = self.cfg
         if data_u8.dtype != torch.uint8 or data_u8.ndim != 4 or data_u8.shape[1:] != (cfg.channels, cfg.resolution, cfg.resolution):
             raise ValueError(f"data must be uint8 (N, {cfg.channels}, {cfg.resolution}, {cfg.resolution}), "
@@ -733,7 +739,34 @@ class CGAN:
                            img_per_s=(self.step - start) * cfg.batch_size / max(secs, 1e-9),
                            compile_seconds=self.compile_seconds, timed_out=timed_out)
 
+    @torch.no_grad()
+    def inference_generator(self, cond: torch.Tensor | None, batches: int = 8) -> nn.Module:
+        """The EMA generator as it is scored, saved and served: a plain copy whose BatchNorm statistics are its own.
+
+        Every step copies the live G's running statistics into G_ema (they belong to other weights). A fresh
+        Generator gets G_ema's weights and re-estimates its statistics by averaging over ``batches`` batches of
+        (z, c ~ the real conditions) drawn from a generator seeded by the step. The training state is untouched,
+        so exact resume and DDP (rank 0 alone calls this) give the same result as one uninterrupted process."""
+        G = Generator(self.cfg).to(self.device)
+        G.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in self.G_ema.state_dict().items()})
+        bns = [m for m in G.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if bns and cond is not None and len(cond):
+            g = torch.Generator().manual_seed(int(self.cfg.seed) * 1_000_003 + int(self.step))
+            for m in bns:
+                m.reset_running_stats()
+            G.train()
+            for i in range(batches):
+                for m in bns:
+                    m.momentum = 1.0 / (i + 1)          # running stats = the mean over the batches so far
+                rows = torch.randint(0, len(cond), (self.cfg.batch_size,), generator=g)
+                z = torch.randn(len(rows), self.cfg.z_dim, generator=g)
+                G(z.to(self.device), cond[rows.to(cond.device)].to(self.device).float())
+            for m in bns:
+                m.momentum = 0.1
+        return G.eval().requires_grad_(False)
+
     def _checkpoint(self, out: Path | None, fid_fn) -> None:
+        self._G_eval = (self.step, self.inference_generator(getattr(self, "_bn_cond", None)))
         if fid_fn is not None and not any(r["step"] == self.step for r in self.fid_trace):
             fid = float(fid_fn(self))
             self.fid_trace.append({"step": self.step, "fid": fid})
@@ -764,16 +797,22 @@ def save_generator(gan: CGAN, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "generator.pt.tmp"
-    torch.save(gan.G_ema.state_dict(), tmp)
+    evaluated = getattr(gan, "_G_eval", None)
+    G = evaluated[1] if evaluated and evaluated[0] == gan.step else gan.inference_generator(getattr(gan, "_bn_cond", None))
+    torch.save(G.state_dict(), tmp)
     os.replace(tmp, out / "generator.pt")
     (out / "generator.json").write_text(json.dumps({"config": gan.cfg.to_dict(), "step": gan.step}, indent=2))
     return out
 
 
-def load_generator(out_dir: str | Path, device="cpu") -> tuple[Generator, CGANConfig, int]:
+def load_generator(out_dir: str | Path, device="cpu") -> tuple[nn.Module, CGANConfig, int]:
+    """The kept generator of an explanation (a cGAN's EMA generator or the patient generator) + its config."""
     d = Path(out_dir)
     meta = json.loads((d / "generator.json").read_text())
     cfg = CGANConfig.from_dict(meta["config"])
+    if meta.get("kind") == "patient":       # the patient generator keeps the same G(z, c) → [-1, 1] contract
+        from .patient_generator import load_patient_generator
+        return load_patient_generator(d, device), cfg, int(meta["step"])
     G = Generator(cfg)
     G.load_state_dict(torch.load(d / "generator.pt", map_location="cpu", weights_only=True))
     return G.to(device).eval(), cfg, int(meta["step"])

@@ -148,6 +148,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     augment: bool = True      # random flips of a few pixels' shift; keeps geometry-driven targets intact
+    single_logit: bool = False  # two-class targets: one logit + BCE-with-logits (the common binary head)
 
 
 def _split_indices(ds: ImageDataset, seed: int):
@@ -172,7 +173,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, batc
     with torch.no_grad():
         out = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
     if task == "classification":
-        acc = (out.argmax(1) == y).float().mean().item()
+        pred = (out[:, 0] > 0).long() if out.shape[1] == 1 else out.argmax(1)
+        acc = (pred == y.long()).float().mean().item()
         return {"accuracy": round(acc, 4), "n": len(y)}
     ss_res = ((out - y) ** 2).sum(0)
     ss_tot = ((y - y.mean(0)) ** 2).sum(0).clamp_min(1e-12)
@@ -196,6 +198,11 @@ def train_cnn(ds: ImageDataset, cfg: TrainConfig = TrainConfig(), progress: bool
         n_out = len(ds.class_names)
         t_mean = t_sd = None
         loss_fn = nn.CrossEntropyLoss()
+        if cfg.single_logit:
+            if n_out != 2:
+                raise ValueError(f"single_logit needs a two-class target, {ds.name} has {n_out} classes")
+            n_out, bce = 1, nn.BCEWithLogitsLoss()
+            loss_fn = lambda out, y: bce(out[:, 0], y.float())
     else:
         y_np = ds.targets()
         t_mean, t_sd = y_np[tr].mean(0), y_np[tr].std(0) + 1e-12
