@@ -3,7 +3,7 @@
 Cases (each: data → CNN → the offline `explain` with the default patient generator):
 
 * ``regression`` — 64² chest phantom, 3 000 images, SmallCNN regressing the target;
-* ``shortcut``  — 64² chest phantom with a burned-in marker planted with the label, a TinyResNet binary
+* ``shortcut``  — 64² chest phantom with a burned-in marker planted with the label, a SmallCNN binary
   classifier with **one logit** (BCE-with-logits); the marker must surface along a component;
 * ``fashion``   — Fashion-MNIST shirt vs T-shirt (Debian ``dataset-fashion-mnist``, 28² → 32²), no ruler.
 
@@ -53,7 +53,7 @@ def _data(name: str, root: Path, n: int) -> ImageDataset:
 
 
 TRAIN = {"regression": TrainConfig(arch="smallcnn", width=12, epochs=6),
-         "shortcut": TrainConfig(arch="tinyresnet", width=12, epochs=6, single_logit=True),
+         "shortcut": TrainConfig(arch="smallcnn", width=16, epochs=8, single_logit=True),
          "fashion": TrainConfig(arch="smallcnn", width=16, epochs=6)}
 
 
