@@ -97,7 +97,7 @@ def run_demo(workdir: Path, quick: bool = False, keep_server: bool = True) -> in
         served = fetch_served(urls["service"], str(mv.version))
         _say(f"served: {served}; viewer {urls['service']}/viewer/ (pick {MODEL}, compare versions)")
         _say(f"finished in {time.time() - t0:.0f} s. Open {uri} → Models → {MODEL} → a version → its "
-             f"figan.run_id run's artifacts (sequences/*.gif, metrics.json, fid_trace.png). Working folders: "
+             f"figan.run_id run's artifacts (report.html, sequences/*.gif, metrics.json). Working folders: "
              f"{settings.work_dir}")
     finally:
         if not keep_server:

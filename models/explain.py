@@ -37,7 +37,7 @@ from .patient_generator import PatientGenerator, PatientGeneratorConfig, registe
 from .reader import train_reader
 from .data import ImageDataset
 from .features import extract_features
-from .fid import FIDScorer, diversity_ratio, plot_fid_trace, real_floor
+from .fid import FIDScorer, plot_fid_trace, real_floor
 from .pls import PLSState, fit_pls, plot_variance, save_pls
 from .sequences import render_sweep, sweep_values, write_component
 
