@@ -80,31 +80,49 @@ def _sample(img: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
                          padding_mode="border", align_corners=False)
 
 
+def _registration_image(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Channel mean, area-downsampled to size² when larger: what registration compares."""
+    small = x.mean(1, keepdim=True)
+    return F.interpolate(small, size=(size, size), mode="area") if small.shape[-1] > size else small
+
+
+def fit_pose(small: torch.Tensor, template: torch.Tensor, iters: int, lr: float,
+             pose: torch.Tensor | None = None, centre: bool = False) -> torch.Tensor:
+    """Adam on the (N, 4) poses minimising each image's squared difference to the template in its frame."""
+    p = (torch.zeros(len(small), 4) if pose is None else pose.clone()).requires_grad_(True)
+    opt = torch.optim.Adam([p], lr=lr)
+    for _ in range(iters):
+        loss = ((_sample(small, p) - template) ** 2).mean(dim=(1, 2, 3)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if centre:
+            with torch.no_grad():
+                p -= p.mean(0, keepdim=True)
+    return p.detach()
+
+
+def registration_residual(small: torch.Tensor, template: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
+    """(N,) mean squared difference between each registered image and the template."""
+    with torch.no_grad():
+        return ((_sample(small, pose) - template) ** 2).mean(dim=(1, 2, 3))
+
+
 def register(x: torch.Tensor, cfg: PatientGeneratorConfig, progress: bool = True) -> torch.Tensor:
     """Similarity pose (N, 4) of every image relative to the (re-estimated) mean template; poses are centred.
 
     All images are fitted at once (one Adam optimiser over the N x 4 poses, the loss a sum of independent
     per-image terms): a batched image registration in a few lines, which no installed library offers."""
     t0 = time.time()
-    small = x.mean(1, keepdim=True)
-    if small.shape[-1] > cfg.register_size:
-        small = F.interpolate(small, size=(cfg.register_size, cfg.register_size), mode="area")
+    small = _registration_image(x, cfg.register_size)
     pose = torch.zeros(len(x), 4)
     for r in range(cfg.register_rounds):
         template = _sample(small, pose).mean(0, keepdim=True).detach()
-        p = pose.clone().requires_grad_(True)
-        opt = torch.optim.Adam([p], lr=cfg.register_lr)
-        for _ in range(cfg.register_iters if r == 0 else max(1, cfg.register_iters // 2)):
-            loss = ((_sample(small, p) - template) ** 2).mean(dim=(1, 2, 3)).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                p -= p.mean(0, keepdim=True)
-        pose = p.detach()
+        iters = cfg.register_iters if r == 0 else max(1, cfg.register_iters // 2)
+        pose = fit_pose(small, template, iters, cfg.register_lr, pose, centre=True)
         if progress:
             _log(f"registration round {r + 1}/{cfg.register_rounds}: mean squared residual "
-                 f"{loss.item() / len(x):.5f} ({time.time() - t0:.0f} s)")
+                 f"{registration_residual(small, template, pose).mean().item():.5f} ({time.time() - t0:.0f} s)")
     return pose
 
 
@@ -118,11 +136,13 @@ class PatientGenerator(nn.Module):
     """G(z, c) → images in [-1, 1] (the cGAN's convention): patient ⌊Φ(z₁)·n⌋ of the pool edited to scores c."""
 
     def __init__(self, k: int, image_shape: tuple[int, int, int], n_pool: int, blur_sigma: float = 0.8,
-                 max_noise_gain: float = 3.0):
+                 max_noise_gain: float = 3.0, register_size: int = 32):
         super().__init__()
         c, h, w = image_shape
         self.k, self.image_shape = int(k), (int(c), int(h), int(w))
         self.blur_sigma, self.max_noise_gain = float(blur_sigma), float(max_noise_gain)
+        self.register_size = min(int(register_size), int(h))
+        register_size = self.register_size
         d = c * h * w
         self.register_buffer("pool_images", torch.zeros(n_pool, c, h, w, dtype=torch.uint8))
         self.register_buffer("pool_scores", torch.zeros(n_pool, k))
@@ -132,6 +152,9 @@ class PatientGenerator(nn.Module):
         self.register_buffer("image_patterns", torch.zeros(k, d))       # B_i: image-frame residual per unit score
         self.register_buffer("pose_slopes", torch.zeros(k, 4))          # B_p
         self.register_buffer("noise_slopes", torch.zeros(k))            # B_s
+        # placing a new image (an upload): the registration template and the residual real images stay under
+        self.register_buffer("registration_template", torch.zeros(1, 1, register_size, register_size))
+        self.register_buffer("residual_threshold", torch.tensor(float("inf")))
 
     # -- fitting
     @classmethod
@@ -154,7 +177,10 @@ class PatientGenerator(nn.Module):
                                for i in range(0, n, 256)])
         fit_i = _lstsq(X1, (x - mean_back).flatten(1))
         sig = noise_level(x, cfg.blur_sigma)
-        G = cls(k, tuple(x.shape[1:]), len(pool), cfg.blur_sigma, cfg.max_noise_gain)
+        G = cls(k, tuple(x.shape[1:]), len(pool), cfg.blur_sigma, cfg.max_noise_gain, cfg.register_size)
+        small = _registration_image(x, G.register_size)
+        template = _sample(small, pose).mean(0, keepdim=True)
+        residual = registration_residual(small, template, pose)
         pool_t = torch.as_tensor(np.asarray(pool), dtype=torch.long)
         with torch.no_grad():
             G.pool_images.copy_((x[pool_t] * 255).round().clamp(0, 255).to(torch.uint8))
@@ -165,6 +191,8 @@ class PatientGenerator(nn.Module):
             G.image_patterns.copy_(fit_i[1:])
             G.pose_slopes.copy_(_lstsq(X1, pose)[1:])
             G.noise_slopes.copy_(_lstsq(X1, sig[:, None])[1:, 0])
+            G.registration_template.copy_(template)
+            G.residual_threshold.fill_(float(torch.quantile(residual, 0.99)))
         return G
 
     # -- generating
@@ -175,17 +203,36 @@ class PatientGenerator(nn.Module):
 
     def edit(self, idx: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Pool patients ``idx`` edited to scores c (NaN = the patient's own score) → images in [0, 1]."""
-        x = self.pool_images[idx].float() / 255.0
-        c0 = self.pool_scores[idx]
+        return self._edit(self.pool_images[idx].float() / 255.0, self.pool_scores[idx], self.pool_pose[idx],
+                          self.pool_noise[idx], c)
+
+    def place(self, x: torch.Tensor, iters: int = 240, lr: float = 0.02) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Register new images (B, C, H, W) in [0, 1] to the template: their pose (B, 4), registration residual
+        (B,) and whether it is within what 99 % of the real images reached (B,) bool. An image of another kind
+        registers poorly; say so rather than present its edit as an explanation of it."""
+        if not torch.isfinite(self.residual_threshold):
+            raise ValueError("this patient generator was saved without its registration template; re-run the "
+                             "explanation to place new images")
+        small = _registration_image(x.float(), self.register_size)
+        pose = fit_pose(small, self.registration_template, iters, lr)
+        residual = registration_residual(small, self.registration_template, pose)
+        return pose, residual, residual <= self.residual_threshold
+
+    def edit_image(self, x: torch.Tensor, pose: torch.Tensor, c0: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Any image x (B, C, H, W) in [0, 1], placed at ``pose`` (see :meth:`place`) with its own scores c0,
+        edited to scores c (NaN = its own score): the patient-centred counterfactual of that image."""
+        sigma = noise_level(x.float(), self.blur_sigma).clamp_min(1e-6)
+        return self._edit(x.float(), c0.float(), pose, sigma, c)
+
+    def _edit(self, x: torch.Tensor, c0: torch.Tensor, pose0: torch.Tensor, sig0: torch.Tensor,
+              c: torch.Tensor) -> torch.Tensor:
         c = torch.where(torch.isnan(c), c0, c.float())
         d = c - c0
-        pose0 = self.pool_pose[idx]
         smooth = gaussian_blur(x, self.blur_sigma)
         texture = x - smooth
         shape = x.shape[1:]
         smooth = smooth + warp_from_template((d @ self.template_patterns).view(-1, *shape), pose0) \
             + (d @ self.image_patterns).view(-1, *shape)
-        sig0 = self.pool_noise[idx]
         gain = ((sig0 + d @ self.noise_slopes) / sig0).clamp(0, self.max_noise_gain).view(-1, 1, 1, 1)
         move = compose(pose0 + d @ self.pose_slopes, invert(pose0))
         return apply_similarity(smooth + gain * texture, move).clamp(0, 1)
@@ -206,7 +253,8 @@ def save_patient_generator(G: PatientGenerator, out_dir: str | Path, config: dic
     (out / "generator.json").write_text(json.dumps(
         {"kind": KIND, "config": config, "step": 0,
          "patient": {"k": G.k, "image_shape": list(G.image_shape), "n_pool": len(G.pool_images),
-                     "blur_sigma": G.blur_sigma, "max_noise_gain": G.max_noise_gain}}, indent=2))
+                     "blur_sigma": G.blur_sigma, "max_noise_gain": G.max_noise_gain,
+                     "register_size": G.register_size}}, indent=2))
     return out
 
 
@@ -214,6 +262,6 @@ def load_patient_generator(out_dir: str | Path, device="cpu") -> PatientGenerato
     d = Path(out_dir)
     meta = json.loads((d / "generator.json").read_text())["patient"]
     G = PatientGenerator(meta["k"], tuple(meta["image_shape"]), meta["n_pool"], meta["blur_sigma"],
-                         meta["max_noise_gain"])
+                         meta["max_noise_gain"], meta.get("register_size", 32))
     G.load_state_dict(torch.load(d / "generator.pt", map_location="cpu", weights_only=True))
     return G.to(device).eval()

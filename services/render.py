@@ -7,6 +7,8 @@
   z = ``torch.randn(z_dim, generator=torch.Generator().manual_seed(seed))`` is shared by every frame, the swept
   component takes the sweep values and the others sit at ``base``. With seed 0, the published range and zero
   base, an on-demand sweep therefore reproduces the published ``frames_seed0``.
+* **Uploads, patient-centred** (patient generator): :func:`patient_sweeps` places the uploaded image on the
+  generator's template and edits *that image*; with the cGAN an upload's scores are rendered on a seed's noise.
 * **Encodings** follow the published ones: the GIF is written by ``models.sequences.save_gif`` (boomerang, same
   upscaling rule); several components are placed side by side in each frame (GIF) or one row each (PNG strip).
 """
@@ -39,6 +41,24 @@ def sweep_frames(G: torch.nn.Module, gcfg: CGANConfig, components: list[int], va
     with torch.inference_mode():            # cheaper than generate_with's no_grad alone (no version counters)
         out = generate_with(G, z[None].repeat(n * F, 1), torch.from_numpy(c.reshape(n * F, k).astype(np.float32)))
     return out.numpy().reshape(n, F, *out.shape[1:])[:, :, :gcfg.image_channels]
+
+
+def patient_sweeps(G, x: torch.Tensor, scores: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Patient-centred sweeps of one image x (1, C, H, W) in [0, 1] through a patient generator: the image is
+    placed on the template, then edited from its own scores along each component over ``values`` (k, F), the
+    other components at its own scores. Returns frames (k, F, C, H, W) and the placement (residual, threshold,
+    trusted)."""
+    k, F = values.shape
+    with torch.inference_mode(False), torch.enable_grad():
+        pose, residual, trusted = G.place(x)
+    own = torch.as_tensor(scores, dtype=torch.float32)
+    c = own.repeat(k * F, 1)
+    c[torch.arange(k * F), torch.arange(k).repeat_interleave(F)] = torch.as_tensor(values.reshape(-1), dtype=torch.float32)
+    with torch.inference_mode():
+        frames = G.edit_image(x.expand(k * F, -1, -1, -1), pose.expand(k * F, -1), own.expand(k * F, -1), c)
+    placement = {"registration_residual": round(float(residual[0]), 6),
+                 "threshold": round(float(G.residual_threshold), 6), "trusted": bool(trusted[0])}
+    return frames.numpy().reshape(k, F, *frames.shape[1:]), placement
 
 
 def to_u8(frames: np.ndarray) -> np.ndarray:

@@ -49,6 +49,7 @@ from models.data import read_image
 from models.explain import cnn_input
 from models.features import extract_features, model_output
 from models.fid import plot_fid_trace
+from models.patient_generator import PatientGenerator
 from models.pls import PLSState, load_pls
 from models.sequences import sweep_values
 from models.verdict import verdict_of
@@ -487,10 +488,18 @@ class ExplanationStore:
             prediction = state.class_names[int(prediction)]
         base = np.clip(scores, -SWEEP_LIMIT, SWEEP_LIMIT)
         offsets = np.linspace(-span, span, frames)
-        values = np.clip(base[:, None] + offsets[None], -SWEEP_LIMIT, SWEEP_LIMIT)         # (k, F)
         G, gcfg = self.generator(expl)
-        with self.generation:
-            sweeps = render.sweep_frames(G, gcfg, list(range(expl.k)), values, seed, base)
+        placement = None
+        if isinstance(G, PatientGenerator):       # the upload itself, edited, inside the published ranges
+            ranges = np.array([expl.sweep_range(j) for j in range(expl.k)])
+            values = np.clip(scores[:, None] + offsets[None], ranges[:, :1], ranges[:, 1:])
+            x_gen = cnn_input((gcfg.image_channels, gcfg.resolution, gcfg.resolution))(x)
+            with self.generation:
+                sweeps, placement = render.patient_sweeps(G, x_gen, scores, values)
+        else:
+            values = np.clip(base[:, None] + offsets[None], -SWEEP_LIMIT, SWEEP_LIMIT)       # (k, F)
+            with self.generation:
+                sweeps = render.sweep_frames(G, gcfg, list(range(expl.k)), values, seed, base)
         comps = []
         for j in range(expl.k):
             lo, hi = expl.sweep_range(j)
@@ -499,8 +508,17 @@ class ExplanationStore:
                           "position": "below" if s < lo else "above" if s > hi else "within",
                           "pct_target_variance": round(100 * float(state.explained_target_variance[j]), 3),
                           "values": [round(float(v), 4) for v in values[j]],
+                          "own_score_frame": int(np.argmin(np.abs(values[j] - s))),
                           "gif": render.data_url(render.gif_bytes(sweeps[j:j + 1]), "image/gif")})
-        return {"name": expl.name, "version": expl.version, "run_id": expl.run_id, "seed": seed,
+        centred = {"patient_centred": placement is not None}
+        if placement is not None:
+            centred["placement"] = placement
+            if not placement["trusted"]:
+                centred["warning"] = (f"the image registers poorly to this explanation's template (residual "
+                                      f"{placement['registration_residual']:.4g} > {placement['threshold']:.4g}, "
+                                      f"what 99 % of its real images reach): it is probably not of the kind the "
+                                      f"CNN was explained on, and its sweeps are not a reliable explanation of it")
+        return {**centred, "name": expl.name, "version": expl.version, "run_id": expl.run_id, "seed": seed,
                 "published_sweep": [lo, hi], "scores": [round(float(v), 4) for v in scores],
                 "pls_prediction": prediction.item() if hasattr(prediction, "item") else prediction,
                 "cnn_output": [round(float(v), 4) for v in model_output(model, x)[0]], "components": comps}

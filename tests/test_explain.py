@@ -76,6 +76,31 @@ def test_patient_generator_is_the_patient_at_its_own_scores(phantom_cnn):
     assert G.patient_index(z).tolist() == sorted(G.patient_index(z).tolist())
 
 
+def test_an_image_outside_the_pool_is_placed_and_edited_around_itself(phantom_cnn):
+    """Patient-centred sweeps of any image: a real image moved by a known shift is placed back (its residual
+    within the calibrated threshold), at its own scores the edit is the image itself, and an image of another
+    kind (noise) is flagged as poorly registered."""
+    import torch
+    from models.cgan import load_generator
+    from models.warp import apply_similarity
+    from services.render import patient_sweeps
+    root, *_ = phantom_cnn
+    G, gcfg, _ = load_generator(root / "explanation" / "gan" / "best")
+    x = G.pool_images[:4].float() / 255
+    shifted = apply_similarity(x, torch.tensor([[0.0, 0.0, 0.12, -0.08]]).repeat(4, 1)).clamp(0, 1)
+    pose, residual, trusted = G.place(x)
+    pose_s, _, trusted_s = G.place(shifted)
+    assert trusted.all() and trusted_s.all()
+    assert torch.allclose(pose_s[:, 2:] - pose[:, 2:], torch.tensor([0.12, -0.08]).expand(4, 2), atol=0.04)
+    own = G.pool_scores[:4]
+    assert torch.allclose(G.edit_image(shifted, pose_s, own, own), shifted, atol=2e-3)
+    values = np.stack([np.linspace(-1, 1, 5), np.linspace(-1, 1, 5)])
+    frames, placement = patient_sweeps(G, shifted[:1], own[0].numpy(), values)
+    assert frames.shape == (2, 5, 1, 32, 32) and placement["trusted"]
+    noise = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert not patient_sweeps(G, noise, own[0].numpy(), values)[1]["trusted"]
+
+
 def test_cgan_generator_still_explains(phantom_cnn):
     root, ds, model, spec = phantom_cnn
     out = root / "explanation-cgan"
