@@ -263,5 +263,7 @@ def load_patient_generator(out_dir: str | Path, device="cpu") -> PatientGenerato
     meta = json.loads((d / "generator.json").read_text())["patient"]
     G = PatientGenerator(meta["k"], tuple(meta["image_shape"]), meta["n_pool"], meta["blur_sigma"],
                          meta["max_noise_gain"], meta.get("register_size", 32))
-    G.load_state_dict(torch.load(d / "generator.pt", map_location="cpu", weights_only=True))
+    state = torch.load(d / "generator.pt", map_location="cpu", weights_only=True)
+    placing = {"registration_template", "residual_threshold"}      # absent from the first saved generators
+    G.load_state_dict(state, strict=not (set(G.state_dict()) - set(state)) <= placing)
     return G.to(device).eval()
