@@ -36,6 +36,7 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 from .features import model_output
+from .fid import mean_pairwise_distance
 from .pls import PLSState, images_to_scores
 from .sequences import SweepResult
 
@@ -161,25 +162,30 @@ def conditioning_random(generate: Callable, z_dim: int, real_scores: np.ndarray,
 # --------------------------------------------------------------------------------------------- ground truth
 
 def expected_effects(real_scores: np.ndarray, real_factors: pd.DataFrame, spread: dict[str, float],
-                     n_boot: int = 0, seed: int = 0) -> list[dict[str, float]] | tuple[list[dict], list[dict]]:
+                     n_boot: int = 300, seed: int = 0) -> tuple[list[dict[str, float]], list[dict[str, tuple]]]:
     """For each component j and factor f: d(f)/d(c_j) in factor-SD per score-SD from a linear regression of the
-    ruler's (or manifest's) factor values of real images on all PLS scores. What a faithful sweep should show.
-
-    With ``n_boot`` > 0 also returns, per component and factor, the bootstrap 95 % interval (over images)."""
+    ruler's (or manifest's) factor values of real images on all PLS scores — what a faithful sweep should show —
+    and its bootstrap 95 % interval over images (``n_boot`` resamples)."""
     X = np.column_stack([np.ones(len(real_scores)), real_scores])
     Y = real_factors.to_numpy(np.float64)
     sd = np.array([float(spread.get(name, np.std(Y[:, i]))) or 1.0 for i, name in enumerate(real_factors.columns)])
     beta = np.linalg.lstsq(X, Y, rcond=None)[0][1:] / sd                       # (k, factors)
-    point = [{name: float(beta[j, i]) for i, name in enumerate(real_factors.columns)} for j in range(len(beta))]
-    if not n_boot:
-        return point
     rng = np.random.default_rng(seed)
     boots = np.stack([np.linalg.lstsq(X[r], Y[r], rcond=None)[0][1:] / sd
-                      for r in (rng.integers(0, len(X), len(X)) for _ in range(n_boot))])
+                      for r in (rng.integers(0, len(X), len(X)) for _ in range(max(n_boot, 1)))])
     lo, hi = np.percentile(boots, 2.5, axis=0), np.percentile(boots, 97.5, axis=0)
-    ci = [{name: (float(lo[j, i]), float(hi[j, i])) for i, name in enumerate(real_factors.columns)}
-          for j in range(len(beta))]
+    names = list(real_factors.columns)
+    point = [{name: float(beta[j, i]) for i, name in enumerate(names)} for j in range(len(beta))]
+    ci = [{name: (float(lo[j, i]), float(hi[j, i])) for i, name in enumerate(names)} for j in range(len(beta))]
     return point, ci
+
+
+def conditional_spread(real_scores: np.ndarray, real_factors: pd.DataFrame) -> dict[str, float]:
+    """Per factor, the SD real images show at a fixed c: the residual SD of its regression on the scores."""
+    X = np.column_stack([np.ones(len(real_scores)), real_scores])
+    Y = real_factors.to_numpy(np.float64)
+    resid = Y - X @ np.linalg.lstsq(X, Y, rcond=None)[0]
+    return dict(zip(real_factors.columns, resid.std(0).tolist()))
 
 
 def _interval_distance(ci: tuple[float, float], ref: tuple[float, float]) -> float:
@@ -224,13 +230,6 @@ def ground_truth(sweep: SweepResult, ruler: Callable[[np.ndarray], pd.DataFrame]
 
 # --------------------------------------------------------------------------------------------- diversity
 
-def _mean_pairwise(x: np.ndarray) -> float:
-    f = x.reshape(len(x), -1).astype(np.float64)
-    d = np.sqrt(np.maximum(((f[:, None] - f[None]) ** 2).sum(-1), 0))
-    n = len(f)
-    return float(d.sum() / (n * (n - 1))) if n > 1 else 0.0
-
-
 def diversity(generate: Callable, z_dim: int, real_scores: np.ndarray, real_images: np.ndarray,
               image_channels: int, ruler: Callable | None = None, spread: dict[str, float] | None = None,
               factors: Sequence[str] = (), n_conditions: int = 8, n_seeds: int = 16, seed: int = 0,
@@ -252,8 +251,9 @@ def diversity(generate: Callable, z_dim: int, real_scores: np.ndarray, real_imag
     fake = fake.reshape(n_conditions, n_seeds, *fake.shape[1:])
     rng = np.random.default_rng(seed)
     real = np.asarray(real_images, dtype=np.float32)
-    real_d = np.mean([_mean_pairwise(real[rng.choice(len(real), n_seeds, replace=False)]) for _ in range(n_conditions)])
-    fake_d = np.mean([_mean_pairwise(f) for f in fake])
+    real_d = np.mean([mean_pairwise_distance(real[rng.choice(len(real), n_seeds, replace=False)].reshape(n_seeds, -1))
+                      for _ in range(n_conditions)])
+    fake_d = np.mean([mean_pairwise_distance(f.reshape(n_seeds, -1)) for f in fake])
     out = {"pixel_ratio": round(float(fake_d / max(real_d, 1e-12)), 4), "n_conditions": n_conditions,
            "n_seeds": n_seeds}
     if ruler is not None and spread:

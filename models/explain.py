@@ -496,10 +496,8 @@ def stage_checks(run: ExplainRun) -> dict:
     if run.ruler is not None:
         real_meas = run.ruler(images.numpy())
         spread = {k: float(v) for k, v in real_meas.std().items()}
-        X1 = np.column_stack([np.ones(len(run.cond)), run.cond.numpy()])
-        resid = real_meas.to_numpy(np.float64) - X1 @ np.linalg.lstsq(X1, real_meas.to_numpy(np.float64), rcond=None)[0]
-        conditional_spread = dict(zip(real_meas.columns, resid.std(0).tolist()))
-        expected, expected_ci = C.expected_effects(run.cond.numpy(), real_meas, spread, n_boot=300, seed=cfg.seed)
+        conditional_spread = C.conditional_spread(run.cond.numpy(), real_meas)
+        expected, expected_ci = C.expected_effects(run.cond.numpy(), real_meas, spread, seed=cfg.seed)
     _log("checks: independent reader")
     target_task = run.ds.meta.task            # what PLS and the reader are fit on (the CNN's task is run.task)
     reader, reader_info = train_reader(images, run.ds.targets(run.data_index), target_task,

@@ -368,7 +368,7 @@ def real_floor(real_images: ImageSource, extractor: str | nn.Module = DEFAULT_EX
 
 # --------------------------------------------------------------------------------------------- diversity
 
-def _mean_pairwise_distance(f: np.ndarray) -> float:
+def mean_pairwise_distance(f: np.ndarray) -> float:
     """Mean Euclidean distance over all unordered pairs of rows of f (n >= 2)."""
     f = f.astype(np.float64)
     sq = (f * f).sum(1)
@@ -413,13 +413,13 @@ def diversity_ratio(fake: Images, real: ImageSource, extractor: str | nn.Module 
     if xr.shape[0] > max_real:
         idx = np.sort(np.random.default_rng(seed).choice(xr.shape[0], max_real, replace=False))
         xr = xr[torch.from_numpy(idx)]
-    d_real = _mean_pairwise_distance(extract_features(xr, ext, batch_size, device))
+    d_real = mean_pairwise_distance(extract_features(xr, ext, batch_size, device))
     if not d_real > 0:
         raise ValueError("real: all real images have identical features; the ratio is undefined")
 
     flat = ft.reshape(S * Fr, *ft.shape[2:])
     feats = extract_features(flat, ext, batch_size, device, image_channels=image_channels).reshape(S, Fr, -1)
-    d_fake = float(np.mean([_mean_pairwise_distance(feats[:, f]) for f in range(Fr)]))
+    d_fake = float(np.mean([mean_pairwise_distance(feats[:, f]) for f in range(Fr)]))
     return d_fake / d_real
 
 

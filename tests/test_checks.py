@@ -67,7 +67,7 @@ def test_checks_on_known_generator(fitted):
     assert cond["r_pooled"] > 0.95
     meas = disc_ruler(real)
     spread = meas.std().to_dict()
-    gt = C.ground_truth(sw, disc_ruler, spread, C.expected_effects(scores, meas, spread)[0])
+    gt = C.ground_truth(sw, disc_ruler, spread, C.expected_effects(scores, meas, spread)[0][0])
     assert gt["radius"]["rho"] == pytest.approx(1.0)
     assert gt["radius"]["effect_sd"] > 2.0
     assert abs(gt["center_x"]["effect_sd"]) < 0.15          # the sweep does not move the disc
