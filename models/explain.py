@@ -35,6 +35,7 @@ from .cgan import CGAN, CGANConfig, generate_with, images_to_u8, load_generator
 from .features import model_output
 from .patient_generator import PatientGenerator, PatientGeneratorConfig, register, save_patient_generator
 from .reader import train_reader
+from .real_cases import write_real_cases
 from .data import ImageDataset
 from .features import extract_features
 from .fid import FIDScorer, plot_fid_trace, real_floor
@@ -406,7 +407,8 @@ def sweep_ranges(run: ExplainRun) -> tuple[np.ndarray, np.ndarray, str]:
 def stage_sequences(run: ExplainRun, generator: tuple[Callable, CGANConfig] | None = None) -> list:
     """A sweep per component from the kept generator (or ``generator`` = (generate(z, c) → [0, 1], its config)), with ``check_seeds`` seeds (the checks use them all); the
     published GIF/strip/eigen/deviation show the first ``seeds``. The patient generator holds every other
-    component at the patient's own score (NaN base); the cGAN at 0."""
+    component at the patient's own score (NaN base), the cGAN at 0; with the patient generator, real held-out
+    images are also swept around themselves (:mod:`models.real_cases`)."""
     t = time.time()
     device = run.device
     if generator is None:
@@ -431,6 +433,12 @@ def stage_sequences(run: ExplainRun, generator: tuple[Callable, CGANConfig] | No
         write_component(run.out / "sequences", shown_sw, run.pct[j], range_label=run.sweep_label)
         run.sweeps.append(shown_sw)
         run.check_sweeps.append(sw)
+    if generator is None and isinstance(G, PatientGenerator) and run.data is not None:
+        ref = np.sort(_fid_sets(run, cfg.fid_samples)[0])              # never a seed of the published sweeps
+        manifest = run.ds.manifest
+        paths = list(manifest["path"].to_numpy()[run.data_index]) if "path" in manifest.columns else None
+        write_real_cases(G, run.data[:, :run.image_channels].float() / 255.0, run.cond.numpy(), ref, lo, hi,
+                         cfg.frames, run.out / "sequences", run.image_channels, paths)
     run.timings["sequences"] = time.time() - t
     return run.sweeps
 

@@ -224,6 +224,27 @@ class PatientGenerator(nn.Module):
         sigma = noise_level(x.float(), self.blur_sigma).clamp_min(1e-6)
         return self._edit(x.float(), c0.float(), pose, sigma, c)
 
+    def sweep_image(self, x: torch.Tensor, own: torch.Tensor, values: torch.Tensor,
+                    components: list[int] | None = None) -> tuple[torch.Tensor, dict]:
+        """Patient-centred sweeps of one image x (1, C, H, W) in [0, 1] with its own scores ``own`` (k,): placed
+        on the template, then edited along each of ``components`` (default all) over its row of ``values``
+        (len(components), F), the other components at its own scores. Returns frames (n, F, C, H, W) in [0, 1]
+        and the placement (registration residual, the threshold 99 % of real images reach, trusted)."""
+        comps = list(range(self.k)) if components is None else list(components)
+        n, F = values.shape
+        if n != len(comps):
+            raise ValueError(f"values has {n} rows for {len(comps)} components")
+        with torch.inference_mode(False), torch.enable_grad():
+            pose, residual, trusted = self.place(x)
+        own = own.float().reshape(1, self.k)
+        c = own.repeat(n * F, 1)
+        c[torch.arange(n * F), torch.as_tensor(comps).repeat_interleave(F)] = values.reshape(-1).float()
+        with torch.no_grad():
+            frames = self.edit_image(x.expand(n * F, -1, -1, -1), pose.expand(n * F, -1), own.expand(n * F, -1), c)
+        placement = {"registration_residual": round(float(residual[0]), 6),
+                     "threshold": round(float(self.residual_threshold), 6), "trusted": bool(trusted[0])}
+        return frames.reshape(n, F, *frames.shape[1:]), placement
+
     def _edit(self, x: torch.Tensor, c0: torch.Tensor, pose0: torch.Tensor, sig0: torch.Tensor,
               c: torch.Tensor) -> torch.Tensor:
         c = torch.where(torch.isnan(c), c0, c.float())

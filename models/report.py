@@ -155,7 +155,10 @@ def _component_view(art: Path, c: dict, th_faith: float, th_cond: float, min_pct
     seq = art / "sequences"
     faith, cond = c.get("faithfulness") or {}, c.get("conditioning") or {}
     gt = sorted((c.get("ground_truth") or {}).items(), key=lambda kv: -abs(kv[1].get("effect_sd") or 0))
+    cases = (_read_json(seq / f"component_{j}_real_cases.json") or {}).get("cases") or []
     return {
+        "real_cases": data_uri(seq / f"component_{j}_real_cases.png"), "n_cases": len(cases),
+        "poor_cases": sum(not case.get("trusted", True) for case in cases),
         "n": j, "pct": c.get("pct_target_variance"),
         "gif": data_uri(seq / f"component_{j}.gif"), "strip": data_uri(seq / f"component_{j}_strip.png"),
         "eigen": data_uri(seq / f"component_{j}_eigen.png"),
@@ -340,6 +343,12 @@ independent reader ρ = {{ fmt(c.reader.get('rho_mean')) }}{% endif %}{% if c.ra
 {% if c.strip %}<figure><img src="{{ c.strip }}" alt="component {{ c.n }} strip"><figcaption>strip: rows = noise seeds</figcaption></figure>{% endif %}
 {% if c.deviation %}<figure><img src="{{ c.deviation }}" alt="component {{ c.n }} deviation images"><figcaption>deviation images</figcaption></figure>{% endif %}
 </div>
+{% if c.real_cases %}<div class="imgs real-cases">
+<figure><img src="{{ c.real_cases }}" alt="component {{ c.n }} real cases"><figcaption>real cases: {{ c.n_cases }}
+real images held out from the generator's seeds, picked low → high on this component, each swept around itself
+(red outline: the image at its own score){% if c.poor_cases %}; <span class="fail">{{ c.poor_cases }} registered
+poorly to the template</span>{% endif %}</figcaption></figure>
+</div>{% endif %}
 </div>
 {% endfor %}
 </section>

@@ -55,6 +55,23 @@ def check_component(component: Any, k: int, field: str = "component") -> int:
     return component - 1
 
 
+RANGE_TOL = 1e-6          # published ranges are rounded to 4 decimals in metrics.json
+
+
+def check_within_published(lo, hi, components: list[int], ranges, field: str | None = None) -> None:
+    """A sweep may narrow the published range of a component, never widen it: the generator was fitted and checked
+    only there. ``lo``/``hi``: one end per entry of 0-based ``components``; ``ranges``: (lo, hi) per component.
+    422 naming ``lo``/``hi`` (or ``field``) and the range otherwise."""
+    for name, ends, side in (("lo", lo, 0), ("hi", hi, 1)):
+        for value, j in zip(ends, components, strict=True):
+            r_lo, r_hi = float(ranges[j][0]), float(ranges[j][1])
+            if float(value) < r_lo - RANGE_TOL or float(value) > r_hi + RANGE_TOL:
+                raise ServiceError(422, f"{field or name}: {float(value):g} is outside the published range of "
+                                        f"component {j + 1} ({r_lo:+.3g} to {r_hi:+.3g} SD), the range its "
+                                        f"generator was fitted and checked on; ask for values inside it",
+                                   field or name)
+
+
 def public_row(row: dict) -> dict[str, Any]:
     """A listing row (``flows.registry.list_versions``) as the API shows it."""
     keys = ("name", "version", "aliases", "status", "verdict", "failing_gates", "error", "updated", "fid_best",

@@ -74,7 +74,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
 from .contract import (FRAMES_MAX, FRAMES_MIN, MAX_COMPONENTS, MEDIA_TYPES, SWEEP_LIMIT, ServiceError,
-                       check_component, check_name, check_ref, public_row)
+                       check_component, check_name, check_ref, check_within_published, public_row)
 
 if TYPE_CHECKING:                     # the store (torch, MLflow) is imported by the worker only, in __init__
     from .store import Explanation
@@ -92,14 +92,16 @@ api = FastAPI(title="FIGAN explanations", version="1", docs_url=None, redoc_url=
 # --------------------------------------------------------------------------------------------- request models
 
 class GenerateRequest(BaseModel):
-    """An on-demand sweep: components (1-based; default all) from ``lo`` to ``hi`` SD in ``frames`` steps, noise
-    ``seed``, the other components at ``base`` (default 0 = the mean score)."""
+    """An on-demand sweep: components (1-based; default all) from ``lo`` to ``hi`` SD (default: each component's
+    published range) in ``frames`` steps, noise ``seed``, the other components at ``base`` (default 0 = the mean
+    score). A request may narrow the published range, never widen it: the generator was fitted and checked only
+    there (422 otherwise)."""
     model_config = ConfigDict(extra="forbid")
     model: str
     version: str | StrictInt
     components: list[StrictInt] | None = Field(None, min_length=1, max_length=MAX_COMPONENTS)
-    lo: SweepValue = -2.0
-    hi: SweepValue = 2.0
+    lo: SweepValue | None = None
+    hi: SweepValue | None = None
     frames: StrictInt = Field(9, ge=FRAMES_MIN, le=FRAMES_MAX)
     seed: StrictInt = Field(0, ge=0, le=2 ** 32 - 1)
     base: list[SweepValue] | None = Field(None, max_length=256)
@@ -108,17 +110,31 @@ class GenerateRequest(BaseModel):
     @field_validator("hi")
     @classmethod
     def _hi_above_lo(cls, hi: float, info) -> float:
-        if "lo" in info.data and not hi > info.data["lo"]:
+        if hi is not None and info.data.get("lo") is not None and not hi > info.data["lo"]:
             raise ValueError(f"must be greater than lo ({info.data['lo']})")
         return hi
 
 
 class ImageRequest(BaseModel):
-    """Form fields next to an uploaded image: frames per sweep, half-width of the sweep in SD, noise seed."""
+    """Form fields next to an uploaded image: frames per sweep, noise seed, and the sweep: each component's
+    published range by default, ``lo``/``hi`` to narrow it (422 beyond it), or ``span``: the image's own score
+    ± span SD, cut to the published range."""
     model_config = ConfigDict(extra="forbid")
     frames: int = Field(9, ge=FRAMES_MIN, le=FRAMES_MAX)
-    span: float = Field(2.0, gt=0, le=SWEEP_LIMIT, allow_inf_nan=False)
+    span: float | None = Field(None, gt=0, le=SWEEP_LIMIT, allow_inf_nan=False)
+    lo: SweepValue | None = None
+    hi: SweepValue | None = None
     seed: int = Field(0, ge=0, le=2 ** 32 - 1)
+
+    @field_validator("lo", "hi")
+    @classmethod
+    def _one_way_to_choose_the_sweep(cls, value: float | None, info) -> float | None:
+        if value is not None and info.data.get("span") is not None:
+            raise ValueError("give either span or lo/hi, not both")
+        lo = info.data.get("lo")
+        if info.field_name == "hi" and value is not None and lo is not None and not value > lo:
+            raise ValueError(f"must be greater than lo ({lo})")
+        return value
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -245,7 +261,18 @@ class Explanations:
         if base.shape != (expl.k,):
             raise ServiceError(400, f"base: must have one value per component (k={expl.k}), got {len(base)}",
                                "base")
-        return self.store.generate(expl, comps, body.lo, body.hi, body.frames, body.seed, base, body.format)
+        ranges = np.array([expl.sweep_range(j) for j in range(expl.k)])                 # (k, 2) published
+        lo = ranges[comps, 0] if body.lo is None else np.full(len(comps), body.lo)
+        hi = ranges[comps, 1] if body.hi is None else np.full(len(comps), body.hi)
+        if body.lo is not None and body.hi is None and np.any(lo >= hi):
+            raise ServiceError(400, "lo: must be below hi (the published upper end when hi is not given)", "lo")
+        if body.hi is not None and body.lo is None and np.any(hi <= lo):
+            raise ServiceError(400, "hi: must be above lo (the published lower end when lo is not given)", "hi")
+        check_within_published(lo, hi, comps, ranges)
+        if body.base is not None:
+            check_within_published(base, base, list(range(expl.k)), ranges, field="base")
+        return self.store.generate(expl, comps, lo, hi, body.frames, body.seed, base, body.format)
+
 
 
 # --------------------------------------------------------------------------------------------- routes
@@ -355,8 +382,8 @@ async def generate(request: Request, body: GenerateRequest) -> Response:
 
 @api.post("/models/{model}/versions/{version}/explain-image")
 async def explain_image(request: Request, model: str, version: str) -> Response:
-    """Multipart upload ``image`` (+ optional ``frames``, ``span``, ``seed``): the image's PLS scores, its
-    position on each component and a sweep per component centred on its own scores (API key)."""
+    """Multipart upload ``image`` (+ optional ``frames``, ``lo``/``hi`` or ``span``, ``seed``): the image's PLS
+    scores, its position on each component and a sweep per component around its own scores (API key)."""
     svc = _svc()
     svc.authorize(request, write=True)
     limit = svc.cfg.max_upload_bytes
@@ -375,5 +402,6 @@ async def explain_image(request: Request, model: str, version: str) -> Response:
         raise ServiceError(413, f"image: the file is larger than the limit of {limit} bytes", "image")
     params = ImageRequest.model_validate(fields)
     expl = await run_in_threadpool(svc.store.explanation, model, version)
-    out = await run_in_threadpool(svc.store.explain_image, expl, data, params.frames, params.span, params.seed)
+    out = await run_in_threadpool(svc.store.explain_image, expl, data, params.frames, params.seed,
+                                  lo=params.lo, hi=params.hi, span=params.span)
     return Response(_json_bytes(out), media_type="application/json")

@@ -44,21 +44,10 @@ def sweep_frames(G: torch.nn.Module, gcfg: CGANConfig, components: list[int], va
 
 
 def patient_sweeps(G, x: torch.Tensor, scores: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Patient-centred sweeps of one image x (1, C, H, W) in [0, 1] through a patient generator: the image is
-    placed on the template, then edited from its own scores along each component over ``values`` (k, F), the
-    other components at its own scores. Returns frames (k, F, C, H, W) and the placement (residual, threshold,
-    trusted)."""
-    k, F = values.shape
-    with torch.inference_mode(False), torch.enable_grad():
-        pose, residual, trusted = G.place(x)
-    own = torch.as_tensor(scores, dtype=torch.float32)
-    c = own.repeat(k * F, 1)
-    c[torch.arange(k * F), torch.arange(k).repeat_interleave(F)] = torch.as_tensor(values.reshape(-1), dtype=torch.float32)
-    with torch.inference_mode():
-        frames = G.edit_image(x.expand(k * F, -1, -1, -1), pose.expand(k * F, -1), own.expand(k * F, -1), c)
-    placement = {"registration_residual": round(float(residual[0]), 6),
-                 "threshold": round(float(G.residual_threshold), 6), "trusted": bool(trusted[0])}
-    return frames.numpy().reshape(k, F, *frames.shape[1:]), placement
+    """Patient-centred sweeps of one upload x (1, C, H, W) in [0, 1] along every component over ``values``
+    (k, F): frames (k, F, C, H, W) and the placement (see :meth:`PatientGenerator.sweep_image`)."""
+    frames, placement = G.sweep_image(x, torch.as_tensor(scores), torch.as_tensor(values, dtype=torch.float32))
+    return frames.numpy(), placement
 
 
 def to_u8(frames: np.ndarray) -> np.ndarray:

@@ -55,7 +55,8 @@ from models.sequences import sweep_values
 from models.verdict import verdict_of
 
 from . import render
-from .contract import RUN_ID_RE, SWEEP_LIMIT, VERSION_RE, ServiceError, check_name, check_ref, public_row
+from .contract import (RUN_ID_RE, SWEEP_LIMIT, VERSION_RE, ServiceError, check_name, check_ref,
+                       check_within_published, public_row)
 
 log = logging.getLogger("figan.service")
 
@@ -435,11 +436,11 @@ class ExplanationStore:
         return self._cnns[key]
 
     # -- computing
-    def generate(self, expl: Explanation, components: list[int], lo: float, hi: float, frames: int, seed: int,
-                 base: np.ndarray, fmt: str) -> bytes | dict:
-        """An on-demand sweep of 0-based ``components`` from ``lo`` to ``hi`` in ``frames`` steps as GIF/PNG
-        bytes or a frames-JSON dict."""
-        values = sweep_values(lo, hi, frames)
+    def generate(self, expl: Explanation, components: list[int], lo: np.ndarray, hi: np.ndarray, frames: int,
+                 seed: int, base: np.ndarray, fmt: str) -> bytes | dict:
+        """An on-demand sweep of 0-based ``components``, each from its ``lo`` to its ``hi`` in ``frames`` steps,
+        as GIF/PNG bytes or a frames-JSON dict."""
+        values = np.stack([sweep_values(float(a), float(b), frames) for a, b in zip(lo, hi, strict=True)])
         G, gcfg = self.generator(expl)
         t0 = time.monotonic()
         with self.generation:
@@ -451,16 +452,29 @@ class ExplanationStore:
             out = render.strip_png(images)
         else:
             out = {"name": expl.name, "version": expl.version, "seed": seed, "base": base.tolist(),
-                   "components": [{"component": j + 1, **render.frames_json(values, u8)}
-                                  for j, u8 in zip(components, render.to_u8(images), strict=True)]}
+                   "components": [{"component": j + 1, **render.frames_json(v, u8)}
+                                  for j, v, u8 in zip(components, values, render.to_u8(images), strict=True)]}
         log.info("generated", extra={"model": expl.name, "version": expl.version, "components": len(components),
                                      "frames": len(values), "format": fmt,
                                      "ms": round(1000 * (time.monotonic() - t0), 1)})
         return out
 
-    def explain_image(self, expl: Explanation, data: bytes, frames: int, span: float, seed: int) -> dict:
+    def explain_image(self, expl: Explanation, data: bytes, frames: int, seed: int, lo: float | None = None,
+                      hi: float | None = None, span: float | None = None) -> dict:
         """PLS scores of an uploaded image through the explained CNN, and per component a sweep of ``frames``
-        values over ``score ± span`` (clipped to ±6 SD) with the other components at the image's own scores."""
+        values with the other components at the image's own scores: over the published range (``lo``/``hi``
+        narrow it; beyond it is a 422), or over the image's own score ± ``span`` cut to the published range. With
+        the patient generator the frames are the upload itself, edited; otherwise a generated patient (seed)."""
+        ranges = np.array([expl.sweep_range(j) for j in range(expl.k)])                  # (k, 2) published
+        if span is None:
+            ends = np.column_stack([ranges[:, 0] if lo is None else np.full(expl.k, lo),
+                                    ranges[:, 1] if hi is None else np.full(expl.k, hi)])
+            check_within_published(ends[:, 0], ends[:, 1], list(range(expl.k)), ranges)
+            if np.any(ends[:, 0] >= ends[:, 1]):
+                j = int(np.flatnonzero(ends[:, 0] >= ends[:, 1])[0])
+                raise ServiceError(400, f"{'lo' if lo is not None else 'hi'}: leaves no range for component "
+                                        f"{j + 1} (published {ranges[j, 0]:+.3g} to {ranges[j, 1]:+.3g} SD)",
+                                   "lo" if lo is not None else "hi")
         model, contract = self.cnn(expl)
         c, h, w = contract.input_shape
         try:
@@ -487,24 +501,28 @@ class ExplanationStore:
         if state.task == "classification" and state.class_names:
             prediction = state.class_names[int(prediction)]
         base = np.clip(scores, -SWEEP_LIMIT, SWEEP_LIMIT)
-        offsets = np.linspace(-span, span, frames)
+        if span is None:
+            values = np.stack([np.linspace(a, b, frames) for a, b in ends])                   # (k, F)
+        else:
+            ends = np.column_stack([np.clip(scores - span, ranges[:, 0], ranges[:, 1]),
+                                    np.clip(scores + span, ranges[:, 0], ranges[:, 1])])
+            far = ends[:, 0] >= ends[:, 1]                      # a score beyond the range by more than span
+            ends[far] = ranges[far]
+            values = np.stack([np.linspace(a, b, frames) for a, b in ends])                   # (k, F)
         G, gcfg = self.generator(expl)
         placement = None
-        if isinstance(G, PatientGenerator):       # the upload itself, edited, inside the published ranges
-            ranges = np.array([expl.sweep_range(j) for j in range(expl.k)])
-            values = np.clip(scores[:, None] + offsets[None], ranges[:, :1], ranges[:, 1:])
+        if isinstance(G, PatientGenerator):       # the upload itself, edited
             x_gen = cnn_input((gcfg.image_channels, gcfg.resolution, gcfg.resolution))(x)
             with self.generation:
                 sweeps, placement = render.patient_sweeps(G, x_gen, scores, values)
         else:
-            values = np.clip(base[:, None] + offsets[None], -SWEEP_LIMIT, SWEEP_LIMIT)       # (k, F)
             with self.generation:
                 sweeps = render.sweep_frames(G, gcfg, list(range(expl.k)), values, seed, base)
         comps = []
         for j in range(expl.k):
             lo, hi = expl.sweep_range(j)
             s = float(scores[j])
-            comps.append({"component": j + 1, "score": round(s, 4),
+            comps.append({"component": j + 1, "score": round(s, 4), "published_sweep": [lo, hi],
                           "position": "below" if s < lo else "above" if s > hi else "within",
                           "pct_target_variance": round(100 * float(state.explained_target_variance[j]), 3),
                           "values": [round(float(v), 4) for v in values[j]],
@@ -519,6 +537,6 @@ class ExplanationStore:
                                       f"what 99 % of its real images reach): it is probably not of the kind the "
                                       f"CNN was explained on, and its sweeps are not a reliable explanation of it")
         return {**centred, "name": expl.name, "version": expl.version, "run_id": expl.run_id, "seed": seed,
-                "published_sweep": [lo, hi], "scores": [round(float(v), 4) for v in scores],
+                "scores": [round(float(v), 4) for v in scores],
                 "pls_prediction": prediction.item() if hasattr(prediction, "item") else prediction,
                 "cnn_output": [round(float(v), 4) for v in model_output(model, x)[0]], "components": comps}

@@ -55,6 +55,14 @@ def test_explain_artifacts(phantom_cnn):
     # the published sweep shows the chosen seeds only
     with np.load(out / "sequences/component_1.npz") as z:
         assert z["seeds"].tolist() == [0, 1]
+    # real held-out cases, swept around themselves, low → high on each component, shown in report.html
+    for j in (1, 2):
+        cases = json.loads((out / f"sequences/component_{j}_real_cases.json").read_text())["cases"]
+        assert len(cases) == 4 and [c["score"] for c in cases] == sorted(c["score"] for c in cases)
+        assert all(c["path"].startswith("images/") for c in cases)
+        assert (out / f"sequences/component_{j}_real_cases.png").stat().st_size > 1000
+    from models.report import build_report
+    assert "real cases: 4" in build_report(out).read_text()
     # second run: registration reused → identical generator
     before = (out / "gan/best/generator.pt").read_bytes()
     explain(ds, model, out, TINY, task=spec.task, input_shape=tuple(spec.input_shape), cnn_name="tiny")
@@ -99,6 +107,27 @@ def test_an_image_outside_the_pool_is_placed_and_edited_around_itself(phantom_cn
     assert frames.shape == (2, 5, 1, 32, 32) and placement["trusted"]
     noise = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     assert not patient_sweeps(G, noise, own[0].numpy(), values)[1]["trusted"]
+
+
+def test_real_cases_are_spread_over_the_scores_and_are_themselves_at_their_own_score(phantom_cnn):
+    import torch
+    from models.cgan import load_generator
+    from models.real_cases import pick_cases, sweep_cases
+    scores = np.array([5.0, -1.0, 0.0, 3.0, 2.0, 1.0, -2.0, 4.0])
+    picked = pick_cases(scores, np.arange(8), 4)
+    assert scores[picked].tolist() == sorted(scores[picked].tolist())            # low → high
+    assert len(set(picked.tolist())) == 4 and scores[picked].min() <= -1 and scores[picked].max() >= 4
+    assert pick_cases(scores, np.array([2, 6]), 4).tolist() == [6, 2]         # fewer candidates than cases
+    root, *_ = phantom_cnn
+    G, *_ = load_generator(root / "explanation" / "gan" / "best")
+    images = G.pool_images[:3].float() / 255
+    own = G.pool_scores[:3].numpy().astype(np.float64)
+    values = np.sort(np.r_[np.linspace(-1.5, 1.5, 4), own[1, 0]])
+    frames, info = sweep_cases(G, images, own, np.array([1]), 0, values)
+    k = info[0]["own_score_frame"]
+    assert values[k] == own[1, 0] and frames.shape == (1, 5, 1, 32, 32)
+    assert np.abs(frames[0, k] - images[1].numpy()).max() < 2e-3                 # the image itself
+    assert np.abs(frames[0, 0] - frames[0, -1]).mean() > 1e-3
 
 
 def test_cgan_generator_still_explains(phantom_cnn):

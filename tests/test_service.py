@@ -179,7 +179,8 @@ GOOD = {"model": MODEL, "version": "champion"}
 @pytest.mark.parametrize("change, status, field", [
     ({"frames": 1}, 400, "frames"), ({"frames": 65}, 400, "frames"), ({"frames": "9"}, 400, "frames"),
     ({"lo": "nan"}, 400, "lo"), ({"lo": -6.5}, 400, "lo"), ({"hi": 1e9}, 400, "hi"), ({"hi": "inf"}, 400, "hi"),
-    ({"lo": 1.0, "hi": 0.5}, 400, "hi"), ({"seed": 1.5}, 400, "seed"), ({"seed": "abc"}, 400, "seed"),
+    ({"lo": 1.0, "hi": 0.5}, 400, "hi"), ({"lo": -3.0}, 422, "lo"), ({"hi": 2.5}, 422, "hi"),
+    ({"lo": 2.0}, 400, "lo"), ({"base": [0, 3]}, 422, "base"), ({"seed": 1.5}, 400, "seed"), ({"seed": "abc"}, 400, "seed"),
     ({"seed": -1}, 400, "seed"), ({"components": []}, 400, "components"),
     ({"components": [1] * 9}, 400, "components"), ({"components": [3]}, 404, "components"),
     ({"components": ["1"]}, 400, "components.0"), ({"base": [0.0]}, 400, "base"), ({"base": [0, 7]}, 400, "base.1"),
@@ -200,7 +201,7 @@ def test_generation_needs_the_key(http):
 
 
 def test_generation_is_deterministic_and_matches_the_published_sweep(http, platform):
-    req = {**GOOD, "components": [1], "frames": 16, "lo": -3, "hi": 3, "seed": 7}
+    req = {**GOOD, "components": [1], "frames": 16, "lo": -2, "hi": 1.5, "seed": 7}
     a, b = (http.post("/v1/generate", headers=KEY, json=req) for _ in range(2))
     assert a.status_code == 200 and a.content == b.content
     assert http.post("/v1/generate", headers=KEY, json={**req, "seed": 8}).content != a.content
@@ -208,8 +209,7 @@ def test_generation_is_deterministic_and_matches_the_published_sweep(http, platf
     assert len(gif) == 16 + 14 and gif[0].shape == (128, 128)           # boomerang, upscaled like the published
     # seed 0 over the published range, other components at 0: the published frames of seed 0
     cfg = json.loads((platform.artifacts / "config.json").read_text())["config"]
-    same = {**GOOD, "format": "json", "seed": 0, "lo": cfg["sweep_lo"], "hi": cfg["sweep_hi"],
-            "frames": cfg["frames"]}
+    same = {**GOOD, "format": "json", "seed": 0, "frames": cfg["frames"]}           # default: the published range
     out = http.post("/v1/generate", headers=KEY, json=same).json()
     assert [c["component"] for c in out["components"]] == [1, 2]
     for comp in out["components"]:
@@ -224,7 +224,7 @@ def test_generation_is_deterministic_and_matches_the_published_sweep(http, platf
     assert strip.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(strip.content)).size == (4 * 128, 2 * 128)
     # base scores move the other components
-    moved = http.post("/v1/generate", headers=KEY, json={**req, "base": [0, 3]}).content
+    moved = http.post("/v1/generate", headers=KEY, json={**req, "base": [0, 1.5]}).content
     assert moved != a.content
 
 
@@ -241,10 +241,15 @@ def test_explain_image_places_a_dataset_image_on_its_published_scores(http, plat
     assert out["version"] == "1" and out["scores"] == pytest.approx([row["c1"], row["c2"]], abs=1e-3)
     for comp, score in zip(out["components"], out["scores"], strict=True):
         assert comp["score"] == pytest.approx(score)
-        lo, hi = np.clip([score - 1.5, score + 1.5], -6, 6)
+        assert comp["published_sweep"] == [-2.0, 2.0]
+        lo, hi = np.clip([score - 1.5, score + 1.5], -2, 2)           # never wider than the published range
         assert comp["values"][0] == pytest.approx(lo, abs=1e-3) and comp["values"][-1] == pytest.approx(hi, abs=1e-3)
         assert len(frames_of(decode_data_url(comp["gif"]))) == 6 + 4
     assert isinstance(out["pls_prediction"], float) and len(out["cnn_output"]) == 1
+    # by default each component sweeps its published range; lo/hi narrow it, and may not widen it
+    whole = http.post(f"{V}/champion/explain-image", headers=KEY, files={"image": ("x.png", image, "image/png")},
+                      data={"frames": "5", "hi": "1.0"}).json()
+    assert [c["values"] for c in whole["components"]] == [[-2.0, -1.25, -0.5, 0.25, 1.0]] * 2
 
 
 def test_bad_uploads_name_the_field(http, platform, tmp_path):
@@ -260,6 +265,9 @@ def test_bad_uploads_name_the_field(http, platform, tmp_path):
     assert_4xx(http.post(url, headers=KEY, files=url_not_file), 400, "image")
     assert_4xx(http.post(url, headers=KEY, files={"image": ("x.png", good)}, data={"frames": "1"}), 400, "frames")
     assert_4xx(http.post(url, headers=KEY, files={"image": ("x.png", good)}, data={"span": "nan"}), 400, "span")
+    assert_4xx(http.post(url, headers=KEY, files={"image": ("x.png", good)}, data={"lo": "-2.5"}), 422, "lo")
+    assert_4xx(http.post(url, headers=KEY, files={"image": ("x.png", good)},
+                         data={"span": "1", "hi": "1"}), 400, "hi")
     assert_4xx(http.post(url, headers=KEY, files={"image": ("x.png", good)}, data={"seed": "x"}), 400, "seed")
     assert_4xx(http.post(f"{V}/4/explain-image", headers=KEY, files={"image": ("x.png", good)}), 409, "version")
     chunked = http.post(url, headers=KEY, content=iter([b"--b\r\n"]))            # no Content-Length

@@ -117,3 +117,23 @@ def test_viewer_renders_and_compares_versions(served, browser, platform):
     WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#panel-b .error"))
     assert "409" in browser.find_element(By.CSS_SELECTOR, "#panel-b .error").text
     assert "failed" in browser.find_element(By.CSS_SELECTOR, "#panel-b .error").text
+
+
+def test_viewer_explains_an_uploaded_image(served, browser, platform):
+    """The upload panel posts a dataset image to explain-image and shows one sweep per component, saying which
+    frame is the image's own score."""
+    browser.get(f"{served.url}/viewer/#model={MODEL}&a=1&b=")
+    key = browser.find_element(By.ID, "api-key")
+    if not key.get_attribute("value"):
+        key.send_keys(API_KEY)
+        browser.execute_script("arguments[0].dispatchEvent(new Event('change'))", key)
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#panel-a .upload-file"))
+    browser.find_element(By.CSS_SELECTOR, "#panel-a .upload-file").send_keys(
+        str(platform.home / "discs" / "images" / "000000.png"))
+    browser.find_element(By.CSS_SELECTOR, "#panel-a .upload-go").click()
+    WebDriverWait(browser, 60).until(lambda d: len([i for i in images(d, "panel-a .upload-result")
+                                                    if i["state"] == "loaded"]) == 2)
+    assert all(i["width"] > 0 for i in images(browser, "panel-a .upload-result"))
+    captions = [f.text for f in browser.find_elements(By.CSS_SELECTOR, "#panel-a .upload-result figcaption")]
+    assert len(captions) == 2 and all("is the image's own score" in c for c in captions), captions
+    assert "CNN output" in browser.find_element(By.CSS_SELECTOR, "#panel-a .upload-result .numbers").text

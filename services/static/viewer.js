@@ -165,7 +165,57 @@ async function showVersion(panel, model, version) {
   const overview = el("div", { class: "overview" });
   overview.append(table);
   if (s.urls.fid_trace) overview.append(fidImg);
-  panel.replaceChildren(verdictBanner(s), head, overview, comps);
+  panel.replaceChildren(verdictBanner(s), head, overview, comps, uploadForm(model, version));
+}
+
+// "Explain your own image": the upload goes to explain-image (needs the API key); the answer's sweeps are the
+// image itself edited along each component (patient generator), or a generated patient with its scores.
+function uploadForm(model, version) {
+  const box = el("section", { class: "upload" });
+  const file = el("input", { type: "file", accept: "image/png,image/jpeg,image/tiff", class: "upload-file" });
+  const button = el("button", { type: "button", class: "upload-go" }, "Explain this image");
+  const result = el("div", { class: "upload-result" });
+  button.addEventListener("click", async () => {
+    if (!file.files.length) { result.replaceChildren(el("p", { class: "error" }, "choose an image first")); return; }
+    const form = new FormData();
+    form.append("image", file.files[0]);
+    result.replaceChildren(el("p", {}, "placing and sweeping the image …"));
+    const headers = keyInput.value ? { "X-API-Key": keyInput.value } : {};
+    const url = `${API}/models/${encodeURIComponent(model)}/versions/${encodeURIComponent(version)}/explain-image`;
+    try {
+      const resp = await fetch(url, { method: "POST", headers, body: form });
+      const body = await resp.json();
+      if (!resp.ok) throw new Error(`${resp.status}: ${body.error}`);
+      result.replaceChildren(...uploadResult(body));
+    } catch (err) {
+      result.replaceChildren(el("p", { class: "error" }, err.message));
+    }
+  });
+  box.append(el("h3", {}, "Explain your own image"), file, button, result);
+  return box;
+}
+
+function uploadResult(r) {
+  const out = [];
+  if (r.warning) out.push(el("p", { class: "warning", role: "alert" }, `Warning: ${r.warning}`));
+  out.push(el("p", { class: "numbers" },
+    (r.patient_centred ? "Sweeps of this image itself, edited along each component. "
+                       : "Sweeps of a generated patient with this image's scores (this generator cannot edit an image). ") +
+    `CNN output ${r.cnn_output.map((v) => fmt(v, 3)).join(", ")}`));
+  const row = el("div", { class: "row" });
+  for (const c of r.components) {
+    const fig = el("figure");
+    const img = el("img", { class: "gif", alt: `component ${c.component} sweep of the upload` });
+    img.onload = () => { img.dataset.state = "loaded"; };
+    img.src = c.gif;
+    fig.append(img, el("figcaption", {},
+      `component ${c.component}: score ${fmt(c.score)} (${c.position} the published range); ` +
+      `${fmt(c.values[0])} → ${fmt(c.values[c.values.length - 1])} SD, ` +
+      `frame ${c.own_score_frame + 1} of ${c.values.length} is the image's own score`));
+    row.append(fig);
+  }
+  out.push(row);
+  return out;
 }
 
 let listing = [];
