@@ -154,7 +154,7 @@ def checks(run: ExplainRun) -> dict:
 @task(name="publish", **IO_TASK)
 def publish(client: MlflowClient, job: Job, run: ExplainRun, metrics: dict, pass_alias: str | None = None) -> str:
     lineage = {"dataset": job.dataset, "dataset_md5": job.dataset_md5, "cnn_name": job.name,
-               "cnn_version": job.version, "config_hash": job.cfg.config_hash(), "key": job.key,
+               "cnn_version": job.version, "cnn_format": getattr(run.model, "figan_format", None), "config_hash": job.cfg.config_hash(), "key": job.key,
                "config": asdict(job.cfg)}
     return R.publish_explanation(client, job.name, job.version, run.out, metrics, lineage, job.key,
                                  pass_alias=pass_alias)

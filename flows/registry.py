@@ -44,10 +44,10 @@ example would freeze it at 1). A torch.export program, however, is a flat graph:
 longer contain ``nn.Linear`` layers and module hooks never fire, so FIGAN cannot read features from it. The
 model therefore also carries ``extra_files/cnn.json`` (the :class:`~models.cnn.CNNSpec`) and
 ``extra_files/cnn.pt`` (a state dict, loaded with ``weights_only=True``), and :func:`load_cnn_version` rebuilds the
-eager ``nn.Module`` from them: exact, hookable, any batch size, and no code unpickled. Versions registered by
-other means load through ``mlflow.pytorch.load_model`` when they are eager (pickle) models; whether MLflow may
-unpickle them is MLflow's ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` (true by default in 3.17: set it to false in
-the flow's environment to accept only pickle-free CNNs).
+eager ``nn.Module`` from them: exact, hookable, any batch size, and no code unpickled. CNNs registered the
+plain MLflow way load too (:func:`load_cnn_version`): a ``pt2`` program is explained from its graph, a pickled
+eager model only under the pickle policy (:func:`pickle_allowed`), a TorchScript model is refused with what to
+register instead.
 
 **An explanation** is one run in the ``figan-explanations`` experiment holding the artifacts folder written by
 ``models.explain.explain`` (minus the GAN's training checkpoints and the cached features, which are large and
@@ -57,10 +57,13 @@ files, which the MLflow UI's artifact viewer displays.
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
+import importlib
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -68,6 +71,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -84,11 +88,14 @@ from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Dataset as DatasetEntity, DatasetInput, InputTag, Metric, RunStatus
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.model_utils import _add_code_from_conf_to_system_path
 from torch import nn
 
 from models.cnn import ARCHITECTURES, CNNSpec, build_cnn
+from models.exported import ExportedCNN
 from models.verdict import FAIL, PASS, verdict_of
 
 __all__ = [
@@ -96,7 +103,7 @@ __all__ = [
     "TAG_EXPLAIN", "TAG_STATUS", "TAG_RUN_ID", "TAG_ERROR", "TAG_KEY", "TAG_UPDATED", "TAG_FID_BEST",
     "TAG_FID_EXTRACTOR", "TAG_FAITHFULNESS", "TAG_PCT_VARIANCE", "STATUSES", "EXPLANATIONS_EXPERIMENT",
     "CNN_EXPERIMENT", "ContractError", "Contract", "DVCDatasetSource", "read_contract", "explain_requested",
-    "register_cnn", "load_cnn_version", "set_status", "get_status", "publish_explanation", "find_explanation",
+    "register_cnn", "load_cnn_version", "pickle_allowed", "TAG_TRUST", "set_status", "get_status", "publish_explanation", "find_explanation",
     "download_explanation", "list_versions", "flatten_metrics", "TAG_ATTEMPTS", "TAG_RETRY_AFTER", "TAG_ERROR_KIND",
     "TAG_CONTRACT_HASH", "TAG_LEASE", "contract_fingerprint", "Lease", "read_lease", "acquire_lease", "renew_lease",
     "release_lease", "new_owner", "TAG_VERDICT", "verdict_tag", "parse_verdict_tag", "apply_pass_alias",
@@ -130,6 +137,7 @@ TAG_ATTEMPTS = "figan.attempts"            # failed attempts for the current key
 TAG_RETRY_AFTER = "figan.retry_after"      # epoch seconds before which a failed key is not retried
 TAG_ERROR_KIND = "figan.error_kind"        # contract | error
 TAG_CONTRACT_HASH = "figan.contract_hash"  # fingerprint of the contract tags a contract error was raised on
+TAG_TRUST = "figan.trust"                  # "pickle": the CNN was unpickled (its registrant's code ran)
 TAG_LEASE = "figan.lease"                  # JSON {owner, key, expires}: who is explaining this version now
 # explanation run tags
 RUN_TAG_MODEL = "figan.model"
@@ -152,6 +160,8 @@ _MAX_ERROR_CHARS = 4000
 # artifact layout
 MODEL_NAME_IN_RUN = "model"                 # log_model(name=...)
 SPEC_FILE, WEIGHTS_FILE = "cnn.json", "cnn.pt"
+PICKLE_ALLOWLIST_ENV = "FIGAN_PICKLE_ALLOWLIST"
+SAFE_PICKLE_MODULES = frozenset({"pickle", "cloudpickle", "mlflow.pytorch.pickle_module"})
 LINEAGE_FILE = "lineage.json"
 # what a service needs from an explanation run (required) and what it may use (optional)
 SERVICE_ARTIFACTS = ("gan/best", "pls", "sequences", "metrics.json")
@@ -513,16 +523,32 @@ def register_cnn(model: nn.Module, spec: CNNSpec, name: str, dataset: str, datas
         model.train(was_training)
 
 
-def load_cnn_version(client: MlflowClient, name: str, version: str | int) -> tuple[nn.Module, CNNSpec | None]:
-    """The registered CNN as an eager ``nn.Module`` in eval mode, and its spec when it has one.
+def pickle_allowed(name: str) -> bool:
+    """Unpickling a CNN runs whatever code its registrant shipped, with this process's secrets. Allowed when
+    MLflow's ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` is true (MLflow's default, kept by the embedded laptop
+    platform) or the registered model's name matches one of the comma-separated ``fnmatch`` patterns in
+    ``FIGAN_PICKLE_ALLOWLIST`` (the team configuration sets the former to false and lists trusted models here)."""
+    patterns = [p.strip() for p in os.environ.get(PICKLE_ALLOWLIST_ENV, "").split(",") if p.strip()]
+    return bool(MLFLOW_ALLOW_PICKLE_DESERIALIZATION.get()) or any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
-    Reads the version's ``MLmodel`` first (a non-PyTorch version is refused without downloading it). Versions
-    registered by :func:`register_cnn` are rebuilt from ``cnn.json`` + the weights-only ``cnn.pt`` (only those
-    two files are downloaded). Other PyTorch-flavor versions are loaded with ``mlflow.pytorch.load_model``:
-    eager pickled models load (MLflow's ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` decides whether unpickling is
-    allowed; it defaults to true in MLflow 3.17), torch.export programs are refused because their layers cannot be
-    hooked. A missing version raises MLflow's RESOURCE_DOES_NOT_EXIST error; anything that is not a loadable
-    PyTorch CNN is a :class:`ContractError`."""
+
+def load_cnn_version(client: MlflowClient, name: str, version: str | int) -> tuple[nn.Module, CNNSpec | None]:
+    """The registered CNN as an ``nn.Module`` in eval mode, and its spec when it has one. Its format is recorded
+    on the module as ``figan_format`` (state-dict | pt2 | pickle).
+
+    Reads the version's ``MLmodel`` first (a non-PyTorch version is refused without downloading it), then, by
+    what the model holds, without running any code it ships unless the pickle policy allows it:
+
+    * ``cnn.json`` + ``cnn.pt`` (:func:`register_cnn`): the eager CNN rebuilt, weights loaded ``weights_only``;
+    * ``model.pt2`` (``torch.export``): checked pickle-free by MLflow's own validator, loaded, and wrapped so the
+      final Linear's input is read from the graph (:class:`models.exported.ExportedCNN`);
+    * a TorchScript ``model.pth``: refused with what to register instead (its layers run in the TorchScript
+      interpreter, where no hook can read them);
+    * a pickled ``model.pth``: only when :func:`pickle_allowed`, with a standard pickle module; the version then
+      gets the tag ``figan.trust=pickle`` (shown in report.html). Refused otherwise, before anything is imported.
+
+    A missing version raises MLflow's RESOURCE_DOES_NOT_EXIST error; anything else that cannot be explained is a
+    :class:`ContractError` naming the version."""
     where = f"model version {name}/{version}"
     mv = client.get_model_version(name, str(version))
     root = client.get_model_version_download_uri(name, str(version)).rstrip("/")
@@ -541,7 +567,8 @@ def load_cnn_version(client: MlflowClient, name: str, version: str | int) -> tup
         if "pytorch" not in flavors:
             raise ContractError(f"{where} is not a PyTorch CNN: its MLflow model has flavors {sorted(flavors)}, "
                                 f"no 'pytorch' flavor")
-        extra = {Path(e["path"]).name: e["path"] for e in flavors["pytorch"].get("extra_files") or []}
+        flavor = flavors["pytorch"]
+        extra = {Path(e["path"]).name: e["path"] for e in flavor.get("extra_files") or []}
         if SPEC_FILE in extra and WEIGHTS_FILE in extra:
             try:
                 spec = CNNSpec(**json.loads(fetch(extra[SPEC_FILE]).read_text()))
@@ -550,25 +577,83 @@ def load_cnn_version(client: MlflowClient, name: str, version: str | int) -> tup
                                                  weights_only=True))
             except (MlflowException, OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
                 raise ContractError(f"{where}: its {SPEC_FILE}/{WEIGHTS_FILE} do not rebuild a CNN ({e})") from e
-            return model.eval(), spec
-        local = Path(tmp) / "full"
-        local.mkdir()
+            return _with_format(model.eval(), "state-dict"), spec
+        data_dir = flavor.get("model_data", "data")
         try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=root, dst_path=str(local),
-                                                             tracking_uri=client.tracking_uri))
+            data = fetch(data_dir)
         except (MlflowException, OSError) as e:
             raise ContractError(f"{where}: its PyTorch model at {mv.source} cannot be downloaded ({e})") from e
-        if (local / flavors["pytorch"].get("model_data", "data") / "model.pt2").is_file():
-            raise ContractError(f"{where} is a torch.export (pt2) program without {SPEC_FILE}: FIGAN needs an "
-                                f"eager nn.Module whose layers it can hook; register it with "
-                                f"flows.registry.register_cnn or log it with serialization_format='pickle'")
-        try:
-            model = mlflow.pytorch.load_model(str(local), weights_only=False)
-        except (MlflowException, OSError, RuntimeError) as e:
-            raise ContractError(f"{where}: its PyTorch model cannot be loaded ({e})") from e
+        if (data / "model.pt2").is_file():
+            model = _load_exported(data / "model.pt2", where)
+        elif (data / "model.pth").is_file():
+            if _is_torchscript(data / "model.pth"):
+                raise ContractError(
+                    f"{where} is a TorchScript model: its layers run inside the TorchScript interpreter, where FIGAN "
+                    f"cannot read the input of the final Linear. Register the same CNN as a torch.export program "
+                    f"(mlflow.pytorch.log_model(model, serialization_format='pt2', input_example=<a batch of 2 "
+                    f"images>)) or with flows.registry.register_cnn")
+            if not pickle_allowed(name):
+                raise ContractError(
+                    f"{where} is a pickled PyTorch model, and unpickling runs its registrant's code: refused by this "
+                    f"platform's policy (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false and {name!r} not in "
+                    f"{PICKLE_ALLOWLIST_ENV}). Register it as a torch.export program "
+                    f"(serialization_format='pt2') or with flows.registry.register_cnn, or ask the operator to "
+                    f"trust this model by name")
+            if flavor.get("code"):
+                fetch(flavor["code"])                   # the registrant's code_paths, put on sys.path to unpickle
+            model = _unpickle(Path(tmp) / "model", data, flavor, where)
+            client.set_model_version_tag(name, str(version), TAG_TRUST, "pickle")
+        else:
+            raise ContractError(f"{where}: its PyTorch flavor holds neither model.pt2 nor model.pth in {data_dir}/")
     if not isinstance(model, nn.Module):
         raise ContractError(f"{where} is not a PyTorch CNN: loading gave {type(model).__name__}")
     return model.eval(), None
+
+
+def _with_format(model: nn.Module, fmt: str) -> nn.Module:
+    model.figan_format = fmt
+    return model
+
+
+def _load_exported(path: Path, where: str) -> nn.Module:
+    """A ``torch.export`` archive: refused unless every record is pickle-free (MLflow's validator, the check it
+    runs itself when pickle is disallowed), then loaded and made explainable."""
+    from mlflow.pytorch import _validate_pt2_archive_is_pickle_free       # MLflow's own check (private name)
+    try:
+        _validate_pt2_archive_is_pickle_free(str(path))
+    except MlflowException as e:
+        raise ContractError(f"{where}: its torch.export archive is not pickle-free ({e.message})") from e
+    try:
+        return _with_format(ExportedCNN(torch.export.load(str(path))), "pt2")
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ContractError(f"{where}: its torch.export program cannot be explained ({e})") from e
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive carries its compiled code (``<archive>/code/...``); an eager ``torch.save`` does not.
+    Read from the zip's table of contents: nothing is unpickled."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/" in n for n in z.namelist())
+    except zipfile.BadZipFile:
+        return False                                    # a legacy (non-zip) torch.save pickle
+
+
+def _unpickle(local: Path, data: Path, flavor: dict, where: str) -> nn.Module:
+    """A trusted pickled CNN: its ``code_paths`` on sys.path, then ``torch.load``. Only the standard pickle
+    modules may be named in ``pickle_module_info.txt`` (MLflow imports whatever module is named there)."""
+    info = data / "pickle_module_info.txt"
+    module_name = info.read_text().strip() if info.is_file() else "pickle"
+    if module_name not in SAFE_PICKLE_MODULES:
+        raise ContractError(f"{where}: its pickle_module_info.txt names {module_name[:80]!r}; only "
+                            f"{sorted(SAFE_PICKLE_MODULES)} are imported to unpickle a CNN")
+    _add_code_from_conf_to_system_path(str(local), flavor)
+    try:
+        model = torch.load(data / "model.pth", map_location="cpu", weights_only=False,
+                           pickle_module=importlib.import_module(module_name))
+    except (OSError, RuntimeError, AttributeError, ImportError, pickle.UnpicklingError) as e:
+        raise ContractError(f"{where}: its pickled PyTorch model cannot be loaded ({e})") from e
+    return _with_format(model, "pickle") if isinstance(model, nn.Module) else model
 
 
 # --------------------------------------------------------------------------------------------- status

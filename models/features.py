@@ -195,10 +195,17 @@ def extract_features(model: nn.Module, images: Images, layer: str | None = None,
                      transform: Transform | None = None) -> np.ndarray:
     """Learned features of every image as float32 ``(N, F)``.
 
-    ``layer=None``: the input of the final ``nn.Linear`` (see :func:`find_final_linear`). Otherwise the output of
-    the named module, conv maps global-average pooled. ``transform`` (e.g. input normalisation) is applied to
+    ``layer=None``: the input of the final ``nn.Linear`` (see :func:`find_final_linear`; for an exported program,
+    of its last linear operation). Otherwise the output of the named module, conv maps global-average pooled. ``transform`` (e.g. input normalisation) is applied to
     each float32 batch before the model. ``progress``: show a tqdm bar (its label when a string).
     """
+    if getattr(model, "exported", False):       # a torch.export program: no modules to hook (models/exported.py)
+        if layer is not None:
+            raise FeatureError(f"layer {layer!r}: an exported (pt2) CNN offers only the input of its final Linear; "
+                               f"explain it with the default layer, or register it with its architecture and "
+                               f"state dict (flows.registry.register_cnn) to choose another layer")
+        return _collect(model, images, batch_size, device, transform, progress, model.final_linear_input,
+                        "features [final Linear input]")
     if layer is None:
         name = find_final_linear(model)
         target = dict(model.named_modules())[name]

@@ -204,6 +204,10 @@ def build_report(artifacts_dir: str | Path, lineage: dict | None = None, drift: 
     lineage_rows = [
         ("model", lineage.get("cnn_name") or config.get("cnn") or cnn.get("name")),
         ("model version", lineage.get("cnn_version")),
+        ("CNN format", {"pickle": "pickle — unpickled, so its registrant's code ran (trusted by policy)",
+                        "pt2": "torch.export program (pickle-free)",
+                        "state-dict": "architecture + state dict (pickle-free)"}.get(lineage.get("cnn_format"),
+                                                                                       lineage.get("cnn_format"))),
         ("dataset", lineage.get("dataset") or config.get("dataset") or ds.get("name")),
         ("dataset version (DVC md5)", lineage.get("dataset_md5")),
         ("images / task / target", f"{ds.get('n_images')} / {ds.get('task')} / {ds.get('target')}"),

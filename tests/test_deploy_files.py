@@ -374,3 +374,19 @@ def test_prefect_deployments_point_at_the_flow_and_the_pool():
     wanted = {e["name"]: e.get("value") for e in
               _containers(worker_docs[("Deployment", "figan-worker")])[0]["env"]}["FIGAN_EXPLAIN_DEPLOYMENT"]
     assert wanted.split("/")[0] == flow_name and wanted.split("/")[1] in names
+
+
+def test_team_configuration_refuses_pickled_cnns_everywhere_a_cnn_is_loaded():
+    """The worker (explain + drift) and the service (explain-image) load CNNs: both run the team pickle policy."""
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    for name in ("worker", "service"):
+        env = compose["services"][name]["environment"]
+        assert env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false", name
+        assert "FIGAN_PICKLE_ALLOWLIST" in env, name
+    config = yaml.safe_load((DEPLOY / "k8s" / "config.yaml").read_text())["data"]
+    assert config["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false" and "FIGAN_PICKLE_ALLOWLIST" in config
+    service = next(d for d in yaml.safe_load_all((DEPLOY / "k8s" / "service.yaml").read_text())
+                   if d and d.get("kind") == "Deployment")
+    env = {e["name"]: e for e in service["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for var in ("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "FIGAN_PICKLE_ALLOWLIST"):
+        assert env[var]["valueFrom"]["configMapKeyRef"] == {"name": "figan-config", "key": var}
