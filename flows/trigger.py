@@ -7,8 +7,8 @@ One worker process holds three parts that all feed one queue of *candidates* (mo
   when MLflow's signature checks out — ``X-MLflow-Signature: v1,<base64 HMAC-SHA256 of
   "delivery_id.timestamp.payload">`` with the shared secret — its ``X-MLflow-Timestamp`` is within
   ``window`` seconds of now (stale otherwise) and its ``X-MLflow-Delivery-Id`` was not seen before (replay; seen
-  ids are kept in SQLite so a restart does not forget them). ``POST /reconcile`` asks for a reconcile pass now
-  (e.g. after a new data version).
+  ids are kept in SQLite so a restart does not forget them). Bodies are capped at 64 KiB and must be JSON
+  objects. ``POST /reconcile`` (with the secret) asks for a reconcile pass now (e.g. after a new data version).
 * **Reconciler** (level-triggered): every ``reconcile_seconds`` it lists every opted-in version (tag
   ``figan.explain=true`` on the version or its model, or a model on the allowlist) and queues them all. It
   recovers whatever a dead receiver, a crashed worker or a restarted server missed, and notices a new data version
@@ -63,6 +63,8 @@ log = logging.getLogger("figan.worker")
 SIGNATURE_HEADER, TIMESTAMP_HEADER, DELIVERY_HEADER = "X-MLflow-Signature", "X-MLflow-Timestamp", "X-MLflow-Delivery-Id"
 WEBHOOK_NAME = "figan-explain"
 WEBHOOK_PATH = "/webhooks/mlflow"
+MAX_WEBHOOK_BYTES = 64 * 1024       # an MLflow registry event is well under 2 KiB
+MAX_PENDING = 10_000                # distinct versions waiting for a decision; beyond, the reconciler catches up
 EVENTS = ("model_version.created", "model_version_tag.set")
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -121,9 +123,12 @@ class Verifier:
             except sqlite3.IntegrityError:
                 raise Rejected(409, f"replayed delivery {delivery}") from None
         try:
-            return json.loads(payload_text)
+            event = json.loads(payload_text)
         except json.JSONDecodeError:
             raise Rejected(400, "payload is not JSON") from None
+        if not isinstance(event, dict) or not isinstance(event.get("data", {}), dict):
+            raise Rejected(400, "payload must be a JSON object whose 'data' is an object")
+        return event
 
 
 # --------------------------------------------------------------------------------------------- decisions
@@ -173,7 +178,9 @@ class Worker:
     def __init__(self, settings: Settings, tracking_uri: str):
         self.settings, self.tracking_uri = settings, tracking_uri
         self.client = MlflowClient(tracking_uri)
-        self.candidates: queue.Queue[tuple[str, str, str]] = queue.Queue()
+        self.candidates: queue.Queue[tuple[str, str, str]] = queue.Queue(MAX_PENDING)
+        self.pending: set[tuple[str, str]] = set()       # queued, not yet decided: a version is queued once
+        self.dropped = 0
         self.pool = ThreadPoolExecutor(settings.max_concurrent, thread_name_prefix="explain")
         self.inflight: dict[tuple[str, str], str] = {}
         self.history: list[dict] = []
@@ -184,8 +191,20 @@ class Worker:
         self._procs: set[subprocess.Popen] = set()
 
     # -- inputs
-    def submit(self, name: str, version: str, reason: str) -> None:
-        self.candidates.put((name, str(version), reason))
+    def submit(self, name: str, version: str, reason: str) -> bool:
+        """Queue a version for a decision unless it is already waiting; False when it was not queued (already
+        pending, or the queue is full: the next reconcile pass offers it again)."""
+        key = (name, str(version))
+        with self._lock:
+            if key in self.pending:
+                return False
+            try:
+                self.candidates.put_nowait((name, str(version), reason))
+            except queue.Full:
+                self.dropped += 1
+                return False
+            self.pending.add(key)
+        return True
 
     def opted_in(self, row: dict) -> bool:
         allow = self.settings.model_allowlist
@@ -233,6 +252,7 @@ class Worker:
             except queue.Empty:
                 continue
             with self._lock:
+                self.pending.discard((name, version))
                 if (name, version) in self.inflight:
                     continue
             try:
@@ -314,6 +334,7 @@ class Worker:
             inflight = {f"{n}/{v}": s for (n, v), s in self.inflight.items()}
         return {"ok": True, "inflight": inflight, "queued_candidates": self.candidates.qsize(),
                 "max_concurrent": self.settings.max_concurrent, "last_reconcile": self.last_reconcile,
+                "pending": len(self.pending), "dropped": self.dropped,
                 "reconcile_seconds": self.settings.reconcile_seconds, "runs": self.history[-20:]}
 
 
@@ -326,13 +347,15 @@ def _child_env(tracking_uri: str) -> dict[str, str]:
 
 # --------------------------------------------------------------------------------------------- receiver app
 
-def create_app(worker: Worker, verifier: Verifier | None):
-    """The worker's HTTP app: GET /health, POST /reconcile and, with a verifier, the receiver POST /webhooks/mlflow."""
+def create_app(worker: Worker, verifier: Verifier | None, secret: str):
+    """The worker's HTTP app: GET /health, POST /reconcile (``Authorization: Bearer <secret>``) and, with a
+    verifier, the receiver POST /webhooks/mlflow. Bodies over :data:`MAX_WEBHOOK_BYTES` are refused before they
+    are read (Content-Length) or as soon as the stream passes it."""
     app = FastAPI(title="FIGAN webhook receiver", docs_url=None, redoc_url=None)
 
     async def webhook(request: Request):
-        body = await request.body()
         try:
+            body = await _capped_body(request, MAX_WEBHOOK_BYTES)
             event = verifier.verify(request.headers, body)
         except Rejected as r:
             log.warning("webhook rejected (%d): %s", r.status, r.reason)
@@ -343,15 +366,20 @@ def create_app(worker: Worker, verifier: Verifier | None):
             kind == "model_version_tag.set" and data.get("key") in R.CONTRACT_TAGS)
         if not relevant or not data.get("name") or not data.get("version"):
             return JSONResponse({"accepted": False, "ignored": kind}, status_code=200)
-        worker.submit(str(data["name"]), str(data["version"]), f"webhook {kind}")
-        return JSONResponse({"accepted": True, "name": data["name"], "version": str(data["version"])},
-                            status_code=202)
+        queued = worker.submit(str(data["name"]), str(data["version"]), f"webhook {kind}")
+        return JSONResponse({"accepted": True, "name": data["name"], "version": str(data["version"]),
+                             "queued": queued}, status_code=202)
 
     if verifier is not None:
         app.add_api_route(WEBHOOK_PATH, webhook, methods=["POST"])
 
     @app.post("/reconcile")
-    async def reconcile():
+    async def reconcile(request: Request):
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), secret.encode()):
+            return JSONResponse({"accepted": False, "error": "send the worker's secret as Authorization: Bearer "
+                                                             "<secret> (the file webhook.secret in FIGAN_HOME)"},
+                                status_code=401)
         worker.reconcile_now()
         return JSONResponse({"accepted": True}, status_code=202)
 
@@ -360,6 +388,21 @@ def create_app(worker: Worker, verifier: Verifier | None):
         return worker.health()
 
     return app
+
+
+async def _capped_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes: by its Content-Length before reading a byte, or
+    while streaming when it has none (chunked) or understates it."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise Rejected(413, f"body of {length} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Rejected(413, f"body over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 # --------------------------------------------------------------------------------------------- setup
@@ -395,12 +438,11 @@ def serve(settings: Settings, tracking_uri: str, receiver: bool = True) -> None:
                                                    '"part": "%(threadName)s", "msg": "%(message)s"}')
     worker = Worker(settings, tracking_uri).start()
     try:
-        verifier = None
+        verifier, secret = None, webhook_secret(settings)
         if receiver:
-            secret = webhook_secret(settings)
             subscribe(worker.client, settings.receiver_url + WEBHOOK_PATH, secret)
             verifier = Verifier(secret, settings.home / "receiver.db")
-        app = create_app(worker, verifier)
+        app = create_app(worker, verifier, secret)
         uvicorn.run(app, host=settings.receiver_host, port=settings.receiver_port, log_level="warning")
     finally:
         worker.stop()

@@ -86,11 +86,15 @@ def _to_float(img: Image.Image, path: str) -> np.ndarray:
     return np.clip(a, 0.0, 1.0)
 
 
+IMAGE_FORMATS = ("PNG", "JPEG", "TIFF")      # what a dataset (and an upload) may hold; PIL tries no other decoder
+
+
 def read_image(path: Path, size: tuple[int, int] | None = None, name: str | None = None) -> np.ndarray:
-    """Read one image as float32 (C, H, W) in [0, 1]; a clear DatasetError names an unreadable file."""
+    """Read one image (PNG, JPEG or TIFF) as float32 (C, H, W) in [0, 1]; a clear DatasetError names an unreadable
+    file, another format, or a decompression bomb (more pixels than PIL's ``MAX_IMAGE_PIXELS`` guard allows)."""
     name = name or str(path)
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=IMAGE_FORMATS) as img:
             img.load()
             if size is not None and img.size != (size[1], size[0]):
                 if img.mode.startswith("I"):
@@ -101,7 +105,11 @@ def read_image(path: Path, size: tuple[int, int] | None = None, name: str | None
             return _to_float(img, name)
     except FileNotFoundError:
         raise DatasetError(f"image {name!r} listed in the manifest does not exist") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"image {name!r} is refused as a decompression bomb: {e}") from None
+    except UnidentifiedImageError:
+        raise DatasetError(f"image {name!r} is not a {'/'.join(IMAGE_FORMATS)} image (or is corrupt)") from None
+    except (OSError, SyntaxError) as e:
         raise DatasetError(f"image {name!r} is unreadable or corrupt: {e}") from None
 
 
@@ -109,13 +117,15 @@ def read_mask(path: Path, size: tuple[int, int] | None = None, name: str | None 
     """Read a label mask as int64 (H, W)."""
     name = name or str(path)
     try:
-        with Image.open(path) as img:
+        with Image.open(path, formats=IMAGE_FORMATS) as img:
             img.load()
             if size is not None and img.size != (size[1], size[0]):
                 img = img.resize((size[1], size[0]), Image.NEAREST)
             return np.asarray(img.convert("L") if img.mode not in ("L", "I", "I;16") else img).astype(np.int64)
     except FileNotFoundError:
         raise DatasetError(f"mask {name!r} listed in the manifest does not exist") from None
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"mask {name!r} is refused as a decompression bomb: {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DatasetError(f"mask {name!r} is unreadable or corrupt: {e}") from None
 
@@ -172,9 +182,10 @@ class ImageDataset:
             raise DatasetError(f"{man_path}: the dataset is empty (no rows)")
         if m["path"].isna().any():
             raise DatasetError(f"{man_path}: empty 'path' in row(s) {list(np.flatnonzero(m['path'].isna())[:5])}")
-        for p in m["path"].astype(str):
-            if Path(p).is_absolute() or ".." in Path(p).parts:
-                raise DatasetError(f"{man_path}: path {p!r} must be relative and inside the dataset folder")
+        for col in ("path", "mask"):
+            for p in (m[col].dropna().astype(str) if col in m.columns else ()):
+                if Path(p).is_absolute() or ".." in Path(p).parts:
+                    raise DatasetError(f"{man_path}: {col} {p!r} must be relative and inside the dataset folder")
         if "split" in m.columns:
             bad = sorted(set(m["split"].dropna().astype(str)) - set(SPLITS))
             if bad:
@@ -283,9 +294,16 @@ class ImageDataset:
         return self._shape
 
     # -- pixels -----------------------------------------------------------------------------------
+    def _inside(self, rel: str) -> Path:
+        """The file of a manifest entry; a symlink that leads out of the dataset folder is refused."""
+        path = self.root / rel
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise DatasetError(f"{rel!r} leads outside the dataset folder {self.root} (a symlink); refused")
+        return path
+
     def read(self, i: int) -> np.ndarray:
         rel = str(self.manifest["path"].iloc[i])
-        img = read_image(self.root / rel, self.size, name=rel)
+        img = read_image(self._inside(rel), self.size, name=rel)
         if self._shape is not None and img.shape != self._shape:
             if img.shape[1:] != self._shape[1:]:
                 raise DatasetError(
@@ -303,7 +321,7 @@ class ImageDataset:
             raise DatasetError(f"{self.root}: the manifest has no 'mask' column")
         rel = str(self.manifest["mask"].iloc[i])
         shape = self.image_shape
-        return read_mask(self.root / rel, shape[1:], name=rel)
+        return read_mask(self._inside(rel), shape[1:], name=rel)
 
     def load(self, indices: Sequence[int], masks: bool = False):
         """Images of the given rows as one float32 array (N, C, H, W) (and int64 masks (N, H, W))."""

@@ -105,6 +105,30 @@ def test_path_outside_folder(tmp_path):
         ImageDataset(root)
 
 
+def test_mask_paths_and_symlinks_cannot_leave_the_folder(tmp_path):
+    root = _make(tmp_path, [{"path": "images/0.png", "y": 1.0, "mask": "/etc/passwd"}])
+    with pytest.raises(DatasetError, match="mask '/etc/passwd' must be relative"):
+        ImageDataset(root)
+    root = _make(tmp_path / "b", [{"path": "images/0.png", "y": 1.0}, {"path": "images/1.png", "y": 2.0}])
+    outside = tmp_path / "outside.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(outside)
+    (root / "images/1.png").unlink()
+    (root / "images/1.png").symlink_to(outside)
+    with pytest.raises(DatasetError, match="images/1.png.*leads outside the dataset folder"):
+        ImageDataset(root).load([0, 1])
+
+
+def test_other_formats_and_decompression_bombs_are_refused_by_name(tmp_path, monkeypatch):
+    root = _make(tmp_path, [{"path": "images/0.png", "y": 1.0}, {"path": "images/1.png", "y": 2.0}])
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "images/1.png", format="BMP")   # named .png
+    with pytest.raises(DatasetError, match="images/1.png.*not a PNG/JPEG/TIFF image"):
+        ImageDataset(root).load([0, 1])
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "images/1.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)                    # 8x8 = 64 > 2 x 16: a "bomb"
+    with pytest.raises(DatasetError, match="images/0.png.*decompression bomb"):
+        ImageDataset(root).load([0, 1])
+
+
 def test_splits_reproducible():
     a, b = assign_splits(100, 3), assign_splits(100, 3)
     assert (a == b).all() and set(a) == {"train", "val", "test"}

@@ -188,6 +188,46 @@ def test_verifier_rejects_all_but_genuine_fresh_first_deliveries(tmp_path):
         Verifier("s3cret", tmp_path / "r.db").verify(good, body.encode(), now)
 
 
+def _signed(secret: str, payload: str) -> dict:
+    ts, did = str(int(time.time())), str(uuid.uuid4())
+    return {"X-MLflow-Signature": sign(secret, did, ts, payload), "X-MLflow-Timestamp": ts,
+            "X-MLflow-Delivery-Id": did, "Content-Type": "application/json"}
+
+
+def test_receiver_caps_bodies_checks_shapes_and_guards_reconcile(tmp_path):
+    """No MLflow needed: the app in-process. Oversized bodies are refused before being read (Content-Length) or
+    while streamed; signed JSON that is not an object is a 400, not a 500; /reconcile needs the secret; a version
+    is queued once however often it is announced, and the queue is bounded."""
+    from starlette.testclient import TestClient
+
+    from flows.settings import Settings
+    from flows.trigger import MAX_WEBHOOK_BYTES, Worker, create_app
+    worker = Worker(Settings(home=tmp_path), "http://127.0.0.1:9")            # never started: nothing dispatched
+    app = create_app(worker, Verifier("s3cret", tmp_path / "r.db"), "s3cret")
+    with TestClient(app) as http:
+        big = "x" * (MAX_WEBHOOK_BYTES + 1)
+        assert http.post("/webhooks/mlflow", content=big, headers=_signed("s3cret", big)).status_code == 413
+        streamed = http.post("/webhooks/mlflow", content=iter([b"x" * 40_000] * 3),
+                             headers={k: v for k, v in _signed("s3cret", "x").items()})
+        assert streamed.status_code == 413
+        for payload in ("[1, 2]", '"text"', '{"entity": "model_version", "data": [1]}'):
+            resp = http.post("/webhooks/mlflow", content=payload, headers=_signed("s3cret", payload))
+            assert resp.status_code == 400 and "JSON object" in resp.json()["error"], payload
+        event = json.dumps({"entity": "model_version", "action": "created", "data": {"name": "m", "version": "1"}})
+        first = http.post("/webhooks/mlflow", content=event, headers=_signed("s3cret", event))
+        again = http.post("/webhooks/mlflow", content=event, headers=_signed("s3cret", event))
+        assert first.status_code == again.status_code == 202
+        assert first.json()["queued"] is True and again.json()["queued"] is False
+        assert worker.candidates.qsize() == 1
+        assert http.post("/reconcile").status_code == 401
+        assert http.post("/reconcile", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert http.post("/reconcile", headers={"Authorization": "Bearer s3cret"}).status_code == 202
+    worker.candidates = type(worker.candidates)(2)                             # a full queue drops, counted
+    worker.pending.clear()
+    assert [worker.submit("m", str(v), "test") for v in range(3)] == [True, True, False]
+    assert worker.dropped == 1 and worker.health()["pending"] == 2
+
+
 # --------------------------------------------------------------------------------------------- real platform
 
 def test_lease_admits_exactly_one_of_many_concurrent_owners(platform):
@@ -228,7 +268,7 @@ def test_webhook_endpoint_accepts_only_the_genuine_delivery(platform):
     stale = {**good, "X-MLflow-Timestamp": old, "X-MLflow-Signature": sign(secret, did, old, body)}
     assert post(url, body.encode(), stale)[0] == 401
     code, answer = post(url, body.encode(), good)
-    assert code == 202 and answer == {"accepted": True, "name": "nobody", "version": "1"}
+    assert code == 202 and answer == {"accepted": True, "name": "nobody", "version": "1", "queued": True}
     assert post(url, body.encode(), good)[0] == 409                                    # replayed
     # a status tag of ours is signed and fresh but irrelevant: ignored, no trigger
     tag = json.dumps({"entity": "model_version_tag", "action": "set",
@@ -305,7 +345,9 @@ def test_worker_killed_mid_run_resumes_once(platform):
 def test_simultaneous_webhook_reconciler_and_manual_trigger_run_once(platform):
     p = platform
     v = register_plain(p, "triple")                     # the webhook fires here
-    _DIRECT.open(urllib.request.Request(p.url + "/reconcile", data=b"", method="POST"), timeout=5)
+    secret = (p.home / "webhook.secret").read_text().strip()
+    _DIRECT.open(urllib.request.Request(p.url + "/reconcile", data=b"", method="POST",
+                                        headers={"Authorization": f"Bearer {secret}"}), timeout=5)
     manual = subprocess.run([sys.executable, "-m", "flows.cli", "explain-version", "--name", "triple",
                              "--version", v], capture_output=True, text=True, timeout=300)
     st = wait_status(p, "triple", v)
