@@ -31,8 +31,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from models.data import DatasetError, ImageDataset
-from models.explain import (ExplainConfig, ExplainRun, prepare, stage_checks, stage_features, stage_pls,
-                            stage_sequences, stage_train)
+from models.explain import (ExplainConfig, ExplainRun, prepare, stage_attribution, stage_checks, stage_features,
+                            stage_pls, stage_sequences, stage_train)
 from models.verdict import verdict_of, verdict_text
 
 from . import registry as R
@@ -144,6 +144,7 @@ def train(run: ExplainRun, stop_after: int | None, pose_cache: Path | None = Non
 @task(name="sequences", **WORK_TASK)
 def sequences(run: ExplainRun) -> None:
     stage_sequences(run)
+    stage_attribution(run)
 
 
 @task(name="checks", **WORK_TASK)

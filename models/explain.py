@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from . import attribution as A
 from . import checks as C
 from .cgan import CGAN, CGANConfig, generate_with, images_to_u8, load_generator
 from .features import model_output
@@ -82,6 +83,7 @@ class ExplainConfig:
     frames: int = 9
     seeds: tuple[int, ...] = (0, 1, 2)   # the seeds shown in the published sequences
     check_seeds: int = 32                # seeds per component for the checks (the shown ones included)
+    attribution_images: int = 16         # real images per end of each component for attribution maps (0: none)
     # independent reader (models.reader)
     reader_epochs: int = 6
     reader_size: int = 32
@@ -443,6 +445,27 @@ def stage_sequences(run: ExplainRun, generator: tuple[Callable, CGANConfig] | No
     return run.sweeps
 
 
+def stage_attribution(run: ExplainRun) -> list[Path]:
+    """Vanilla-gradient and Grad-CAM maps beside every published sweep (:mod:`models.attribution`): the
+    ``attribution_images`` real images at each end of the component's scores, and the sweep's first seed."""
+    n = run.cfg.attribution_images
+    if not n or not run.sweeps:
+        return []
+    t = time.time()
+    to_cnn = run.to_cnn or (lambda x: x)
+    out = []
+    for j, sw in enumerate(run.sweeps):
+        lo, hi = A.end_indices(run.scores[:, j], n)
+        rows = np.concatenate([lo, hi])
+        images = to_cnn(torch.from_numpy(run.ds.load(rows)))
+        frames = to_cnn(torch.from_numpy(np.ascontiguousarray(sw.images[0])))    # the first seed, CNN input
+        maps = A.component_maps(run.model, images, np.r_[run.scores[lo, j], run.scores[hi, j]], frames, n)
+        out.append(A.save_attribution_png(maps, frames.numpy(), sw.values, j,
+                                          run.out / "sequences" / f"component_{j + 1}_attribution.png"))
+    run.timings["attribution"] = time.time() - t
+    return out
+
+
 def sweep_frame_samples(run: ExplainRun, n: int, seed: int) -> torch.Tensor:
     """n frames of single-component sweeps, as users see them: a random seed, a random component at a uniform
     position inside its sweep range, the others as in the published sweeps."""
@@ -569,6 +592,9 @@ def stage_checks(run: ExplainRun) -> dict:
                         {"batch_size": cfg.batch_size, "img_per_s": round(result.img_per_s, 1),
                          "score_regressor_r2": result.regressor_r2})},
         "components": components,
+        "figures": {kind: [j + 1 for j in range(state.n_components)
+                           if (run.out / "sequences" / f"component_{j + 1}_{kind}.png").is_file()]
+                    for kind in ("attribution", "real_cases")},    # optional per-component figures published
         "timings_s": {k: round(v, 2) for k, v in run.timings.items()},
     }
     metrics["gates"] = C.evaluate_gates(metrics, C.Thresholds(), factors.get("driving", ()),
@@ -598,6 +624,7 @@ def explain(ds: ImageDataset, model: torch.nn.Module, out_dir: str | Path, cfg: 
     if result.step < cfg.steps:
         return {"status": "interrupted", "step": result.step}
     stage_sequences(run)
+    stage_attribution(run)
     metrics = stage_checks(run)
     _log(f"done in {run.timings['total']:.0f} s → {run.out}")
     return metrics

@@ -30,6 +30,7 @@ from typing import Any
 
 from jinja2 import Environment, StrictUndefined
 
+from .attribution import CAPTION as ATTRIBUTION_CAPTION
 from .checks import Thresholds
 from .verdict import verdict_of, verdict_text
 
@@ -158,6 +159,7 @@ def _component_view(art: Path, c: dict, th_faith: float, th_cond: float, min_pct
     cases = (_read_json(seq / f"component_{j}_real_cases.json") or {}).get("cases") or []
     return {
         "real_cases": data_uri(seq / f"component_{j}_real_cases.png"), "n_cases": len(cases),
+        "attribution": data_uri(seq / f"component_{j}_attribution.png"),
         "poor_cases": sum(not case.get("trusted", True) for case in cases),
         "n": j, "pct": c.get("pct_target_variance"),
         "gif": data_uri(seq / f"component_{j}.gif"), "strip": data_uri(seq / f"component_{j}_strip.png"),
@@ -231,6 +233,7 @@ def build_report(artifacts_dir: str | Path, lineage: dict | None = None, drift: 
         "verdict": (verdict or {}).get("verdict"), "verdict_text": verdict_text(verdict),
         "cautions": cautions(metrics, drift, diff, thresholds, min_variance_pct),
         "lineage": [(k, _fmt(v)) for k, v in lineage_rows if v is not None],
+        "attribution_caption": ATTRIBUTION_CAPTION,
         "config": [(k, _fmt(v)) for k, v in sorted(cfg.items())],
         "variance_png": data_uri(art / "pls_variance.png"),
         "pct": pls.get("pct_target_variance") or [c.get("pct_target_variance") for c in metrics["components"]],
@@ -347,6 +350,9 @@ independent reader ρ = {{ fmt(c.reader.get('rho_mean')) }}{% endif %}{% if c.ra
 {% if c.strip %}<figure><img src="{{ c.strip }}" alt="component {{ c.n }} strip"><figcaption>strip: rows = noise seeds</figcaption></figure>{% endif %}
 {% if c.deviation %}<figure><img src="{{ c.deviation }}" alt="component {{ c.n }} deviation images"><figcaption>deviation images</figcaption></figure>{% endif %}
 </div>
+{% if c.attribution %}<div class="imgs attribution">
+<figure><img src="{{ c.attribution }}" alt="component {{ c.n }} attribution maps"><figcaption>{{ attribution_caption }}</figcaption></figure>
+</div>{% endif %}
 {% if c.real_cases %}<div class="imgs real-cases">
 <figure><img src="{{ c.real_cases }}" alt="component {{ c.n }} real cases"><figcaption>real cases: {{ c.n_cases }}
 real images held out from the generator's seeds, picked low → high on this component, each swept around itself

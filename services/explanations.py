@@ -16,7 +16,7 @@ is a 4xx naming its field; a version whose explanation is queued/running/failed 
                                                                        faithfulness, conditioning), FID, URLs
 ``GET  /v1/models/{m}/versions/{v}/metrics.json | fid_trace.png``      the published metrics / FID trace figure
 ``GET  /v1/models/{m}/versions/{v}/components/{c}/sequence.gif|png|json``  the published sequence (local cache)
-``GET  /v1/models/{m}/versions/{v}/components/{c}/eigen.png|deviation.png``
+``GET  /v1/models/{m}/versions/{v}/components/{c}/eigen.png|deviation.png|attribution.png|real_cases.png``
 ``POST /v1/generate``                                                  a sweep on demand (API key)
 ``POST /v1/models/{m}/versions/{v}/explain-image``                     an uploaded image's scores + sweeps centred
                                                                        on them (multipart ``image``; API key)
@@ -85,6 +85,7 @@ log = logging.getLogger("figan.service")
 MLFLOW_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
               "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 STATIC = Path(__file__).parent / "static"
+OPTIONAL_FIGURES = ("attribution", "real_cases")      # per-component PNGs an explanation may publish
 SweepValue = Annotated[float, Field(ge=-SWEEP_LIMIT, le=SWEEP_LIMIT, allow_inf_nan=False)]
 api = FastAPI(title="FIGAN explanations", version="1", docs_url=None, redoc_url=None)   # no CDN-hosted doc pages
 
@@ -296,10 +297,14 @@ def _urls(request: Request, expl: Explanation) -> dict:
     base = f"{request.scope.get('root_path', '')}/models/{expl.name}/versions/{expl.version}"
     comp = lambda j, f: f"{base}/components/{j}/{f}"   # noqa: E731
     has_trace = bool((expl.metrics.get("fid") or {}).get("trace"))      # only a cGAN has a training trace
+    figures = expl.metrics.get("figures") or {}                         # optional figures that were published
     return {"metrics": f"{base}/metrics.json", "fid_trace": f"{base}/fid_trace.png" if has_trace else None,
             "components": [{"gif": comp(j, "sequence.gif"), "strip": comp(j, "sequence.png"),
                             "frames": comp(j, "sequence.json"), "eigen": comp(j, "eigen.png"),
-                            "deviation": comp(j, "deviation.png")} for j in range(1, expl.k + 1)]}
+                            "deviation": comp(j, "deviation.png"),
+                            **{kind: comp(j, f"{kind}.png") for kind in OPTIONAL_FIGURES
+                               if j in figures.get(kind, ())}}
+                           for j in range(1, expl.k + 1)]}
 
 
 @api.get("/models")
@@ -360,11 +365,12 @@ async def sequence(request: Request, model: str, version: str, component: str, f
 
 @api.get("/models/{model}/versions/{version}/components/{component}/{image}.png")
 async def component_image(request: Request, model: str, version: str, component: str, image: str) -> Response:
-    """The published eigen image or deviation images of a component."""
+    """The published eigen image, deviation images, attribution maps or real cases of a component."""
     svc, expl = await _explanation(request, model, version)
     j = check_component(component, expl.k)
-    if image not in ("eigen", "deviation"):
-        raise ServiceError(404, f"image: {image[:20]!r} is not one of eigen, deviation", "image")
+    if image not in ("eigen", "deviation", *OPTIONAL_FIGURES):
+        raise ServiceError(404, f"image: {image[:20]!r} is not one of eigen, deviation, "
+                                f"{', '.join(OPTIONAL_FIGURES)}", "image")
     return _binary(request, svc.store.file(expl, expl.component_file(j, image)), "image/png",
                    f'"{expl.run_id}-c{j + 1}-{image}"')
 

@@ -45,7 +45,7 @@ from flows import registry
 from flows.mlflow_server import find_server
 from flows.settings import Settings
 from models.cgan import CGANConfig, Generator, load_generator
-from models.data import read_image
+from models.data import IMAGE_FORMATS, read_image
 from models.explain import cnn_input
 from models.features import extract_features, model_output
 from models.fid import plot_fid_trace
@@ -150,9 +150,10 @@ class Explanation:
         return (-2.0 if lo is None else float(lo)), (2.0 if hi is None else float(hi))
 
     def component_file(self, component: int, kind: str) -> Path:
-        """Published file of a 0-based component: kind gif | strip | eigen | deviation | npz."""
+        """Published file of a 0-based component: kind gif | strip | eigen | deviation | attribution |
+        real_cases | npz."""
         suffix = {"gif": ".gif", "strip": "_strip.png", "eigen": "_eigen.png", "deviation": "_deviation.png",
-                  "npz": ".npz"}[kind]
+                  "attribution": "_attribution.png", "real_cases": "_real_cases.png", "npz": ".npz"}[kind]
         return self.dir / "sequences" / f"component_{component + 1}{suffix}"
 
     def summary(self) -> dict[str, Any]:
@@ -478,10 +479,13 @@ class ExplanationStore:
         model, contract = self.cnn(expl)
         c, h, w = contract.input_shape
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
                 size, fmt = img.size, img.format
+        except Image.DecompressionBombError:
+            raise ServiceError(400, "image: refused as a decompression bomb (far more pixels than its size "
+                                    "suggests)", "image") from None
         except (UnidentifiedImageError, OSError, ValueError):
-            raise ServiceError(400, "image: the upload is not a decodable image (PNG, JPEG, TIFF, ...)",
+            raise ServiceError(400, f"image: the upload is not a decodable {'/'.join(IMAGE_FORMATS)} image",
                                "image") from None
         if size != (w, h):
             raise ServiceError(400, f"image: is {size[0]}x{size[1]} pixels, but {expl.name} version "

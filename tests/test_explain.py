@@ -61,8 +61,11 @@ def test_explain_artifacts(phantom_cnn):
         assert len(cases) == 4 and [c["score"] for c in cases] == sorted(c["score"] for c in cases)
         assert all(c["path"].startswith("images/") for c in cases)
         assert (out / f"sequences/component_{j}_real_cases.png").stat().st_size > 1000
+    assert saved["figures"] == {"attribution": [1, 2], "real_cases": [1, 2]}
+    assert (out / "sequences/component_1_attribution.png").stat().st_size > 1000       # maps beside the sweep
     from models.report import build_report
-    assert "real cases: 4" in build_report(out).read_text()
+    page = build_report(out).read_text()
+    assert "real cases: 4" in page and "Where the CNN looks" in page
     # second run: registration reused → identical generator
     before = (out / "gan/best/generator.pt").read_bytes()
     explain(ds, model, out, TINY, task=spec.task, input_shape=tuple(spec.input_shape), cnn_name="tiny")

@@ -120,13 +120,13 @@ def test_report_is_self_contained_with_every_section(artifacts):
     imgs = page.images()
     metrics = json.loads((artifacts / "metrics.json").read_text())
     k = len(metrics["components"])
-    assert len(imgs) == 1 + 5 * k          # variance chart; per component gif/eigen/strip/deviation/real cases
+    assert len(imgs) == 1 + 6 * k  # variance chart; per component gif/eigen/strip/deviation/attribution/real cases
     formats = [_decode(src).format for src in imgs]
     assert formats.count("GIF") == k and formats.count("PNG") == len(imgs) - k
     text = " ".join(page.text)
     for needle in (LINEAGE["dataset_md5"], LINEAGE["code_version"], metrics["config_hash"], "randconv",
                    "real-vs-real floor", "Faithfulness", "Conditioning fidelity", "Ground truth", "heart_size",
-                   "real cases"):
+                   "real cases", "Where the CNN looks"):
         assert needle in text, needle
     assert f"{metrics['fid']['floor']:.3f}".rstrip("0")[:4] in text
     assert "No drift comparison" in text and "No previous explained version" in text

@@ -25,7 +25,7 @@ from selenium.webdriver.chrome.service import Service       # noqa: E402
 from selenium.webdriver.common.by import By                 # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait   # noqa: E402
 
-IMAGES_PER_VERSION = 1 + 3 * 2          # FID trace + (GIF, eigen, deviation) for each of the 2 components
+IMAGES_PER_VERSION = 1 + 4 * 2          # FID trace + (GIF, eigen, deviation, attribution) per component (2)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,8 @@ def test_viewer_renders_and_compares_versions(served, browser, platform):
     Select(browser.find_element(By.ID, "version-a")).select_by_value("1")
     shown = wait_rendered(browser, "panel-a")
     assert len(shown) == IMAGES_PER_VERSION and all(i["state"] == "loaded" and i["width"] > 0 for i in shown), shown
-    assert sorted(i["cls"] for i in shown) == ["deviation", "deviation", "eigen", "eigen", "fid", "gif", "gif"]
+    assert sorted(i["cls"] for i in shown) == ["attribution", "attribution", "deviation", "deviation", "eigen",
+                                               "eigen", "fid", "gif", "gif"]
     panel_a = browser.find_element(By.ID, "panel-a")
     assert "v1 (champion)" in panel_a.find_element(By.TAG_NAME, "h2").text
     assert "% of target variance" in panel_a.find_element(By.CSS_SELECTOR, ".component .numbers").text

@@ -94,6 +94,15 @@ function componentCard(summary, comp, urls) {
   loadImage(card.querySelector("img.gif"), urls.gif);
   loadImage(card.querySelector("img.eigen"), urls.eigen);
   loadImage(card.querySelector("img.deviation"), urls.deviation);
+  for (const [kind, caption] of [["attribution", "attribution maps: where the CNN looks (gradient, Grad-CAM)"],
+                                 ["real_cases", "real cases, each swept around itself (red: its own score)"]]) {
+    if (!urls[kind]) continue;                     // published only by some explanations
+    const img = el("img", { class: kind, alt: caption });
+    loadImage(img, urls[kind]);
+    const fig = el("figure");
+    fig.append(img, el("figcaption", {}, caption));
+    card.appendChild(fig);
+  }
   const sw = summary.sweep || {};
   const n = (f.response_mean || c.recomputed_mean || []).length;
   const xs = linspace(sw.sweep_lo ?? -2, sw.sweep_hi ?? 2, n);
