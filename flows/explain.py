@@ -20,7 +20,9 @@ returns the md5 that names the version.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -31,8 +33,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from models.data import DatasetError, ImageDataset
-from models.explain import (ExplainConfig, ExplainRun, prepare, stage_attribution, stage_checks, stage_features,
-                            stage_pls, stage_sequences, stage_train)
+from models.explain import (ExplainConfig, ExplainRun, cnn_input, prepare, stage_attribution, stage_checks,
+                            stage_features, stage_pls, stage_sequences, stage_train)
+from models.features import FeatureError, model_output
+from models.layer_selection import candidate_layers, choose, chosen_layer, evaluate_candidate
 from models.verdict import verdict_of, verdict_text
 
 from . import registry as R
@@ -97,6 +101,8 @@ def resolve_job(client: MlflowClient, settings: Settings, name: str, version: st
     cfg = settings.explain_cfg()
     if contract.layer:
         cfg.layer = contract.layer
+    if contract.layers:
+        cfg.layers = contract.layers
     md5 = contract.dataset_md5
     if md5 is None:
         versions = list_versions(open_store(settings.data_store, settings.dvc_remote), contract.dataset)
@@ -139,6 +145,40 @@ def pls(run: ExplainRun) -> None:
 @task(name="train-gan", **WORK_TASK)
 def train(run: ExplainRun, stop_after: int | None, pose_cache: Path | None = None) -> int:
     return stage_train(run, stop_after, pose_cache=pose_cache).step     # progress on stderr
+
+
+def probe_cnn_input(model, ds: ImageDataset, contract: R.Contract, where: str) -> None:
+    """One image through the contract's input shape and the CNN: a mismatch is a contract error now, not after the
+    features, PLS and generator were fitted."""
+    try:
+        model_output(model, ds.load([0]), transform=cnn_input(tuple(contract.input_shape)))
+    except FeatureError as e:
+        raise R.ContractError(f"{where}: tag {R.TAG_INPUT_SHAPE}={list(contract.input_shape)} does not fit the "
+                              f"CNN: {e}") from e
+
+
+@task(name="evaluate-layer", **WORK_TASK)
+def evaluate_layer(ds: ImageDataset, model, job: Job, layer: str | None, out: Path, pose_cache: Path) -> dict:
+    c = job.contract
+    return evaluate_candidate(ds, model, layer, out, job.cfg, c.task, tuple(c.input_shape), pose_cache,
+                              f"{job.name} v{job.version}")
+
+
+def select_layers(ds: ImageDataset, model, job: Job, out: Path, pose_cache: Path) -> dict:
+    """Evaluate every candidate layer as a task and keep the lowest FID (:mod:`models.layer_selection`). The
+    first candidate runs alone (it computes the shared registration); the others fan out, as many at once as
+    the task runner (or the work pool's workers) allow."""
+    try:
+        candidates = candidate_layers(model, job.cfg.layers)
+    except FeatureError as e:
+        raise R.ContractError(f"model version {job.name}/{job.version}: tag {R.TAG_LAYERS}: {e}") from e
+    first = evaluate_layer(ds, model, job, candidates[0], out / "candidate-0", pose_cache)
+    rest = [evaluate_layer.submit(ds, model, job, layer, out / f"candidate-{i}", pose_cache)
+            for i, layer in enumerate(candidates[1:], start=1)]
+    selection = choose([first, *(f.result() for f in rest)])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "layer_selection.json").write_text(json.dumps(selection, indent=2))
+    return selection
 
 
 @task(name="sequences", **WORK_TASK)
@@ -243,21 +283,29 @@ def explain_version(name: str, version: str, stop_after: int | None = None) -> d
         R.set_status(client, name, version, "running", key=job.key,
                      attempts=prev["attempts"] if prev.get("key") == job.key else None)
         try:
+            res = job.cfg.resolution or "auto"       # the registration depends on the images alone: shared
+            pose_cache = settings.features_cache / (f"{job.dataset}-{job.dataset_md5[:12]}-{res}-"
+                                                    f"{job.cfg.max_images or 'all'}-{job.cfg.register_iters}-pose.pt")
             model, spec = load_cnn(client, job)
             c = job.contract
             try:            # the contract's target and task, not the dataset.yaml default, define what is explained
                 ds = fetch_data(settings, job).with_target(c.target, c.task)
             except DatasetError as e:
                 raise R.ContractError(f"tags figan.target / figan.task do not fit dataset {job.dataset}: {e}") from e
+            probe_cnn_input(model, ds, c, f"model version {name}/{version}")    # before any expensive work
             out = settings.work_dir / f"{name}-v{version}-{job.key}"
-            run = prepare(ds, model, out, job.cfg, task=c.task, input_shape=tuple(c.input_shape),
+            cfg, selection = job.cfg, None
+            if cfg.layers:                   # FIGAN's feature selection: one candidate per layer, lowest FID kept
+                selection = select_layers(ds, model, job, out / "layers", pose_cache)
+                cfg = dataclasses.replace(cfg, layer=chosen_layer(selection))
+                client.set_model_version_tag(name, version, R.TAG_LAYER_CHOSEN, selection["chosen"])
+            run = prepare(ds, model, out, cfg, task=c.task, input_shape=tuple(c.input_shape),
                           cnn_name=f"{name} v{version}")
-            layer = job.cfg.layer or "final"
+            run.layer_selection = selection
+            layer = cfg.layer or "final"
             features(run, settings.features_cache / f"{name}-v{version}-{job.dataset_md5[:12]}-{layer}.npy")
             pls(run)
-            res = job.cfg.resolution or "auto"
-            step = train(run, stop_after, settings.features_cache / f"{job.dataset}-{job.dataset_md5[:12]}-{res}-"
-                                                                     f"{job.cfg.max_images or 'all'}-{job.cfg.register_iters}-pose.pt")
+            step = train(run, stop_after, pose_cache)
             if step < job.cfg.steps:
                 R.set_status(client, name, version, "queued", key=job.key)
                 log.warning(f"{name}/{version}: GAN training stopped at step {step}; a re-run resumes it")

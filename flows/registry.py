@@ -100,7 +100,7 @@ from models.verdict import FAIL, PASS, verdict_of
 
 __all__ = [
     "TAG_DATASET", "TAG_DATASET_MD5", "TAG_TARGET", "TAG_TASK", "TAG_LAYER", "TAG_INPUT_SHAPE", "TAG_CLASS_NAMES",
-    "TAG_EXPLAIN", "TAG_STATUS", "TAG_RUN_ID", "TAG_ERROR", "TAG_KEY", "TAG_UPDATED", "TAG_FID_BEST",
+    "TAG_EXPLAIN", "TAG_LAYERS", "TAG_LAYER_CHOSEN", "TAG_STATUS", "TAG_RUN_ID", "TAG_ERROR", "TAG_KEY", "TAG_UPDATED", "TAG_FID_BEST",
     "TAG_FID_EXTRACTOR", "TAG_FAITHFULNESS", "TAG_PCT_VARIANCE", "STATUSES", "EXPLANATIONS_EXPERIMENT",
     "CNN_EXPERIMENT", "ContractError", "Contract", "DVCDatasetSource", "read_contract", "explain_requested",
     "register_cnn", "load_cnn_version", "pickle_allowed", "TAG_TRUST", "set_status", "get_status", "publish_explanation", "find_explanation",
@@ -118,6 +118,8 @@ TAG_DATASET_MD5 = "figan.dataset_md5"
 TAG_TARGET = "figan.target"
 TAG_TASK = "figan.task"
 TAG_LAYER = "figan.layer"
+TAG_LAYERS = "figan.layers"                # optional: "auto" or a JSON list of candidate layers chosen among by FID
+TAG_LAYER_CHOSEN = "figan.layer_chosen"    # the candidate the FID selection kept (set by the flow)
 TAG_INPUT_SHAPE = "figan.input_shape"
 TAG_CLASS_NAMES = "figan.class_names"
 TAG_EXPLAIN = "figan.explain"
@@ -189,11 +191,15 @@ class Contract:
     layer: str | None
     input_shape: tuple[int, int, int]
     class_names: list[str] | None
+    layers: str | tuple[str, ...] | None = None      # candidate layers (figan.layers): "auto" or names
 
     def tags(self) -> dict[str, str]:
         """The contract as tags (inverse of :func:`read_contract`)."""
-        return _contract_tags(self.dataset, self.dataset_md5, self.target, self.task, self.layer,
+        tags = _contract_tags(self.dataset, self.dataset_md5, self.target, self.task, self.layer,
                               list(self.input_shape), self.class_names)
+        if self.layers is not None:
+            tags[TAG_LAYERS] = self.layers if self.layers == "auto" else json.dumps(list(self.layers))
+        return tags
 
 
 def _contract_tags(dataset: str, dataset_md5: str | None, target: str | list[str], task: str, layer: str | None,
@@ -256,9 +262,16 @@ def _parse_contract(name: str, version: str, tags: dict[str, str]) -> Contract:
         if not (isinstance(class_names, list) and class_names and all(isinstance(c, str) for c in class_names)):
             raise ContractError(f"{where}: tag {TAG_CLASS_NAMES} must be a non-empty JSON list of strings, "
                                 f"got {raw_classes!r}")
+    layers = get(TAG_LAYERS, False)
+    if layers is not None and layers != "auto":
+        layers = json_value(TAG_LAYERS, layers, "'auto' or a JSON list of layer names")
+        if not (isinstance(layers, list) and layers and all(isinstance(n, str) and n for n in layers)):
+            raise ContractError(f"{where}: tag {TAG_LAYERS} must be 'auto' or a non-empty JSON list of layer names "
+                                f"(as named_modules() names them, or 'final'), got {get(TAG_LAYERS, False)!r}")
+        layers = tuple(layers)
     return Contract(name=name, version=str(version), dataset=dataset, dataset_md5=md5, target=target, task=task,
                     layer=get(TAG_LAYER, False), input_shape=(shape[0], shape[1], shape[2]),
-                    class_names=class_names)
+                    class_names=class_names, layers=layers)
 
 
 def _merged_tags(client: MlflowClient, name: str, version: str | int) -> dict[str, str]:
@@ -739,8 +752,8 @@ def get_status(client: MlflowClient, name: str, version: str | int) -> dict[str,
 
 # --------------------------------------------------------------------------------------------- run lease
 
-CONTRACT_TAGS = (TAG_DATASET, TAG_DATASET_MD5, TAG_TARGET, TAG_TASK, TAG_LAYER, TAG_INPUT_SHAPE, TAG_CLASS_NAMES,
-                  TAG_EXPLAIN)
+CONTRACT_TAGS = (TAG_DATASET, TAG_DATASET_MD5, TAG_TARGET, TAG_TASK, TAG_LAYER, TAG_LAYERS, TAG_INPUT_SHAPE,
+                  TAG_CLASS_NAMES, TAG_EXPLAIN)
 
 
 def contract_fingerprint(client: MlflowClient, name: str, version: str | int) -> str:

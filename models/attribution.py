@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .features import FeatureError
 from .sequences import _new_figure, _save
 
 CAPTION = ("Where the CNN looks: mean attribution of the real images at each end of the component's scores, and "
@@ -59,8 +60,11 @@ def attribute(model: nn.Module, x: torch.Tensor, conv: str | None, batch_size: i
     try:
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size].float().clone().requires_grad_(True)
-            with torch.no_grad():
-                target = output_target(forward(xb))
+            try:
+                with torch.no_grad():
+                    target = output_target(forward(xb))
+            except Exception as e:  # noqa: BLE001 - the network's own message is kept in ours
+                raise FeatureError(f"the CNN rejected input of shape {tuple(xb.shape)}: {e}") from e
             grad = Saliency(forward).attribute(xb, target=target, abs=True)
             maps["gradient"].append(grad.amax(1).detach().numpy())
             if conv is not None:

@@ -55,6 +55,7 @@ class ExplainConfig:
     register_iters: int = 120            # patient generator: Adam steps per registration round
     # features + PLS
     layer: str | None = None
+    layers: str | tuple[str, ...] | None = None   # candidate layers chosen among by FID ("auto" or names)
     n_components: int | None = None
     max_components: int = 8
     # GAN
@@ -91,6 +92,9 @@ class ExplainConfig:
     device: str = "auto"
 
     def __post_init__(self):
+        if self.layers is not None and self.layers != "auto" and not (
+                isinstance(self.layers, (tuple, list)) and self.layers and all(isinstance(n, str) for n in self.layers)):
+            raise ValueError(f"layers must be 'auto' or a non-empty list of layer names, got {self.layers!r}")
         """Bad settings fail here, with the field named, before any expensive work."""
         if self.generator not in GENERATORS:
             raise ValueError(f"generator must be one of {list(GENERATORS)}, got {self.generator!r}")
@@ -118,6 +122,8 @@ class ExplainConfig:
         for key in ("seeds", "sweep_quantiles"):
             if key in d:
                 d[key] = tuple(d[key])
+        if isinstance(d.get("layers"), list):
+            d["layers"] = tuple(d["layers"])
         return cls(**d)
 
 
@@ -261,6 +267,7 @@ class ExplainRun:
     gen_cfg: CGANConfig | None = None
     gen_step: int | None = None
     metrics: dict | None = None
+    layer_selection: dict | None = None           # candidates and the FID choice (models.layer_selection)
 
     @property
     def to_cnn(self):
@@ -592,6 +599,7 @@ def stage_checks(run: ExplainRun) -> dict:
                         {"batch_size": cfg.batch_size, "img_per_s": round(result.img_per_s, 1),
                          "score_regressor_r2": result.regressor_r2})},
         "components": components,
+        **({"layer_selection": run.layer_selection} if run.layer_selection else {}),
         "figures": {kind: [j + 1 for j in range(state.n_components)
                            if (run.out / "sequences" / f"component_{j + 1}_{kind}.png").is_file()]
                     for kind in ("attribution", "real_cases")},    # optional per-component figures published
@@ -612,15 +620,25 @@ def explain(ds: ImageDataset, model: torch.nn.Module, out_dir: str | Path, cfg: 
             stop_after: int | None = None) -> dict:
     """Run the whole explanation into out_dir and return metrics.json's content.
 
+    ``cfg.layers``: candidate feature layers (``"auto"`` or names, see :mod:`models.layer_selection`); the one whose
+    generator reaches the lowest FID is explained (``cfg.layer`` otherwise).
+
     Re-running into the same folder reuses the cached features and resumes GAN training from its checkpoint.
     ``ruler``: measures ground-truth factors on images (phantoms); defaults to the phantom ruler when the
     dataset declares factors. ``stop_after`` ends GAN training after that many steps (returns
     ``{"status": "interrupted"}``), as a kill would.
     """
+    selection, pose_cache = None, None
+    if cfg.layers is not None:                   # FIGAN's feature selection: the candidate with the lowest FID
+        from .layer_selection import candidate_layers, chosen_layer, select_layer
+        selection = select_layer(ds, model, candidate_layers(model, cfg.layers), Path(out_dir) / "layers", cfg,
+                                 task, input_shape, cnn_name)
+        cfg, pose_cache = dataclasses.replace(cfg, layer=chosen_layer(selection)), Path(out_dir) / "layers" / "pose.pt"
     run = prepare(ds, model, out_dir, cfg, task, input_shape, ruler, cnn_name)
+    run.layer_selection = selection
     stage_features(run)
     stage_pls(run)
-    result = stage_train(run, stop_after)
+    result = stage_train(run, stop_after, pose_cache=pose_cache)
     if result.step < cfg.steps:
         return {"status": "interrupted", "step": result.step}
     stage_sequences(run)

@@ -234,6 +234,7 @@ def build_report(artifacts_dir: str | Path, lineage: dict | None = None, drift: 
         "cautions": cautions(metrics, drift, diff, thresholds, min_variance_pct),
         "lineage": [(k, _fmt(v)) for k, v in lineage_rows if v is not None],
         "attribution_caption": ATTRIBUTION_CAPTION,
+        "layer_selection": metrics.get("layer_selection"),
         "config": [(k, _fmt(v)) for k, v in sorted(cfg.items())],
         "variance_png": data_uri(art / "pls_variance.png"),
         "pct": pls.get("pct_target_variance") or [c.get("pct_target_variance") for c in metrics["components"]],
@@ -326,6 +327,15 @@ space, ranked by the share of the (standardised) target variance it explains. To
 {% if variance_png %}<img src="{{ variance_png }}" alt="% target variance per PLS component">{% endif %}
 <table><tr><th>component</th>{% for p in pct %}<th>c{{ loop.index }}</th>{% endfor %}</tr>
 <tr><th>% target variance</th>{% for p in pct %}<td class="num">{{ fmt(p) }}</td>{% endfor %}</tr></table>
+{% if layer_selection %}<h3>Which features: candidate layers chosen by FID</h3>
+<p>As in FIGAN, the generator was fitted on each candidate layer's PLS scores and the layer whose sweep frames
+reached the lowest FID against held-out real images was explained ({{ layer_selection.rule }}).</p>
+<table class="layer-selection"><tr><th>layer</th><th>features</th><th>components</th><th>% target variance</th>
+<th>FID</th><th></th></tr>
+{% for c in layer_selection.candidates %}<tr><td>{{ c.layer }}</td><td class="num">{{ c.n_features }}</td>
+<td class="num">{{ c.n_components }}</td><td class="num">{{ fmt(c.pct_target_variance) }}</td>
+<td class="num">{{ fmt(c.fid) }}</td><td>{{ 'chosen' if c.layer == layer_selection.chosen else '' }}</td></tr>
+{% endfor %}</table>{% endif %}
 </section>
 
 <section id="components">

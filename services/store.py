@@ -174,7 +174,8 @@ class Explanation:
         return {**row, "k": self.k, "resolution": self.gen_cfg.resolution,
                 "image_channels": self.gen_cfg.image_channels, "sweep": sweep, "fid": fid,
                 "diversity": self.metrics.get("diversity"), "gates": self.metrics.get("gates"),
-                "dataset": self.metrics.get("dataset"), "cnn": self.metrics.get("cnn"), "components": comps}
+                "dataset": self.metrics.get("dataset"), "cnn": self.metrics.get("cnn"), "components": comps,
+                "layer_selection": self.metrics.get("layer_selection")}
 
 
 @lru_cache(maxsize=1024)

@@ -83,6 +83,19 @@ def test_explain_publishes_and_is_idempotent(platform, tmp_path):
     assert " done " in row and f" {verdict['verdict']}" in row
 
 
+def test_candidate_layers_are_chosen_by_fid_and_published(platform, tmp_path):
+    p = platform
+    v = _register(p, "cnn-l")
+    p.client.set_model_version_tag("cnn-l", v, "figan.layers", '["final", "head.0"]')
+    res = explain_version("cnn-l", v)
+    assert res["status"] == "done"
+    got = download_explanation(p.client, res["run_id"], tmp_path / "dl")
+    sel = json.loads((got / "metrics.json").read_text())["layer_selection"]
+    assert [c["layer"] for c in sel["candidates"]] == ["final", "head.0"]
+    best = min(sel["candidates"], key=lambda c: c["fid"])["layer"]
+    assert sel["chosen"] == best == p.client.get_model_version("cnn-l", v).tags["figan.layer_chosen"]
+
+
 def test_interrupted_training_resumes(platform, monkeypatch):
     """The pixel cGAN trains in steps: a killed flow run resumes from its checkpoint."""
     p = platform
@@ -108,6 +121,9 @@ def test_contract_errors_fail_that_version_only(platform, tmp_path):
     cases.append((v, "figan.task"))
     v = _register(p, "cnn-c", md5="0" * 32)                    # unknown dataset version
     cases.append((v, "0" * 8))
+    v = _register(p, "cnn-c")                                  # a candidate layer the CNN does not have
+    p.client.set_model_version_tag("cnn-c", v, "figan.layers", '["final", "head.9"]')
+    cases.append((v, "figan.layers: layers: 'head.9' is not a layer"))
     v = _register(p, "cnn-c")                                  # input shape the CNN rejects
     p.client.set_model_version_tag("cnn-c", v, TAG_INPUT_SHAPE, "[3, 32, 32]")
     cases.append((v, "rejected input"))
