@@ -4,7 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# developers' fast lane: the models, checks, data and report tests, without services or platform flows
+test-fast: setup
+	$(BIN)/python -m pytest -m "not platform and not slow" -q
 
 bench: setup
 	$(BIN)/python benchmarks/core_pls.py

@@ -41,3 +41,18 @@ def disc_dataset(tmp_path):
     imgs = disc_images(r, 16)
     meta = DatasetMeta(name="discs", target="radius", task="regression")
     return write_dataset(tmp_path / "discs", meta, imgs, pd.DataFrame({"radius": r}))
+
+
+# The developers' fast lane (`make test-fast`, a few minutes) leaves out the modules that start real services
+# (MLflow, Prefect, `bentoml serve`, Chromium, PostgreSQL, DVC remotes) or run whole platform flows; CI
+# (`make test`) runs everything.
+PLATFORM_MODULES = {"test_service", "test_service_patient", "test_trigger", "test_platform_demo", "test_team_config",
+                    "test_viewer_browser", "test_report_browser", "test_flows_explain", "test_flows_registry",
+                    "test_flows_data", "test_fanout", "test_drift", "test_cnn_formats", "test_gpu_bench",
+                    "test_ablation_demo", "test_gates_discs"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in PLATFORM_MODULES:
+            item.add_marker(pytest.mark.platform)
