@@ -222,6 +222,7 @@ class ExplanationStore:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
         self._explanations: dict[str, Explanation] = {}
+        self._verified: set[tuple] = set()              # (run id, model, version, key) pairings checked
         self._loaded: dict[str, _Loaded] = {}
         self._cnns: dict[tuple[str, str], tuple[torch.nn.Module, registry.Contract]] = {}
         self.generation = threading.BoundedSemaphore(cfg.gen_concurrency)
@@ -338,7 +339,10 @@ class ExplanationStore:
         if self._rows is None:
             return None
         row = self._match(self.listing(), check_name(model), check_ref(ref))
-        expl = self._explanations.get(row["run_id"]) if row and row["status"] == "done" and row["run_id"] else None
+        if not (row and row["status"] == "done" and row["run_id"]
+                and (row["run_id"], row["name"], str(row["version"]), row.get("key")) in self._verified):
+            return None                         # not checked yet for this version: the slow path checks it
+        expl = self._explanations.get(row["run_id"])
         if expl is not None and expl.row is not row:
             expl.row = row                      # aliases and status current; the files never change
         return expl
@@ -356,6 +360,10 @@ class ExplanationStore:
         run_id = row["run_id"]
         if not RUN_ID_RE.match(run_id):
             raise ServiceError(502, f"version: {model}/{row['version']} names a malformed run id {run_id!r}")
+        pairing = (run_id, row["name"], str(row["version"]), row.get("key"))
+        if pairing not in self._verified:       # once per (run, version, key): one MLflow call
+            self._check_run_is_the_explanation(row)
+            self._verified.add(pairing)
         expl = self._explanations.get(run_id)
         if expl is None:
             with self._lock(run_id):
@@ -394,6 +402,28 @@ class ExplanationStore:
         return Explanation(name=row["name"], version=row["version"], row=row, dir=dest,
                            metrics=json.loads((dest / "metrics.json").read_text()), config=config,
                            gen_cfg=CGANConfig.from_dict(meta["config"]))
+
+    def _check_run_is_the_explanation(self, row: dict) -> None:
+        """Any MLflow user can write a version's ``figan.run_id`` tag: serve the run only if it lives in the
+        explanations experiment and its own tags name this model, version and explanation key."""
+        try:
+            run = self.client.get_run(row["run_id"])
+            exp = self.client.get_experiment(run.info.experiment_id)
+        except MlflowException as e:
+            raise ServiceError(502, f"version: the explanation run of {row['name']}/{row['version']} could not be "
+                                    f"read from MLflow", "version") from e
+        tags = run.data.tags
+        mismatch = [what for what, ok in (
+            ("experiment", exp.name == registry.EXPLANATIONS_EXPERIMENT),
+            ("model", tags.get(registry.RUN_TAG_MODEL) == row["name"]),
+            ("version", tags.get(registry.RUN_TAG_VERSION) == str(row["version"])),
+            ("key", row.get("key") is not None and tags.get(registry.RUN_TAG_KEY) == row.get("key"))) if not ok]
+        if mismatch:
+            log.warning("refused run", extra={"model": row["name"], "version": row["version"],
+                                              "run_id": row["run_id"], "mismatch": mismatch})
+            raise ServiceError(502, f"version: the run named by {row['name']}/{row['version']}'s figan.run_id tag "
+                                    f"is not an explanation of this version ({', '.join(mismatch)} differ); "
+                                    f"refused", "version")
 
     def file(self, expl: Explanation, path: Path) -> bytes:
         """Bytes of a file of a cached explanation (404 when the run did not publish it)."""

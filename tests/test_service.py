@@ -139,6 +139,20 @@ def test_published_files_are_served_from_the_cache(http, platform, served):
 
 # --------------------------------------------------------------------------------------------- bad requests
 
+def test_a_run_id_tag_pointing_at_another_versions_run_is_refused(http, platform):
+    """figan.run_id is writable by any MLflow user: the service serves a run only if it is this version's
+    explanation (experiment, model, version and key tags of the run itself)."""
+    v = platform.new_version()
+    platform.publish(v)
+    assert http.get(f"{V}/{v}", headers=KEY).status_code == 200
+    first = platform.client.get_model_version(MODEL, "1").tags["figan.run_id"]
+    platform.client.set_model_version_tag(MODEL, v, "figan.run_id", first)     # v1's genuine explanation
+    resp = _eventually(lambda: (r := http.get(f"{V}/{v}", headers=KEY)).status_code == 502 and r,
+                       "the refusal (once the listing has the new tag)")
+    assert "is not an explanation of this version (version, key differ)" in resp.json()["error"]
+    assert http.get(f"{V}/1", headers=KEY).status_code == 200                  # the genuine pairing still serves
+
+
 def test_failed_and_running_versions_answer_with_their_status(http):
     failed = assert_4xx(http.get(f"{V}/3/components/1/sequence.gif"), 409, "version")
     assert failed["status"] == "failed" and "layer 'fc9'" in failed["error"]
