@@ -41,6 +41,8 @@ def _add_explain_args(p: argparse.ArgumentParser) -> None:
             typ = lambda s: tuple(int(x) for x in s.split(","))
         elif f.name == "sweep_quantiles":
             typ = lambda s: tuple(float(x) for x in s.split(","))
+        elif f.name == "layers":                  # "auto" or comma-separated layer names
+            typ = lambda s: s if s == "auto" else tuple(x for x in s.split(",") if x)
         else:
             typ = _TYPES[str(f.type).replace(" | None", "")]
         p.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=typ, default=None,

@@ -30,6 +30,17 @@ class ServiceError(Exception):
         return {"error": self.message, **({"field": self.field} if self.field else {}), **self.extra}
 
 
+_URL_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\")]+")
+_PATH_RE = re.compile(r"(?<![\w.:])/(?:[\w.@+-]+/)+[\w.@+-]*(?:\?\S*)?")
+_HOST_RE = re.compile(r"\bhost='[^']*'")
+
+
+def public_detail(detail: str, limit: int = 300) -> str:
+    """An upstream error's text as a client may see it: URLs and absolute paths (servers, buckets, cache folders)
+    replaced, cut to ``limit`` characters. The full text goes to the service log."""
+    return _HOST_RE.sub("host='<host>'", _PATH_RE.sub("<path>", _URL_RE.sub("<url>", str(detail))))[:limit]
+
+
 def check_name(model: str) -> str:
     if not isinstance(model, str) or not NAME_RE.match(model):
         raise ServiceError(400, f"model: {str(model)[:80]!r} is not a model name (letters, digits, '.', '_', '-'; "

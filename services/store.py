@@ -56,7 +56,7 @@ from models.verdict import verdict_of
 
 from . import render
 from .contract import (RUN_ID_RE, SWEEP_LIMIT, VERSION_RE, ServiceError, check_name, check_ref,
-                       check_within_published, public_row)
+                       check_within_published, public_detail, public_row)
 
 log = logging.getLogger("figan.service")
 
@@ -277,7 +277,7 @@ class ExplanationStore:
             return self._rows
         self._refresh(self.cfg.listing_ttl if max_age is None else max_age)
         if self._rows is None:
-            raise ServiceError(503, f"MLflow is not reachable ({self._last_error})")
+            raise ServiceError(503, f"MLflow is not reachable ({public_detail(self._last_error)})")
         return self._rows
 
     def _refresh(self, max_age: float) -> None:
@@ -392,8 +392,9 @@ class ExplanationStore:
                     shutil.rmtree(tmp, ignore_errors=True)
             except (MlflowException, OSError, ValueError) as e:
                 shutil.rmtree(tmp, ignore_errors=True)
+                log.warning("explanation fetch failed", extra={"run_id": run_id, "error": str(e)[:1000]})
                 raise ServiceError(502, f"version: explanation run {run_id} of {row['name']}/{row['version']} "
-                                        f"could not be fetched from MLflow ({str(e)[:300]})", "version") from e
+                                        f"could not be fetched from MLflow ({public_detail(e)})", "version") from e
             log.info("explanation cached", extra={"model": row["name"], "version": row["version"],
                                                   "run_id": run_id, "ms": round(1000 * (time.monotonic() - t0))})
         meta = json.loads((dest / "gan" / "best" / "generator.json").read_text())
@@ -462,8 +463,10 @@ class ExplanationStore:
                         model, _ = registry.load_cnn_version(self.client, expl.name, expl.version)
                         contract = registry.read_contract(self.client, expl.name, expl.version)
                     except (MlflowException, OSError, ValueError) as e:
+                        log.warning("CNN load failed", extra={"model": expl.name, "version": expl.version,
+                                                              "error": str(e)[:1000]})
                         raise ServiceError(502, f"version: the CNN {expl.name}/{expl.version} could not be "
-                                                f"loaded ({str(e)[:300]})", "version") from e
+                                                f"loaded ({public_detail(e)})", "version") from e
                     self._cnns[key] = (model, contract)
         return self._cnns[key]
 

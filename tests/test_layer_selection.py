@@ -50,3 +50,14 @@ def test_the_lowest_fid_is_explained_and_reported(cnn, tmp_path, monkeypatch):
     from models.report import build_report
     page = build_report(tmp_path / "e").read_text()
     assert "candidate layers chosen by FID" in page and "features.7.0" in page
+
+
+def test_cli_takes_candidate_layers():
+    import argparse
+
+    from models.cli import _add_explain_args, explain_config_from_args
+    p = argparse.ArgumentParser()
+    _add_explain_args(p)
+    assert explain_config_from_args(p.parse_args(["--layers", "final,head.0"])).layers == ("final", "head.0")
+    assert explain_config_from_args(p.parse_args(["--layers", "auto"])).layers == "auto"
+    assert explain_config_from_args(p.parse_args([])).layers is None

@@ -340,7 +340,18 @@ def test_unreachable_mlflow_is_not_ready_and_503(monkeypatch, tmp_path):
     assert store.mlflow_reachable() is False
     with pytest.raises(ServiceError, match="MLflow is not reachable") as err:
         store.models()
-    assert err.value.code == 503
+    assert err.value.code == 503 and "127.0.0.1" not in err.value.message        # no internal address
+
+
+def test_error_details_carry_no_internal_urls_or_paths():
+    from services.contract import public_detail
+    detail = ("HTTPConnectionPool(host='10.0.0.5', port=5000): Max retries exceeded with url: "
+              "http://mlflow.internal:5000/api/2.0/mlflow/runs/get?run_id=1 at /var/lib/figan/cache/abc/model.pt "
+              "or s3://bucket/mlflow/1/artifacts (see ./relative/ok.txt)")
+    out = public_detail(detail)
+    for leak in ("mlflow.internal", "/var/lib", "s3://bucket", "/api/2.0", "10.0.0.5"):
+        assert leak not in out, (leak, out)
+    assert "<url>" in out and "<path>" in out and "Max retries exceeded" in out
 
 
 def test_service_config_from_env(tmp_path):
