@@ -13,10 +13,7 @@ Uses the shortcut CNN of ``benchmarks/explain_gates.py`` (run it first). Writes
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -27,6 +24,8 @@ import torch
 from models.attribution import attribute, last_conv
 from models.cnn import load_cnn
 from models.phantom import FACTORS, PhantomConfig, _marker_box, generate, render
+
+from results_file import provenance, write_results     # noqa: E402 (benchmarks/ is on sys.path)
 
 RESULTS = Path(__file__).parent / "results" / "attribution_shortcut.json"
 
@@ -75,18 +74,12 @@ def main() -> None:
             figures[f"{kind}_mass_in_{name}_without_marker"] = float(np.median(f0))
         figures[f"{kind}_corner_ratio"] = (figures[f"{kind}_mass_in_corner_with_marker"]
                                            / max(figures[f"{kind}_mass_in_corner_without_marker"], 1e-12))
-    out = {"machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                       "torch": torch.__version__},
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    out = {**provenance(),
            "config": {"n_images": a.n, "cnn": str(a.cnn), "gradcam_layer": conv, "size": size},
            "targets": {"gradcam_mass_in_corner_with_marker": "well above the corner's area fraction and above the "
                                                              "same images without the marker (ratio > 1)"},
            "figures": figures}
-    for k, v in figures.items():
-        print(f"{k:40s} {v:.4f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=1))
-    print(f"written {RESULTS}")
+    write_results(RESULTS, out)
 
 
 if __name__ == "__main__":

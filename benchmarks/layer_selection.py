@@ -11,10 +11,8 @@ and FID, the choice, and the wall-clock cost of the selection relative to the si
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +23,8 @@ from models.cnn import load_cnn
 from models.data import ImageDataset
 from models.explain import ExplainConfig, explain
 from models.layer_selection import candidate_layers, select_layer
+
+from results_file import provenance, write_results     # noqa: E402 (benchmarks/ is on sys.path)
 
 RESULTS = Path(__file__).parent / "results" / "layer_selection.json"
 
@@ -49,20 +49,14 @@ def main() -> None:
     figures = {"single_layer_explanation_s": round(single_s, 1), "selection_s": round(selection_s, 1),
                "selection_cost_relative": round(selection_s / single_s, 3),
                "single_layer_fid": single["fid"]["best"], "single_layer_floor": single["fid"]["floor"]}
-    out = {"machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                       "torch": torch.__version__},
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    out = {**provenance(),
            "config": {"data": str(a.data), "candidates": [c or "final" for c in candidates],
                       "fid_samples": cfg.fid_samples, "fid_input_size": cfg.fid_input_size},
            "targets": {"report": "the chosen layer, every candidate's FID, the selection's cost relative to one "
                                  "single-layer explanation"},
            "figures": figures, "selection": selection}
     print(json.dumps(selection, indent=1))
-    for k, v in figures.items():
-        print(f"{k:30s} {v}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=1))
-    print(f"written {RESULTS}")
+    write_results(RESULTS, out)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,8 @@ Writes ``benchmarks/results/patient_centred.json``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -46,6 +44,8 @@ from models.cnn import load_cnn
 from models.data import ImageDataset
 from models.phantom import DRIVING, FACTORS, NUISANCE, RANGES, PhantomConfig, generate, render, ruler
 from models.pls import images_to_scores, load_pls
+
+from results_file import provenance, write_results     # noqa: E402 (benchmarks/ is on sys.path)
 
 RESULTS = Path(__file__).parent / "results" / "patient_centred.json"
 CHANGED = 0.02          # grey-level change (blurred) that counts as "the true counterfactual changed this pixel"
@@ -151,9 +151,7 @@ def main() -> None:
         nuisance[f] = {"generated": summary(g, rng), "true_counterfactual": summary(tr, rng),
                        "added_by_generator": summary(g - tr, rng)}
     nn = torch.cdist(fresh.flatten(1), torch.from_numpy(real[:1000]).flatten(1)).min(1).values / fresh[0].numel()
-    out = {"machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                       "torch": torch.__version__},
-           "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    out = {**provenance(),
            "config": {"n_images": a.n, "frames": a.frames, "explanation": str(a.explanation), "sweep": [lo, hi],
                       "resolution": gcfg.resolution, "driving_per_score_sd": slope},
            "targets": {"pixel_error": "median <= real-vs-real nearest-neighbour distance",
@@ -175,14 +173,10 @@ def main() -> None:
                "collateral_change_outside_median": float(np.median([r["outside_change"] for r in rows])),
                "seconds_per_image_p50": float(np.median(seconds)), "seconds_per_image_p99": float(np.percentile(seconds, 99))},
            "nuisances": nuisance, "per_image": rows}
-    for k, v in out["figures"].items():
-        print(f"{k:40s} {v:.4f}")
     for f, v in nuisance.items():
         print(f"  {f:11s} " + "   ".join(f"{part}: |med| {s['abs_median']:.3f} p90 {s['abs_p90']:.3f} mean {s['mean']:+.3f}"
                                           for part, s in v.items()))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(out, indent=1))
-    print(f"written {RESULTS}")
+    write_results(RESULTS, out)
 
 
 if __name__ == "__main__":

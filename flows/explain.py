@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
@@ -36,7 +36,7 @@ from models.data import DatasetError, ImageDataset
 from models.explain import (ExplainConfig, ExplainRun, cnn_input, prepare, stage_attribution, stage_checks,
                             stage_features, stage_pls, stage_sequences, stage_train)
 from models.features import FeatureError, model_output
-from models.layer_selection import candidate_layers, choose, chosen_layer, evaluate_candidate
+from models.layer_selection import candidate_layers, chosen_layer, select_layer
 from models.verdict import verdict_of, verdict_text
 
 from . import registry as R
@@ -158,27 +158,23 @@ def probe_cnn_input(model, ds: ImageDataset, contract: R.Contract, where: str) -
 
 
 @task(name="evaluate-layer", **WORK_TASK)
-def evaluate_layer(ds: ImageDataset, model, job: Job, layer: str | None, out: Path, pose_cache: Path) -> dict:
-    c = job.contract
-    return evaluate_candidate(ds, model, layer, out, job.cfg, c.task, tuple(c.input_shape), pose_cache,
-                              f"{job.name} v{job.version}")
+def evaluate_layer(evaluate: Callable[[int, str | None], dict], i: int, layer: str | None) -> dict:
+    return evaluate(i, layer)
 
 
 def select_layers(ds: ImageDataset, model, job: Job, out: Path, pose_cache: Path) -> dict:
-    """Evaluate every candidate layer as a task and keep the lowest FID (:mod:`models.layer_selection`). The
-    first candidate runs alone (it computes the shared registration); the others fan out, as many at once as
-    the task runner (or the work pool's workers) allow."""
+    """FIGAN's feature selection (:func:`models.layer_selection.select_layer`) with every candidate after the
+    first as its own task, as many at once as the task runner (or the work pool's workers) allow."""
     try:
         candidates = candidate_layers(model, job.cfg.layers)
     except FeatureError as e:
         raise R.ContractError(f"model version {job.name}/{job.version}: tag {R.TAG_LAYERS}: {e}") from e
-    first = evaluate_layer(ds, model, job, candidates[0], out / "candidate-0", pose_cache)
-    rest = [evaluate_layer.submit(ds, model, job, layer, out / f"candidate-{i}", pose_cache)
-            for i, layer in enumerate(candidates[1:], start=1)]
-    selection = choose([first, *(f.result() for f in rest)])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "layer_selection.json").write_text(json.dumps(selection, indent=2))
-    return selection
+
+    def as_tasks(evaluate, rest):
+        return [f.result() for f in [evaluate_layer.submit(evaluate, i, layer) for i, layer in rest]]
+    c = job.contract
+    return select_layer(ds, model, candidates, out, job.cfg, c.task, tuple(c.input_shape),
+                        f"{job.name} v{job.version}", pose_cache, fan_out=as_tasks)
 
 
 @task(name="sequences", **WORK_TASK)
@@ -195,7 +191,8 @@ def checks(run: ExplainRun) -> dict:
 @task(name="publish", **IO_TASK)
 def publish(client: MlflowClient, job: Job, run: ExplainRun, metrics: dict, pass_alias: str | None = None) -> str:
     lineage = {"dataset": job.dataset, "dataset_md5": job.dataset_md5, "cnn_name": job.name,
-               "cnn_version": job.version, "cnn_format": getattr(run.model, "figan_format", None), "config_hash": job.cfg.config_hash(), "key": job.key,
+               "cnn_version": job.version, "cnn_format": getattr(run.model, "figan_format", None),
+               "config_hash": job.cfg.config_hash(), "key": job.key,
                "config": asdict(job.cfg)}
     return R.publish_explanation(client, job.name, job.version, run.out, metrics, lineage, job.key,
                                  pass_alias=pass_alias)

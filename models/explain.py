@@ -92,10 +92,10 @@ class ExplainConfig:
     device: str = "auto"
 
     def __post_init__(self):
+        """Bad settings fail here, with the field named, before any expensive work."""
         if self.layers is not None and self.layers != "auto" and not (
                 isinstance(self.layers, (tuple, list)) and self.layers and all(isinstance(n, str) for n in self.layers)):
             raise ValueError(f"layers must be 'auto' or a non-empty list of layer names, got {self.layers!r}")
-        """Bad settings fail here, with the field named, before any expensive work."""
         if self.generator not in GENERATORS:
             raise ValueError(f"generator must be one of {list(GENERATORS)}, got {self.generator!r}")
         if (self.sweep_lo is None) != (self.sweep_hi is None):
@@ -413,6 +413,13 @@ def sweep_ranges(run: ExplainRun) -> tuple[np.ndarray, np.ndarray, str]:
     return lo, hi, f"the {100 * qlo:g}-{100 * qhi:g} % quantiles of each component's real scores"
 
 
+def use_kept_generator(run: ExplainRun) -> torch.nn.Module:
+    """Load the generator kept in gan/best and make it the run's ``generate(z, c) → [0, 1]``."""
+    G, run.gen_cfg, run.gen_step = load_generator(run.out / "gan" / "best", run.device)
+    run.generate = lambda z, c: generate_with(G, z, c, run.device)
+    return G
+
+
 def stage_sequences(run: ExplainRun, generator: tuple[Callable, CGANConfig] | None = None) -> list:
     """A sweep per component from the kept generator (or ``generator`` = (generate(z, c) → [0, 1], its config)), with ``check_seeds`` seeds (the checks use them all); the
     published GIF/strip/eigen/deviation show the first ``seeds``. The patient generator holds every other
@@ -421,8 +428,7 @@ def stage_sequences(run: ExplainRun, generator: tuple[Callable, CGANConfig] | No
     t = time.time()
     device = run.device
     if generator is None:
-        G, run.gen_cfg, run.gen_step = load_generator(run.out / "gan" / "best", run.device)
-        run.generate = lambda z, c: generate_with(G, z, c, device)
+        G = use_kept_generator(run)
     else:
         run.generate, run.gen_cfg = generator
     cfg = run.cfg
@@ -631,9 +637,10 @@ def explain(ds: ImageDataset, model: torch.nn.Module, out_dir: str | Path, cfg: 
     selection, pose_cache = None, None
     if cfg.layers is not None:                   # FIGAN's feature selection: the candidate with the lowest FID
         from .layer_selection import candidate_layers, chosen_layer, select_layer
+        pose_cache = Path(out_dir) / "layers" / "pose.pt"        # one registration for candidates and the choice
         selection = select_layer(ds, model, candidate_layers(model, cfg.layers), Path(out_dir) / "layers", cfg,
-                                 task, input_shape, cnn_name)
-        cfg, pose_cache = dataclasses.replace(cfg, layer=chosen_layer(selection)), Path(out_dir) / "layers" / "pose.pt"
+                                 task, input_shape, cnn_name, pose_cache)
+        cfg = dataclasses.replace(cfg, layer=chosen_layer(selection))
     run = prepare(ds, model, out_dir, cfg, task, input_shape, ruler, cnn_name)
     run.layer_selection = selection
     stage_features(run)

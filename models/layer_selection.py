@@ -22,8 +22,8 @@ from typing import Callable
 import torch.nn as nn
 
 from .data import ImageDataset
-from .cgan import generate_with, load_generator
-from .explain import ExplainConfig, _log, prepare, stage_features, stage_pls, stage_train, sweep_frame_samples
+from .explain import (ExplainConfig, _log, prepare, stage_features, stage_pls, stage_train, sweep_frame_samples,
+                      use_kept_generator)
 from .features import FeatureError
 
 AUTO = "auto"
@@ -68,8 +68,7 @@ def evaluate_candidate(ds: ImageDataset, model: nn.Module, layer: str | None, ou
     stage_features(run)
     stage_pls(run)
     stage_train(run, progress=False, pose_cache=pose_cache)
-    G, run.gen_cfg, _ = load_generator(run.out / "gan" / "best", run.device)
-    run.generate = lambda z, c: generate_with(G, z, c, run.device)
+    use_kept_generator(run)
     n = min(cfg.fid_samples, len(run.real_a))
     fid = candidate_fid(run, n, cfg.seed + 13)
     result = {"layer": layer or FINAL, "n_features": int(run.features.shape[1]),
@@ -87,16 +86,28 @@ def choose(results: list[dict]) -> dict:
             "rule": "lowest FID of single-component sweep frames against held-out real images, at equal steps"}
 
 
+def one_after_another(evaluate: Callable[[int, str | None], dict], candidates: list[tuple[int, str | None]]
+                      ) -> list[dict]:
+    """The default way to evaluate the remaining candidates: in turn, in this process."""
+    return [evaluate(i, layer) for i, layer in candidates]
+
+
 def select_layer(ds: ImageDataset, model: nn.Module, candidates: list[str | None], out_dir: str | Path,
                  cfg: ExplainConfig, task: str | None = None, input_shape=None, cnn_name: str = "cnn",
+                 pose_cache: Path | None = None, fan_out=one_after_another,
                  evaluate: Callable[..., dict] = evaluate_candidate) -> dict:
-    """Evaluate every candidate (in ``out_dir/candidate-<i>``, one shared registration) and choose; the choice and
-    the table are also written to ``out_dir/layer_selection.json``."""
+    """Evaluate every candidate (in ``out_dir/candidate-<i>``) and choose; the choice and the table are also
+    written to ``out_dir/layer_selection.json``. The first candidate runs alone: it computes the registration
+    the others share (``pose_cache``, default ``out_dir/pose.pt``). ``fan_out(evaluate, [(i, layer), ...])``
+    evaluates the rest, e.g. as concurrent Prefect tasks."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pose_cache = out / "pose.pt"
-    results = [evaluate(ds, model, layer, out / f"candidate-{i}", cfg, task, input_shape, pose_cache, cnn_name)
-               for i, layer in enumerate(candidates)]
+    pose_cache = pose_cache or out / "pose.pt"
+
+    def evaluate_one(i: int, layer: str | None) -> dict:
+        return evaluate(ds, model, layer, out / f"candidate-{i}", cfg, task, input_shape, pose_cache, cnn_name)
+
+    results = [evaluate_one(0, candidates[0]), *fan_out(evaluate_one, list(enumerate(candidates))[1:])]
     selection = choose(results)
     (out / "layer_selection.json").write_text(json.dumps(selection, indent=2))
     return selection

@@ -262,7 +262,7 @@ class Explanations:
         if base.shape != (expl.k,):
             raise ServiceError(400, f"base: must have one value per component (k={expl.k}), got {len(base)}",
                                "base")
-        ranges = np.array([expl.sweep_range(j) for j in range(expl.k)])                 # (k, 2) published
+        ranges = expl.sweep_ranges
         lo = ranges[comps, 0] if body.lo is None else np.full(len(comps), body.lo)
         hi = ranges[comps, 1] if body.hi is None else np.full(len(comps), body.hi)
         if body.lo is not None and body.hi is None and np.any(lo >= hi):

@@ -149,6 +149,11 @@ class Explanation:
         lo, hi = self.config.get("sweep_lo"), self.config.get("sweep_hi")
         return (-2.0 if lo is None else float(lo)), (2.0 if hi is None else float(hi))
 
+    @property
+    def sweep_ranges(self) -> np.ndarray:
+        """(k, 2) published (lo, hi) of every component: what a request may narrow and never widen."""
+        return np.array([self.sweep_range(j) for j in range(self.k)])
+
     def component_file(self, component: int, kind: str) -> Path:
         """Published file of a 0-based component: kind gif | strip | eigen | deviation | attribution |
         real_cases | npz."""
@@ -500,7 +505,7 @@ class ExplanationStore:
         values with the other components at the image's own scores: over the published range (``lo``/``hi``
         narrow it; beyond it is a 422), or over the image's own score ± ``span`` cut to the published range. With
         the patient generator the frames are the upload itself, edited; otherwise a generated patient (seed)."""
-        ranges = np.array([expl.sweep_range(j) for j in range(expl.k)])                  # (k, 2) published
+        ranges = expl.sweep_ranges
         if span is None:
             ends = np.column_stack([ranges[:, 0] if lo is None else np.full(expl.k, lo),
                                     ranges[:, 1] if hi is None else np.full(expl.k, hi)])
