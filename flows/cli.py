@@ -39,10 +39,10 @@ def cmd_down(args) -> int:
 
 def cmd_worker(args) -> int:
     """Run the worker in the foreground (what `figan up` starts in the background; a container's command)."""
-    from .explain import tracking_uri
     from .settings import Settings
+    s = Settings.load()                        # first: a CHANGE-ME secret stops the worker before anything starts
+    from .explain import tracking_uri
     from .trigger import serve
-    s = Settings.load()
     serve(s, tracking_uri(s), receiver=not args.no_receiver)
     return 0
 

@@ -23,6 +23,10 @@ Precedence: environment variable > settings file (``FIGAN_SETTINGS`` or ``./figa
 | retry_backoff    | FIGAN_RETRY_BACKOFF    | 60                               | seconds before the first retry, doubling       |
 | pass_alias       | FIGAN_PASS_ALIAS       | (none)                           | registered-model alias moved to a version when |
 |                  |                        |                                  | its explanation's verdict is pass              |
+
+Loading refuses to start while a setting, or any ``FIGAN_*``, ``MLFLOW_*``, ``PREFECT_*`` or ``AWS_*`` environment
+variable (the secrets deploy/ hands the worker, the service and the explanation Jobs), still holds the ``CHANGE-ME``
+placeholder of deploy/env.example or deploy/k8s/secrets/: the error names each one, never its value.
 """
 from __future__ import annotations
 
@@ -46,6 +50,8 @@ _ENV = {"home": "FIGAN_HOME", "tracking_uri": "FIGAN_TRACKING_URI", "data_store"
         "pass_alias": "FIGAN_PASS_ALIAS"}
 _ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 _RESERVED_ALIAS_RE = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)       # MLflow refuses these
+PLACEHOLDER = "CHANGE-ME"
+CHECKED_ENV_PREFIXES = ("FIGAN_", "MLFLOW_", "PREFECT_", "AWS_")
 _NUMBERS = {"receiver_port": int, "reconcile_seconds": float, "max_concurrent": int, "lease_seconds": float,
             "max_attempts": int, "retry_backoff": float}
 
@@ -126,16 +132,26 @@ class Settings:
     @classmethod
     def load(cls, env: Mapping[str, str] | None = None, file: str | Path | None = None, **overrides) -> "Settings":
         env = os.environ if env is None else env
-        values: dict = {}
+        from_file: dict = {}
         path = file or env.get("FIGAN_SETTINGS") or ("figan.yaml" if Path("figan.yaml").is_file() else None)
         if path:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-            unknown = set(data) - {f.name for f in fields(cls)}
+            from_file = yaml.safe_load(Path(path).read_text()) or {}
+            unknown = set(from_file) - {f.name for f in fields(cls)}
             if unknown:
                 raise ValueError(f"settings file {path}: unknown key(s) {sorted(unknown)}")
-            values.update(data)
-        for name, var in _ENV.items():
-            if env.get(var):
-                values[name] = env[var]
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        from_env = {name: env[var] for name, var in _ENV.items() if env.get(var)}
+        given = {k: v for k, v in overrides.items() if v is not None}
+        refuse_placeholders(env, {**from_file, **given})
+        return cls(**{**from_file, **from_env, **given})
+
+
+def refuse_placeholders(env: Mapping[str, str], values: Mapping[str, object] | None = None) -> None:
+    """Raise ``ValueError`` naming every setting (``values``) and every platform environment variable (``env``
+    names starting with ``FIGAN_``, ``MLFLOW_``, ``PREFECT_`` or ``AWS_``) that still holds the deploy examples'
+    ``CHANGE-ME`` placeholder, so a worker, service or Job started from an unedited example fails at once with the
+    name to fix instead of later with an authentication error (or, worse, running on a guessable secret)."""
+    left = sorted(name for name, value in (values or {}).items() if PLACEHOLDER in str(value)) + \
+        sorted(name for name, value in env.items() if name.startswith(CHECKED_ENV_PREFIXES) and PLACEHOLDER in value)
+    if left:
+        raise ValueError(f"settings: {', '.join(left)} still hold(s) the {PLACEHOLDER} placeholder of the deploy "
+                         f"examples (deploy/env.example, deploy/k8s/secrets/*.env.example): set a real value")
