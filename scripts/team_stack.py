@@ -196,10 +196,7 @@ class TeamStack:
         for pid in (self.prefect_pid, self.mlflow_pid, self.s3_pid):
             if pid:
                 _kill_group(pid)
-        if Path(self.pg_data, "postmaster.pid").exists():
-            _run_pg(self, ["pg_ctl", "-D", self.pg_data, "-m", "fast", "-w", "-t", "30", "stop"], check=False)
-        root = Path(self.pg_data).parent                   # the mkdtemp folder holding db/, log and socket
-        shutil.rmtree(root if root.name.startswith("figan-pg-") else self.pg_data, ignore_errors=True)
+        stop_postgres(Path(self.pg_bin), self.pg_data, self.pg_as)
         Path(self.dir, STATE_FILE).unlink(missing_ok=True)
 
 
@@ -227,7 +224,10 @@ def _run_pg(stack_or_bin, args: list[str], check: bool = True, as_user: str | No
     return res
 
 
-def _start_postgres(pg_bin: Path, databases: list[str]) -> tuple[str, int, str | None]:
+def start_postgres(pg_bin: Path, databases: list[str], host_auth: str = "trust") -> tuple[str, int, str | None]:
+    """A throwaway cluster on 127.0.0.1 (superuser ``PG_USER``, trusted on its Unix socket, the folder above the
+    returned data folder; ``host_auth`` for TCP, e.g. ``scram-sha-256`` to check passwords) with ``databases``
+    created; returns (data folder, port, the user it runs as). Stop it with :func:`stop_postgres`."""
     as_user = _pg_user()
     data = Path(tempfile.mkdtemp(prefix="figan-pg-"))       # /tmp/..., not under a 0700 pytest folder
     if as_user:
@@ -235,13 +235,14 @@ def _start_postgres(pg_bin: Path, databases: list[str]) -> tuple[str, int, str |
         os.chown(data, pw.pw_uid, pw.pw_gid)
     port = _free_port()
     try:
-        _run_pg(pg_bin, ["initdb", "-D", str(data / "db"), "-U", PG_USER, "--auth=trust", "-E", "UTF8",
+        _run_pg(pg_bin, ["initdb", "-D", str(data / "db"), "-U", PG_USER, "--auth-local=trust",
+                         f"--auth-host={host_auth}", "-E", "UTF8",
                          "--locale=C", "--no-sync"], as_user=as_user)
         opts = f"-h 127.0.0.1 -p {port} -k {data} -c fsync=off -c full_page_writes=off -c max_connections=100"
         _run_pg(pg_bin, ["pg_ctl", "-D", str(data / "db"), "-l", str(data / "postgres.log"), "-o", opts, "-w",
                          "-t", "60", "start"], as_user=as_user)
         for db in databases:
-            _run_pg(pg_bin, ["createdb", "-h", "127.0.0.1", "-p", str(port), "-U", PG_USER, db], as_user=as_user)
+            _run_pg(pg_bin, ["createdb", "-h", str(data), "-p", str(port), "-U", PG_USER, db], as_user=as_user)
     except BaseException:
         if (data / "db" / "postmaster.pid").exists():
             _run_pg(pg_bin, ["pg_ctl", "-D", str(data / "db"), "-m", "immediate", "-w", "stop"], check=False,
@@ -249,6 +250,15 @@ def _start_postgres(pg_bin: Path, databases: list[str]) -> tuple[str, int, str |
         shutil.rmtree(data, ignore_errors=True)
         raise
     return str(data / "db"), port, as_user
+
+
+def stop_postgres(pg_bin: Path, pg_data: str, as_user: str | None) -> None:
+    """Stop a cluster of :func:`start_postgres` and remove its folder."""
+    if Path(pg_data, "postmaster.pid").exists():
+        _run_pg(pg_bin, ["pg_ctl", "-D", pg_data, "-m", "fast", "-w", "-t", "30", "stop"], check=False,
+                as_user=as_user)
+    root = Path(pg_data).parent                            # the mkdtemp folder holding db/, log and socket
+    shutil.rmtree(root if root.name.startswith("figan-pg-") else pg_data, ignore_errors=True)
 
 
 def _start_s3(home: Path) -> tuple[int, int]:
@@ -294,7 +304,7 @@ def start_stack(home: str | Path, prefect: bool = False, timeout: float = 120) -
         raise StackError("no PostgreSQL binaries (apt-get install postgresql; or set FIGAN_PG_BIN)")
     t = {}
     t0 = time.monotonic()
-    pg_data, pg_port, pg_as = _start_postgres(pg_bin, ["mlflow", "prefect"] if prefect else ["mlflow"])
+    pg_data, pg_port, pg_as = start_postgres(pg_bin, ["mlflow", "prefect"] if prefect else ["mlflow"])
     stack = TeamStack(dir=str(home), pg_bin=str(pg_bin), pg_data=pg_data, pg_port=pg_port, pg_as=pg_as,
                       s3_port=0, s3_pid=0, mlflow_port=0, mlflow_pid=0, timings=t)
     t["postgres_s"] = round(time.monotonic() - t0, 1)
