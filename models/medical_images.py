@@ -278,9 +278,15 @@ def _value_is_present(value: Any) -> bool:
     return bool(str(value).replace("^", "").replace("=", "").strip())
 
 
+@functools.cache
+def _identifying_tag_numbers() -> tuple[tuple[str, int], ...]:
+    from pydicom.datadict import tag_for_keyword
+    return tuple((kw, tag_for_keyword(kw)) for kw in IDENTIFYING_TAGS)
+
+
 def identifying_tags(ds) -> tuple[str, ...]:
     """Keywords of the patient-identifying tags this DICOM header fills (never their values)."""
-    found = [kw for kw in IDENTIFYING_TAGS if kw in ds and _value_is_present(ds[kw].value)]
+    found = [kw for kw, tag in _identifying_tag_numbers() if tag in ds and _value_is_present(ds[tag].value)]
     if str(ds.get("BurnedInAnnotation", "")).strip().upper() == "YES":
         found.append("BurnedInAnnotation")
     return tuple(found)
