@@ -4,6 +4,7 @@ with pydicom/nibabel, or taken from the pydicom wheel's test files; no mocks."""
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -493,3 +494,22 @@ def test_the_phantom_as_dicom_explains_to_the_same_sweeps_as_its_png_twin(tmp_pa
         np.testing.assert_array_equal(a.values, b.values)
         np.testing.assert_array_equal(a.frames, b.frames)
         assert a.frames.shape == (2, 4, 1, 32, 32) and a.frames.std() > 0.01
+
+
+def test_reading_never_logs_or_warns_a_tag_value(tmp_path, caplog):
+    """Headers are read for the audit and pixels for training: neither may put a patient's value into a log line or
+    a warning (the audit's own summary is checked above)."""
+    make_dicom(tmp_path / "images/a.dcm", np.zeros((8, 8), np.uint16),
+               patient={"PatientName": "Doe^Jane", "PatientBirthDate": "19700132xx",
+                        "PatientID": "MRN-0042-SECRET-" + "X" * 60})
+    make_dataset(tmp_path, [{"path": "images/a.dcm", "y": 1.0}, {"path": "images/a.dcm", "y": 2.0}], phi="allowed")
+    caplog.clear()
+    with caplog.at_level("DEBUG"), warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        ds = ImageDataset(tmp_path)
+        audit = audit_dataset(ds)
+        ds.load([0, 1])
+    assert audit.identifying_tags == {"PatientName": 1, "PatientID": 1, "PatientBirthDate": 1}
+    said = " ".join([r.getMessage() for r in caplog.records] + [str(w.message) for w in warned])
+    for value in ("Doe", "19700132", "MRN-0042"):
+        assert value not in said
