@@ -164,13 +164,13 @@ def _check_index_kind(kind: Kind, name: str, frame: int | None, slice_index: int
         raise DatasetError(f"image {name!r} is a NIfTI volume: it is read one slice at a time (a 'slice' is needed)")
 
 
-def _resize(arr: np.ndarray, size: tuple[int, int], nearest: bool = False) -> np.ndarray:
-    """(C, H, W) float or (H, W) labels resized to size=(H, W): bilinear (antialiased), or nearest for labels."""
+def _resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(C, H, W) floats resized to size=(H, W) bilinearly (antialiased), (H, W) labels by nearest neighbour."""
     if arr.ndim == 2:
         return np.asarray(Image.fromarray(arr.astype(np.int32), mode="I").resize((size[1], size[0]), Image.NEAREST),
                           dtype=np.int64)
-    resample = Image.NEAREST if nearest else Image.BILINEAR
-    return np.stack([np.asarray(Image.fromarray(c.astype(np.float32), mode="F").resize((size[1], size[0]), resample),
+    return np.stack([np.asarray(Image.fromarray(c.astype(np.float32), mode="F").resize((size[1], size[0]),
+                                                                                       Image.BILINEAR),
                                 dtype=np.float32) for c in arr]).clip(0.0, 1.0)
 
 
@@ -244,7 +244,7 @@ def read_mask(path: Path, size: tuple[int, int] | None = None, name: str | None 
                                f"needed)")
         with _as_dataset_error():
             m = read_nifti_mask(path, name, slice_index, nifti or NiftiOptions())
-        return m if size is None or m.shape == tuple(size) else _resize(m, size, nearest=True)
+        return m if size is None or m.shape == tuple(size) else _resize(m, size)
     try:
         with Image.open(path, formats=IMAGE_FORMATS) as img:
             img.load()

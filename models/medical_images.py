@@ -56,12 +56,13 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterable
 from typing import Any, Literal
 
 import numpy as np
+from PIL import Image
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -158,8 +159,9 @@ class NiftiOptions:
         d = _mapping({} if d is None else d, where, ("axis", "every", "slices", "window"))
         axis, every, slices = d.get("axis", 2), d.get("every", 1), d.get("slices", "all")
         if isinstance(axis, bool) or axis not in NIFTI_AXES:
-            raise MedicalImageError(f"{where}.axis must be 0, 1 or 2 ({', '.join(f'{k} = {v}' for k, v in NIFTI_AXES.items())}"
-                                    f" slices of the RAS+ volume), got {axis!r}")
+            named = ", ".join(f"{k} = {v}" for k, v in NIFTI_AXES.items())
+            raise MedicalImageError(f"{where}.axis must be 0, 1 or 2 ({named} slices of the RAS+ volume), got "
+                                    f"{axis!r}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise MedicalImageError(f"{where}.every must be an integer >= 1, got {every!r}")
         if slices not in ("all", "mask"):
@@ -246,6 +248,9 @@ def _check_dicom(ds, name: str, frame: int | None) -> int:
                                 f"in.dcm out.dcm`")
     if "Rows" not in ds or "Columns" not in ds:
         raise MedicalImageError(f"image {name!r}: DICOM file without an image (no Rows/Columns)")
+    if int(ds.Rows) * int(ds.Columns) > 2 * Image.MAX_IMAGE_PIXELS:         # PIL's rule for PNG/JPEG/TIFF
+        raise MedicalImageError(f"image {name!r} is refused as a decompression bomb: {ds.Rows}x{ds.Columns} pixels "
+                                f"per frame, more than twice PIL's MAX_IMAGE_PIXELS ({Image.MAX_IMAGE_PIXELS})")
     pi = str(ds.get("PhotometricInterpretation", "")).strip()
     if pi not in MONOCHROME + COLOUR:
         raise MedicalImageError(f"image {name!r}: DICOM Photometric Interpretation {pi!r} is not supported "
@@ -267,13 +272,16 @@ def _check_dicom(ds, name: str, frame: int | None) -> int:
 def _value_is_present(value: Any) -> bool:
     """Whether a tag's value says anything: an empty string, "^^^^" (an empty person name), an empty sequence or a
     list of such is absent."""
+    from pydicom.dataset import Dataset
+    from pydicom.valuerep import PersonName
+
     if value is None:
         return False
     if isinstance(value, bytes):
         value = value.decode("latin-1")
-    if hasattr(value, "keys"):                                      # a sequence item (a Dataset)
+    if isinstance(value, Dataset):                                  # a sequence item
         return len(value) > 0
-    if not isinstance(value, str) and type(value).__name__ != "PersonName" and isinstance(value, Iterable):
+    if not isinstance(value, (str, PersonName)) and isinstance(value, Iterable):   # multi-valued, a sequence
         return any(_value_is_present(v) for v in value)
     return bool(str(value).replace("^", "").replace("=", "").strip())
 

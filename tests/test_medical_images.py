@@ -131,7 +131,8 @@ def test_a_window_from_dataset_yaml_overrides_the_files(tmp_path):
 
 def test_without_a_window_the_stored_range_maps_onto_unit(tmp_path):
     u16 = np.array([[0, 1, 32768, 65535]], dtype=np.uint16)
-    np.testing.assert_array_equal(read_image(make_dicom(tmp_path / "a.dcm", u16))[0], (u16 / 65535.0).astype(np.float32))
+    got = read_image(make_dicom(tmp_path / "a.dcm", u16))[0]
+    np.testing.assert_array_equal(got, (u16 / 65535.0).astype(np.float32))
     u12 = np.array([[0, 1000, 4095, 2048]], dtype=np.uint16)
     got = read_image(make_dicom(tmp_path / "b.dcm", u12, bits_stored=12))[0]
     np.testing.assert_allclose(got, u12 / 4095.0, atol=1e-7)
@@ -361,8 +362,10 @@ def test_nifti_orientation_is_canonical(tmp_path):
     vol = np.random.default_rng(2).random((4, 5, 3)).astype(np.float32)
     a = _volume(tmp_path, "ras.nii.gz", vol)
     b = _volume(tmp_path, "las.nii.gz", vol, flip_x=True)   # same anatomy stored mirrored, with a mirrored affine
-    assert not np.array_equal(np.asanyarray(nib.load(tmp_path / a).dataobj), np.asanyarray(nib.load(tmp_path / b).dataobj))
-    make_dataset(tmp_path, [{"path": a, "y": 1.0}, {"path": b, "y": 2.0}], nifti={"window": {"center": 0.5, "width": 1}})
+    on_disk = [np.asanyarray(nib.load(tmp_path / rel).dataobj) for rel in (a, b)]
+    assert not np.array_equal(*on_disk)
+    make_dataset(tmp_path, [{"path": a, "y": 1.0}, {"path": b, "y": 2.0}],
+                 nifti={"window": {"center": 0.5, "width": 1}})
     ds = ImageDataset(tmp_path)
     x = ds.load(range(len(ds)))
     np.testing.assert_array_equal(x[:3], x[3:])
@@ -513,3 +516,12 @@ def test_reading_never_logs_or_warns_a_tag_value(tmp_path, caplog):
     said = " ".join([r.getMessage() for r in caplog.records] + [str(w.message) for w in warned])
     for value in ("Doe", "19700132", "MRN-0042"):
         assert value not in said
+
+
+def test_an_oversized_dicom_is_refused_like_a_png_bomb(tmp_path, monkeypatch):
+    path = make_dicom(tmp_path / "big.dcm", np.zeros((8, 8), np.uint16))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 16)                    # 8x8 = 64 > 2 x 16
+    with pytest.raises(DatasetError, match="'big.dcm' is refused as a decompression bomb: 8x8 pixels"):
+        read_header(path, "big.dcm")
+    with pytest.raises(DatasetError, match="decompression bomb"):
+        read_image(path, name="big.dcm")
