@@ -27,7 +27,8 @@ turns them into its ``DatasetError``.
 * **multi-frame** files: a row names its frame in the manifest's ``frame`` column (0-based); a multi-frame file
   without a frame on its row is an error naming the file and its frame count (so one row per frame, each with
   its own target); a frame on a single-frame file must be 0 or empty;
-* pixel spacing: Pixel Spacing, else Imager Pixel Spacing (projection radiographs), as (row, column) mm.
+* pixel spacing: Pixel Spacing, else Imager Pixel Spacing (projection radiographs), as (row, column) mm;
+* a frame of more than twice PIL's ``MAX_IMAGE_PIXELS`` is refused as a decompression bomb, as a PNG would be.
 
 **NIfTI** (nibabel, ``.nii`` / ``.nii.gz``). A volume is sliced into 2-D images:
 
