@@ -53,9 +53,9 @@ register instead.
 **An explanation** is one run in the ``figan-explanations`` experiment holding the artifacts folder written by
 ``models.explain.explain`` (minus the GAN's training checkpoints and the cached features, which are large and
 only needed to resume), the flattened metrics as run metrics (the FID trace as a step series), lineage as
-``lineage.*`` run tags plus ``lineage.json``, the DVC dataset and (MLflow 3) the CNN's LoggedModel as run inputs, the headline metrics (FID,
-faithfulness, % variance, the verdict as ``verdict_pass``) also against that LoggedModel so they show on the CNN's
-model page, and last a signed manifest ``audit/manifest.json`` of every file and of the inputs
+``lineage.*`` run tags plus ``lineage.json``, the DVC dataset and (MLflow 3) the CNN's LoggedModel as run inputs,
+the headline metrics (FID, faithfulness, % variance, the verdict as ``verdict_pass``) also against that LoggedModel
+so they show on the CNN's model page, and last a signed manifest ``audit/manifest.json`` of every file and of the inputs
 (:mod:`models.audit`), whose sha256 is the tag ``figan.manifest_sha256`` on the run and the version. Images are plain
 artifact files, which the MLflow UI's artifact viewer displays.
 """

@@ -423,13 +423,13 @@ class ExplanationStore:
         try:
             result = audit.verify_served(dest, row, ignore=("service",))
         except audit.AuditError as e:
-            log.error("no audit key", extra={"error": str(e)})
-            raise ServiceError(503, "version: this service has no audit key to check explanations with (set "
-                                    "FIGAN_AUDIT_KEY)", "version") from e
+            log.error("audit key unusable", extra={"error": str(e)})
+            raise ServiceError(503, "version: this service has no usable audit key to check explanations with "
+                                    "(FIGAN_AUDIT_KEY; see the service log)", "version") from e
         if not result.ok:
-            log.warning("refused run: manifest does not verify", extra={"model": row["name"], "version": row["version"],
-                                                                        "run_id": row["run_id"],
-                                                                        "problems": result.problems[:50]})
+            log.warning("refused run: manifest does not verify",
+                        extra={"model": row["name"], "version": row["version"], "run_id": row["run_id"],
+                               "problems": result.problems[:50]})
             shutil.rmtree(dest, ignore_errors=True)
             raise ServiceError(502, f"version: the explanation of {where} does not match its signed manifest "
                                     f"({result.headline()}); refused, check it with `figan verify {row['name']} "

@@ -126,3 +126,22 @@ def test_tree_digest_follows_names_and_contents(tmp_path):
     (a / "w.pt").write_bytes(b"weights")
     (a / "w.pt").rename(a / "v.pt")
     assert audit.tree_digest(a) != first
+
+
+def test_the_platform_key_is_made_once_private_and_refused_when_others_may_read_it(tmp_path):
+    from flows.audit import AuditError, signing_key
+    from flows.settings import Settings
+
+    settings = Settings(home=tmp_path)
+    with pytest.raises(AuditError, match="no audit key: set FIGAN_AUDIT_KEY"):
+        signing_key(settings)                                   # readers never make one
+    key = signing_key(settings, create=True)
+    assert len(key) == 64 and (tmp_path / "audit.key").stat().st_mode & 0o777 == 0o600
+    assert signing_key(settings) == key == signing_key(settings, create=True)
+    (tmp_path / "audit.key").chmod(0o644)
+    with pytest.raises(AuditError, match="may be read by others .*chmod 600"):
+        signing_key(settings)
+    configured = Settings.load(env={"FIGAN_HOME": str(tmp_path), "FIGAN_AUDIT_KEY": "y" * 20})
+    assert signing_key(configured) == b"y" * 20 and "y" * 20 not in repr(configured)
+    with pytest.raises(AuditError, match=r"audit_key \(FIGAN_AUDIT_KEY\) must be at least 16 characters"):
+        signing_key(Settings(home=tmp_path, audit_key="short"))

@@ -142,15 +142,15 @@ function verdictBanner(s) {
 function lineageLine(s) {
   const l = s.lineage || {};
   const short = (h) => (h ? String(h).slice(0, 12) : "–");
-  const parts = [
-    `data ${l.dataset || "–"} md5 ${short(l.dataset_md5)}` + (l.dataset_created ? ` (${String(l.dataset_created).slice(0, 10)})` : ""),
-    `CNN sha256 ${short(l.cnn_digest)}`,
-    `manifest sha256 ${short(l.manifest_sha256)}`,
-  ];
-  const p = el("p", { class: "lineage", title: `dataset md5 ${l.dataset_md5 || "–"}\nCNN sha256 ${l.cnn_digest || "–"}` +
-    `\nmanifest sha256 ${l.manifest_sha256 || "–"}` }, `Signed · ${parts.join(" · ")}`);
-  for (const [k, v] of Object.entries({ dataset: l.dataset, datasetMd5: l.dataset_md5, datasetCreated: l.dataset_created,
-                                        cnnDigest: l.cnn_digest, manifest: l.manifest_sha256 })) {
+  const date = l.dataset_created ? ` (${String(l.dataset_created).slice(0, 10)})` : "";
+  const parts = [`data ${l.dataset || "–"} md5 ${short(l.dataset_md5)}${date}`, `CNN sha256 ${short(l.cnn_digest)}`,
+                 `manifest sha256 ${short(l.manifest_sha256)}`];
+  const full = `dataset md5 ${l.dataset_md5 || "–"}\nCNN sha256 ${l.cnn_digest || "–"}\n` +
+               `manifest sha256 ${l.manifest_sha256 || "–"}`;
+  const p = el("p", { class: "lineage", title: full }, `Signed · ${parts.join(" · ")}`);
+  const data = { dataset: l.dataset, datasetMd5: l.dataset_md5, datasetCreated: l.dataset_created,
+                 cnnDigest: l.cnn_digest, manifest: l.manifest_sha256 };
+  for (const [k, v] of Object.entries(data)) {
     if (v) p.dataset[k] = v;
   }
   return p;
