@@ -497,6 +497,14 @@ def list_versions(store: DataStore, name: str | None = None) -> list[DatasetVers
 
 # --------------------------------------------------------------------------------------------- fetching
 
+def dataset_version(store: DataStore, name: str, md5: str) -> DatasetVersion:
+    """The version of dataset ``name`` whose md5 is ``md5`` (full or a unique prefix of >= 8 hex): its commit,
+    size and the date it was versioned. :class:`DataVersionError` names the known versions when there is none."""
+    _require_store(store)
+    _check_name(name)
+    return _resolve(store, name, md5)
+
+
 def _resolve(store: DataStore, name: str, md5: str) -> DatasetVersion:
     versions = list_versions(store)
     mine = [v for v in versions if v.name == name]

@@ -3,7 +3,8 @@
 `explain_version(name, version)` — one flow run per model version, one task per stage:
 
     resolve (MLflow contract + CNN) → data (DVC fetch of the pinned md5) → features (cached by CNN version and
-    data md5) → pls → train (cGAN; resumes from its checkpoint after a crash) → sequences → checks → publish
+    data md5) → pls → train (cGAN; resumes from its checkpoint after a crash) → sequences → checks → drift →
+    lineage → report → publish (signed: `flows.audit`)
 
 * **Status** lives on the model version (`flows.registry`): `running` when work starts, `done` with headline
   metrics and the verdict (`figan.verdict`: pass, or fail + the failing gates) when the MLflow run holding every
@@ -32,6 +33,7 @@ from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from models.audit import library_versions
 from models.data import DatasetError, ImageDataset
 from models.explain import (ExplainConfig, ExplainRun, cnn_input, prepare, stage_attribution, stage_checks,
                             stage_features, stage_pls, stage_sequences, stage_train)
@@ -40,8 +42,9 @@ from models.layer_selection import candidate_layers, chosen_layer, select_layer
 from models.verdict import verdict_of, verdict_text
 
 from . import registry as R
+from .audit import AuditError, signing_key
 from .drift import drift_task, report_task          # across releases: drift + diff, auditor report
-from .data import DataVersionError, fetch_dataset, list_versions, open_store, version_dataset
+from .data import DataVersionError, dataset_version, fetch_dataset, list_versions, open_store, version_dataset
 from .mlflow_server import find_server
 from .settings import Settings
 
@@ -73,7 +76,7 @@ def _transient(task_, task_run, state) -> bool:
             exc = state.result(raise_on_failure=False)
         except Exception:  # noqa: BLE001
             return True
-    return not isinstance(exc, (ValueError, DataVersionError, PlatformError, KeyError, TypeError))
+    return not isinstance(exc, (ValueError, DataVersionError, PlatformError, AuditError, KeyError, TypeError))
 
 
 IO_TASK = dict(retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, cache_policy=NO_CACHE)
@@ -188,14 +191,27 @@ def checks(run: ExplainRun) -> dict:
     return stage_checks(run)
 
 
+@task(name="lineage", **IO_TASK)
+def lineage_of(client: MlflowClient, settings: Settings, job: Job, model) -> dict:
+    """What the explanation is made from, as report.html shows it and the signed manifest records it: the dataset
+    (name, DVC md5, the date that version was made), the CNN (name, version, LoggedModel id, format, digest of
+    its files), the explain config and its hash, the code version and the library versions."""
+    created = dataset_version(open_store(settings.data_store, settings.dvc_remote), job.dataset,
+                              job.dataset_md5).created
+    return {"dataset": job.dataset, "dataset_md5": job.dataset_md5, "dataset_created": created or None,
+            "cnn_name": job.name, "cnn_version": job.version,
+            "cnn_model_id": R.logged_model_id(client, job.name, job.version),
+            "cnn_format": getattr(model, "figan_format", None), "cnn_digest": getattr(model, "figan_digest", None),
+            "config_hash": job.cfg.config_hash(), "key": job.key, "config": asdict(job.cfg),
+            "code_version": R.code_version(), "libraries": library_versions()}
+
+
 @task(name="publish", **IO_TASK)
-def publish(client: MlflowClient, job: Job, run: ExplainRun, metrics: dict, pass_alias: str | None = None) -> str:
-    lineage = {"dataset": job.dataset, "dataset_md5": job.dataset_md5, "cnn_name": job.name,
-               "cnn_version": job.version, "cnn_format": getattr(run.model, "figan_format", None),
-               "config_hash": job.cfg.config_hash(), "key": job.key,
-               "config": asdict(job.cfg)}
+def publish(client: MlflowClient, settings: Settings, job: Job, run: ExplainRun, metrics: dict,
+            lineage: dict) -> str:
+    """The explanation run, signed with the platform's audit key (created on first use)."""
     return R.publish_explanation(client, job.name, job.version, run.out, metrics, lineage, job.key,
-                                 pass_alias=pass_alias)
+                                 signing_key=signing_key(settings, create=True), pass_alias=settings.pass_alias)
 
 
 # --------------------------------------------------------------------------------------------- flows
@@ -263,7 +279,8 @@ def explain_version(name: str, version: str, stop_after: int | None = None) -> d
         log.info(f"{name}/{version}: explanation for key {job.key} already published (run {job.existing_run})")
         if R.get_status(client, name, version).get("status") != "done":
             R.set_status(client, name, version, "done", run_id=job.existing_run, key=job.key,
-                         verdict=R.verdict_tag(R.run_verdict(client, job.existing_run)))
+                         verdict=R.verdict_tag(R.run_verdict(client, job.existing_run)),
+                         manifest_sha256=R.run_manifest_sha256(client, job.existing_run))
         if settings.pass_alias:         # idempotent; also the retry of an alias write that failed after publishing
             R.apply_pass_alias(client, name, version, settings.pass_alias, R.get_status(client, name, version))
         return {"status": "done", "run_id": job.existing_run, "key": job.key, "new": False}
@@ -280,6 +297,7 @@ def explain_version(name: str, version: str, stop_after: int | None = None) -> d
         R.set_status(client, name, version, "running", key=job.key,
                      attempts=prev["attempts"] if prev.get("key") == job.key else None)
         try:
+            signing_key(settings, create=True)      # an unusable audit key fails now, not after the work
             res = job.cfg.resolution or "auto"       # the registration depends on the images alone: shared
             pose_cache = settings.features_cache / (f"{job.dataset}-{job.dataset_md5[:12]}-{res}-"
                                                     f"{job.cfg.max_images or 'all'}-{job.cfg.register_iters}-pose.pt")
@@ -310,12 +328,13 @@ def explain_version(name: str, version: str, stop_after: int | None = None) -> d
             sequences(run)
             metrics = checks(run)
             drift_summary = drift_task(client, settings, job, run)    # never raises; tags figan.drift.*
-            report_task(job, run, drift_summary)                      # report.html, published with the run
+            lineage = lineage_of(client, settings, job, model)
+            report_task(job, run, drift_summary, lineage)             # report.html, published with the run
             if beat.lost or not R.renew_lease(client, name, version, owner, settings.lease_seconds):
                 beat.lost = True                 # the other holder owns the status now: record nothing
                 raise PlatformError(f"{name}/{version}: the run lease was taken over by another process while this "
                                     f"one worked; not publishing (the other run publishes key {job.key})")
-            run_id = publish(client, job, run, metrics, settings.pass_alias)
+            run_id = publish(client, settings, job, run, metrics, lineage)
         except Exception as e:
             if not beat.lost:
                 record_failure(client, settings, name, version, e, key=job.key)

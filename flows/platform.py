@@ -85,7 +85,10 @@ def start_service(settings: Settings, tracking_uri: str) -> Daemon:
 
 
 def up(settings: Settings, receiver: bool = True, log=print) -> dict[str, str]:
-    """Start whatever part is not running; returns {part: url}."""
+    """Start whatever part is not running; returns {part: url}. The audit key every part shares is made first
+    (when not configured), so an unusable one is reported before anything starts."""
+    from .audit import signing_key          # (imports MLflow and torch: only when starting)
+    signing_key(settings, create=True)
     urls = {}
     if settings.tracking_uri:
         urls["mlflow"] = settings.tracking_uri

@@ -23,6 +23,8 @@ Precedence: environment variable > settings file (``FIGAN_SETTINGS`` or ``./figa
 | retry_backoff    | FIGAN_RETRY_BACKOFF    | 60                               | seconds before the first retry, doubling       |
 | pass_alias       | FIGAN_PASS_ALIAS       | (none)                           | registered-model alias moved to a version when |
 |                  |                        |                                  | its explanation's verdict is pass              |
+| audit_key        | FIGAN_AUDIT_KEY        | (home/audit.key, made on first   | HMAC-SHA256 key signing explanation manifests  |
+|                  |                        | use, mode 0600)                  | (flows.audit); ≥ 16 characters                 |
 
 Loading refuses to start while a setting, or any ``FIGAN_*``, ``MLFLOW_*``, ``PREFECT_*`` or ``AWS_*`` environment
 variable (the secrets deploy/ hands the worker, the service and the explanation Jobs), still holds the ``CHANGE-ME``
@@ -32,7 +34,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
@@ -47,7 +49,7 @@ _ENV = {"home": "FIGAN_HOME", "tracking_uri": "FIGAN_TRACKING_URI", "data_store"
         "max_concurrent": "FIGAN_MAX_CONCURRENT", "lease_seconds": "FIGAN_LEASE_SECONDS",
         "max_attempts": "FIGAN_MAX_ATTEMPTS", "retry_backoff": "FIGAN_RETRY_BACKOFF",
         "public_receiver_url": "FIGAN_RECEIVER_URL", "explain_deployment": "FIGAN_EXPLAIN_DEPLOYMENT",
-        "pass_alias": "FIGAN_PASS_ALIAS"}
+        "pass_alias": "FIGAN_PASS_ALIAS", "audit_key": "FIGAN_AUDIT_KEY"}
 _ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 _RESERVED_ALIAS_RE = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)       # MLflow refuses these
 PLACEHOLDER = "CHANGE-ME"
@@ -76,6 +78,7 @@ class Settings:
     public_receiver_url: str | None = None
     explain_deployment: str | None = None
     pass_alias: str | None = None
+    audit_key: str | None = field(default=None, repr=False)      # a secret: never in a repr or log
 
     def __post_init__(self):
         home = Path(self.home).absolute()
@@ -114,6 +117,10 @@ class Settings:
             return self.public_receiver_url.rstrip("/")
         host = "127.0.0.1" if self.receiver_host in ("", "0.0.0.0") else self.receiver_host
         return f"http://{host}:{self.receiver_port}"
+
+    @property
+    def audit_key_file(self) -> Path:
+        return self.home / "audit.key"
 
     @property
     def features_cache(self) -> Path:

@@ -15,6 +15,9 @@ the artifact layout) or from its own cache folder:
   into a temporary folder and renamed into place (atomic, safe with several workers). Run ids are 32 hex digits
   and every file name is built here from a validated component number, so reads never leave the cache.
   Published runs never change, so cached files are kept (and their bytes memoised) for the process lifetime.
+* **Signed**: a run is served only when the cached files match its signed manifest and the manifest's digest is
+  the version's ``figan.manifest_sha256`` (:func:`flows.audit.verify_served`), checked once per run when it is
+  loaded (also when the cache folder was left by an earlier process); otherwise 502, and the folder is dropped.
 * **Models in memory**: the published generator and PLS state per run, the CNN (+ contract) per version, each
   loaded once; generation runs under a semaphore so CPU-bound requests cannot pile up threads.
 """
@@ -30,7 +33,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,7 +44,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image, UnidentifiedImageError
 
-from flows import registry
+from flows import audit, registry
 from flows.mlflow_server import find_server
 from flows.settings import Settings
 from models.cgan import CGANConfig, Generator, load_generator
@@ -131,6 +134,7 @@ class Explanation:
     metrics: dict
     config: dict
     gen_cfg: CGANConfig
+    lineage: dict = field(default_factory=dict)     # from the verified manifest
 
     @property
     def run_id(self) -> str:
@@ -180,7 +184,7 @@ class Explanation:
                 "image_channels": self.gen_cfg.image_channels, "sweep": sweep, "fid": fid,
                 "diversity": self.metrics.get("diversity"), "gates": self.metrics.get("gates"),
                 "dataset": self.metrics.get("dataset"), "cnn": self.metrics.get("cnn"), "components": comps,
-                "layer_selection": self.metrics.get("layer_selection")}
+                "layer_selection": self.metrics.get("layer_selection"), "lineage": self.lineage}
 
 
 @lru_cache(maxsize=1024)
@@ -402,12 +406,39 @@ class ExplanationStore:
                                         f"could not be fetched from MLflow ({public_detail(e)})", "version") from e
             log.info("explanation cached", extra={"model": row["name"], "version": row["version"],
                                                   "run_id": run_id, "ms": round(1000 * (time.monotonic() - t0))})
+        lineage = self._check_manifest(row, dest)
         meta = json.loads((dest / "gan" / "best" / "generator.json").read_text())
         config_path = dest / "config.json"
         config = json.loads(config_path.read_text()).get("config", {}) if config_path.is_file() else {}
         return Explanation(name=row["name"], version=row["version"], row=row, dir=dest,
                            metrics=json.loads((dest / "metrics.json").read_text()), config=config,
-                           gen_cfg=CGANConfig.from_dict(meta["config"]))
+                           gen_cfg=CGANConfig.from_dict(meta["config"]), lineage=lineage)
+
+    def _check_manifest(self, row: dict, dest: Path) -> dict:
+        """Serve only what the platform signed: the cached files of the run must match its signed manifest, whose
+        digest is the version's ``figan.manifest_sha256``. Returns the lineage the version JSON shows (dataset,
+        md5, version date, CNN digest, manifest digest); 502 naming what failed otherwise, and the cache folder is
+        dropped so a repaired run is fetched anew."""
+        where = f"{row['name']}/{row['version']}"
+        try:
+            result = audit.verify_served(dest, row, ignore=("service",))
+        except audit.AuditError as e:
+            log.error("audit key unusable", extra={"error": str(e)})
+            raise ServiceError(503, "version: this service has no usable audit key to check explanations with "
+                                    "(FIGAN_AUDIT_KEY; see the service log)", "version") from e
+        if not result.ok:
+            log.warning("refused run: manifest does not verify",
+                        extra={"model": row["name"], "version": row["version"], "run_id": row["run_id"],
+                               "problems": result.problems[:50]})
+            shutil.rmtree(dest, ignore_errors=True)
+            raise ServiceError(502, f"version: the explanation of {where} does not match its signed manifest "
+                                    f"({result.headline()}); refused, check it with `figan verify {row['name']} "
+                                    f"{row['version']}`", "version", audit="failed")
+        i = result.inputs
+        return {"dataset": i.get("dataset"), "dataset_md5": i.get("dataset_md5"),
+                "dataset_created": i.get("dataset_created"), "cnn_digest": i.get("cnn_digest"),
+                "cnn_model_id": i.get("cnn_model_id"), "code_version": i.get("code_version"),
+                "manifest_sha256": result.manifest_sha256}
 
     def _check_run_is_the_explanation(self, row: dict) -> None:
         """Any MLflow user can write a version's ``figan.run_id`` tag: serve the run only if it lives in the

@@ -7,8 +7,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from flows.audit import signing_key, verify_version
 from flows.explain import explain_version, version_dataset_flow
 from flows.mlflow_server import start_server
+from flows.settings import Settings
 from flows.registry import (download_explanation, get_status, register_cnn, TAG_INPUT_SHAPE, TAG_KEY, TAG_TASK,
                             EXPLANATIONS_EXPERIMENT)
 from models.cgan import load_generator
@@ -72,6 +74,17 @@ def test_explain_publishes_and_is_idempotent(platform, tmp_path):
     assert not (got / "gan/last.pt").exists() and not (got / "features.npy").exists()
     G, cfg, step = load_generator(got / "gan/best")
     assert cfg.k == 2 and load_pls(got / "pls").n_components == 2
+    # signed with the key made on first use (mode 0600): the run verifies, with the inputs it was made from
+    assert (p.home / "audit.key").stat().st_mode & 0o777 == 0o600
+    _, check = verify_version(p.client, signing_key(Settings.load()), "cnn-a", v)
+    assert check.ok and st["manifest_sha256"] == check.manifest_sha256, check.problems
+    assert {"report.html", "metrics.json", "lineage.json", "sequences/component_1.gif"} <= set(check.manifest["files"])
+    inputs = check.inputs
+    assert inputs["dataset_md5"] == p.md5.removesuffix(".dir") and inputs["dataset_created"].startswith("20")
+    assert len(inputs["cnn_digest"]) == 64 and inputs["cnn_model_id"].startswith("m-")
+    report = (got / "report.html").read_text()
+    assert inputs["cnn_digest"] in report and inputs["dataset_created"] in report
+    assert f"figan verify cnn-a {v}" in report
     # same key again: nothing new, same run
     again = explain_version("cnn-a", v)
     assert again == {"status": "done", "run_id": res["run_id"], "key": res["key"], "new": False}
