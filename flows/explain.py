@@ -9,9 +9,11 @@
   metrics and the verdict (`figan.verdict`: pass, or fail + the failing gates) when the MLflow run holding every
   artifact is published, `failed` with the error message otherwise. `done` means published; with
   `FIGAN_PASS_ALIAS` set, that alias is also moved to the version when its verdict is pass.
-* **Idempotent by key** = (model name, version, dataset md5, explain-config hash): a key that already has a
-  published run is not explained again (the flow returns it). The working folder is keyed the same way, so a
-  re-run after a crash reuses the cached features and resumes GAN training from `gan/last.pt`.
+* **Idempotent by key** = (model name, version, the CNN's identity, dataset md5, explain-config hash): a key that
+  already has a published run is not explained again (the flow returns it). The identity
+  (`flows.registry.cnn_identity`) tells a deleted and re-created model's version 1 from the old one. The working
+  folder and the cached features are keyed the same way, so a re-run after a crash reuses the cached features and
+  resumes GAN training from `gan/last.pt`, and another CNN never does.
 * **Retries**: tasks that do MLflow/DVC I/O retry on transient errors (I/O, connection, server errors); contract
   and data errors (`ValueError` subclasses, `DataVersionError`) fail at once — retrying would not change them.
 
@@ -61,8 +63,9 @@ def tracking_uri(settings: Settings) -> str:
     return server.uri
 
 
-def explanation_key(name: str, version: str, dataset_md5: str, config_hash: str) -> str:
-    return hashlib.sha256(f"{name}|{version}|{dataset_md5}|{config_hash}".encode()).hexdigest()[:16]
+def explanation_key(name: str, version: str, cnn_id: str, dataset_md5: str, config_hash: str) -> str:
+    """What one explanation is of: the CNN (name, version and its identity), the data version and the config."""
+    return hashlib.sha256(f"{name}|{version}|{cnn_id}|{dataset_md5}|{config_hash}".encode()).hexdigest()[:16]
 
 
 def _transient(task_, task_run, state) -> bool:
@@ -111,7 +114,7 @@ def resolve_job(client: MlflowClient, settings: Settings, name: str, version: st
                                    f"in the data store {settings.data_store}")
         md5 = versions[-1].md5
     md5 = md5.removesuffix(".dir")
-    key = explanation_key(name, version, md5, cfg.config_hash())
+    key = explanation_key(name, version, contract.cnn_id, md5, cfg.config_hash())
     return Job(name, version, key, contract.dataset, md5, contract, cfg, R.find_explanation(client, name, version, key))
 
 
@@ -191,11 +194,12 @@ def checks(run: ExplainRun) -> dict:
 @task(name="publish", **IO_TASK)
 def publish(client: MlflowClient, job: Job, run: ExplainRun, metrics: dict, pass_alias: str | None = None) -> str:
     lineage = {"dataset": job.dataset, "dataset_md5": job.dataset_md5, "cnn_name": job.name,
-               "cnn_version": job.version, "cnn_format": getattr(run.model, "figan_format", None),
+               "cnn_version": job.version, "cnn_id": job.contract.cnn_id,
+               "cnn_format": getattr(run.model, "figan_format", None),
                "config_hash": job.cfg.config_hash(), "key": job.key,
                "config": asdict(job.cfg)}
     return R.publish_explanation(client, job.name, job.version, run.out, metrics, lineage, job.key,
-                                 pass_alias=pass_alias)
+                                 pass_alias=pass_alias, cnn_id=job.contract.cnn_id)
 
 
 # --------------------------------------------------------------------------------------------- flows
@@ -300,7 +304,8 @@ def explain_version(name: str, version: str, stop_after: int | None = None) -> d
                           cnn_name=f"{name} v{version}")
             run.layer_selection = selection
             layer = cfg.layer or "final"
-            features(run, settings.features_cache / f"{name}-v{version}-{job.dataset_md5[:12]}-{layer}.npy")
+            features(run, settings.features_cache / (f"{name}-v{version}-{job.contract.cnn_id}-"
+                                                     f"{job.dataset_md5[:12]}-{layer}.npy"))
             pls(run)
             step = train(run, stop_after, pose_cache)
             if step < job.cfg.steps:

@@ -23,6 +23,12 @@ tag                    meaning                                                  
 A missing or malformed tag is a :class:`ContractError` whose message names the version and the tag, so the flow
 can mark just that version failed with a message a data scientist can act on.
 
+**The CNN's identity** (:func:`cnn_identity`): a hash of what the registry fixed when the version was created
+(its creation time, source URI, run id and MLflow 3 model id). A name and version number do not name a CNN: a
+registered model deleted and re-created starts again at version 1. The identity is part of the explanation key,
+tags every explanation run (``figan.cnn_id``) and is checked by whoever serves one, so the new version 1 is never
+served, nor resumed from, the old one's explanation.
+
 **Status** of a version's explanation is kept in version tags: ``figan.status`` (queued | running | done |
 failed), ``figan.run_id``, ``figan.error``, ``figan.key`` (the idempotency key), ``figan.updated`` (ISO time)
 and headline metrics (``figan.fid_best``, ``figan.fid_extractor``, ``figan.faithfulness`` and
@@ -107,7 +113,7 @@ __all__ = [
     "download_explanation", "list_versions", "flatten_metrics", "TAG_ATTEMPTS", "TAG_RETRY_AFTER", "TAG_ERROR_KIND",
     "TAG_CONTRACT_HASH", "TAG_LEASE", "contract_fingerprint", "Lease", "read_lease", "acquire_lease", "renew_lease",
     "release_lease", "new_owner", "TAG_VERDICT", "verdict_tag", "parse_verdict_tag", "apply_pass_alias",
-    "run_verdict",
+    "run_verdict", "cnn_identity", "RUN_TAG_CNN_ID", "VersionReplacedError",
 ]
 
 # --------------------------------------------------------------------------------------------- tag names
@@ -145,6 +151,7 @@ TAG_LEASE = "figan.lease"                  # JSON {owner, key, expires}: who is 
 RUN_TAG_MODEL = "figan.model"
 RUN_TAG_VERSION = "figan.version"
 RUN_TAG_KEY = "figan.key"
+RUN_TAG_CNN_ID = "figan.cnn_id"           # cnn_identity() of the version the run explains
 LINEAGE_TAG_PREFIX = "lineage."
 
 STATUSES = ("queued", "running", "done", "failed")
@@ -192,6 +199,7 @@ class Contract:
     input_shape: tuple[int, int, int]
     class_names: list[str] | None
     layers: str | tuple[str, ...] | None = None      # candidate layers (figan.layers): "auto" or names
+    cnn_id: str | None = None                        # cnn_identity() of the version (not a tag)
 
     def tags(self) -> dict[str, str]:
         """The contract as tags (inverse of :func:`read_contract`)."""
@@ -274,16 +282,30 @@ def _parse_contract(name: str, version: str, tags: dict[str, str]) -> Contract:
                     class_names=class_names, layers=layers)
 
 
-def _merged_tags(client: MlflowClient, name: str, version: str | int) -> dict[str, str]:
+def _merged_tags(client: MlflowClient, name: str, version: str | int,
+                 mv: ModelVersion | None = None) -> dict[str, str]:
     """Registered-model tags overridden by model-version tags."""
-    mv = client.get_model_version(name, str(version))
+    mv = mv or client.get_model_version(name, str(version))
     rm = client.get_registered_model(name)
     return {**(rm.tags or {}), **(mv.tags or {})}
 
 
+def cnn_identity(mv: ModelVersion) -> str:
+    """Which CNN a model version is: a hash of its creation time, source URI, run id and model id, all fixed when
+    the version was created. A registered model deleted and re-created restarts at version 1; its new version 1
+    has another creation time (and, registered from another training run, another source, run and model id), so
+    it gets another identity even when everything else about it is the same."""
+    blob = json.dumps([mv.creation_timestamp, mv.source, mv.run_id, getattr(mv, "model_id", None)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def read_contract(client: MlflowClient, name: str, version: str | int) -> Contract:
-    """The contract of a registered CNN version; :class:`ContractError` names a missing/invalid tag."""
-    return _parse_contract(name, str(version), _merged_tags(client, name, version))
+    """The contract of a registered CNN version, with its :func:`cnn_identity`; :class:`ContractError` names a
+    missing/invalid tag."""
+    mv = client.get_model_version(name, str(version))
+    contract = _parse_contract(name, str(version), _merged_tags(client, name, version, mv))
+    contract.cnn_id = cnn_identity(mv)
+    return contract
 
 
 def explain_requested(client: MlflowClient, name: str, version: str | int) -> bool:
@@ -870,21 +892,32 @@ def _stage(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+class VersionReplacedError(RuntimeError):
+    """The model version was deleted and re-created (another CNN) while its explanation was being made."""
+
+
 def publish_explanation(client: MlflowClient, name: str, version: str | int, artifacts_dir: Path, metrics: dict,
-                        lineage: dict, key: str, pass_alias: str | None = None) -> str:
+                        lineage: dict, key: str, pass_alias: str | None = None, cnn_id: str | None = None) -> str:
     """Publish an explanation's artifacts folder as one finished run and mark the version ``done`` with its
     headline metrics and verdict (``figan.verdict``); with ``pass_alias``, then :func:`apply_pass_alias`.
 
     The run (experiment ``figan-explanations``) gets every file of ``artifacts_dir`` except ``features.npy`` and
     ``gan/*.pt`` (``gan/best/`` is kept), ``metrics`` flattened into run metrics and the FID trace as the step
-    series ``fid``, the tags ``figan.model``/``figan.version``/``figan.key``, lineage as ``lineage.<k>`` tags and
-    ``lineage.json`` (the code version, ``git rev-parse HEAD``, is added when missing), and the DVC dataset as an
-    input when lineage names it. If anything fails the run is marked FAILED (so :func:`find_explanation` ignores
-    it) and the error is raised; the version's status is left to the caller. Returns the run id."""
+    series ``fid``, the tags ``figan.model``/``figan.version``/``figan.key`` and ``figan.cnn_id`` (the version's
+    :func:`cnn_identity`), lineage as ``lineage.<k>`` tags and ``lineage.json`` (the code version, ``git rev-parse
+    HEAD``, is added when missing), and the DVC dataset as an input when lineage names it. ``cnn_id`` is the
+    identity of the CNN that was explained: when the version now is another CNN (deleted and re-created
+    meanwhile) nothing is published (:class:`VersionReplacedError`). If anything fails the run is marked FAILED
+    (so :func:`find_explanation` ignores it) and the error is raised; the version's status is left to the caller.
+    Returns the run id."""
     artifacts_dir = Path(artifacts_dir)
     if not artifacts_dir.is_dir():
         raise FileNotFoundError(f"explanation artifacts folder {artifacts_dir} does not exist")
     version = str(version)
+    current = cnn_identity(client.get_model_version(name, version))
+    if cnn_id is not None and cnn_id != current:
+        raise VersionReplacedError(f"model version {name}/{version} is another CNN now (identity {current}, "
+                                   f"explained {cnn_id}): it was deleted and re-created; not publishing")
     lineage = dict(lineage)
     lineage.setdefault("cnn_name", name)
     lineage.setdefault("cnn_version", version)
@@ -893,9 +926,10 @@ def publish_explanation(client: MlflowClient, name: str, version: str | int, art
     if "code_version" not in lineage:
         lineage["code_version"] = _code_version() or "unknown"
     lineage["key"] = key
+    lineage["cnn_id"] = current
 
     experiment_id = _experiment_id(client, EXPLANATIONS_EXPERIMENT)
-    run_tags = {RUN_TAG_MODEL: name, RUN_TAG_VERSION: version, RUN_TAG_KEY: key}
+    run_tags = {RUN_TAG_MODEL: name, RUN_TAG_VERSION: version, RUN_TAG_KEY: key, RUN_TAG_CNN_ID: current}
     for k, v in lineage.items():
         value = _tag_value(v)
         if len(value) <= 5000:
@@ -1003,8 +1037,9 @@ def download_explanation(client: MlflowClient, run_id: str, dest: Path) -> Path:
 # --------------------------------------------------------------------------------------------- listing
 
 def list_versions(client: MlflowClient, name: str | None = None) -> list[dict[str, Any]]:
-    """One row per model version (of ``name``, or of every registered model): name, version, aliases, explain
-    (opt-in), the status fields of :func:`get_status`, sorted by name and version."""
+    """One row per model version (of ``name``, or of every registered model): name, version, cnn_id
+    (:func:`cnn_identity`), aliases, explain (opt-in), the status fields of :func:`get_status`, sorted by name and
+    version."""
     if name is not None:
         models = [client.get_registered_model(name)]
     else:
@@ -1025,7 +1060,7 @@ def list_versions(client: MlflowClient, name: str | None = None) -> list[dict[st
             page = client.search_model_versions(f"name = {_quote(rm.name)}", page_token=token)
             for mv in page:
                 tags = {**(rm.tags or {}), **(mv.tags or {})}
-                rows.append({"name": mv.name, "version": str(mv.version),
+                rows.append({"name": mv.name, "version": str(mv.version), "cnn_id": cnn_identity(mv),
                              "aliases": sorted(aliases.get(str(mv.version), [])),
                              "explain": tags.get(TAG_EXPLAIN, "").strip().lower() == "true",
                              **_status_from_tags(mv.tags or {})})
