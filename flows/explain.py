@@ -14,8 +14,10 @@
   (`flows.registry.cnn_identity`) tells a deleted and re-created model's version 1 from the old one. The working
   folder and the cached features are keyed the same way, so a re-run after a crash reuses the cached features and
   resumes GAN training from `gan/last.pt`, and another CNN never does.
-* **Retries**: tasks that do MLflow/DVC I/O retry on transient errors (I/O, connection, server errors); contract
-  and data errors (`ValueError` subclasses, `DataVersionError`) fail at once — retrying would not change them.
+* **Retries** (`flows.failures`): tasks that do MLflow/DVC I/O retry on transient errors (I/O, connection, server
+  errors) at once; the flow's failure is recorded with its kind, which tells the worker when to try again:
+  transient errors after a backoff, contract errors when the contract tags change, programming errors (TypeError,
+  KeyError, ...) when the code, the explain config or the contract tags change.
 
 `version_dataset_flow(src)` validates a dataset folder, `dvc add` + `dvc push`es it into the data store and
 returns the md5 that names the version.
@@ -44,6 +46,7 @@ from models.verdict import verdict_of, verdict_text
 from . import registry as R
 from .drift import drift_task, report_task          # across releases: drift + diff, auditor report
 from .data import DataVersionError, fetch_dataset, list_versions, open_store, version_dataset
+from .failures import CONTRACT, PROGRAM, TRANSIENT, describe, failure_kind, program_fingerprint
 from .mlflow_server import find_server
 from .settings import Settings
 
@@ -69,14 +72,14 @@ def explanation_key(name: str, version: str, cnn_id: str, dataset_md5: str, conf
 
 
 def _transient(task_, task_run, state) -> bool:
-    """Retry only what a retry can fix: I/O and server errors, not contract or data errors."""
+    """Retry only what a retry can fix (:func:`flows.failures.failure_kind`): I/O and server errors."""
     exc = state.data if isinstance(state.data, BaseException) else None
     if exc is None:
         try:
             exc = state.result(raise_on_failure=False)
-        except Exception:  # noqa: BLE001
-            return True
-    return not isinstance(exc, (ValueError, DataVersionError, PlatformError, KeyError, TypeError))
+        except Exception as e:  # noqa: BLE001 — the state's own error
+            exc = e
+    return isinstance(exc, BaseException) and failure_kind(exc) == TRANSIENT
 
 
 IO_TASK = dict(retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, cache_policy=NO_CACHE)
@@ -206,16 +209,19 @@ def publish(client: MlflowClient, job: Job, run: ExplainRun, metrics: dict, pass
 
 def record_failure(client: MlflowClient, settings: Settings, name: str, version: str, exc: BaseException,
                    key: str | None) -> None:
-    """Mark the version failed with its message and the retry bookkeeping the reconciler reads: contract errors
-    wait for the contract tags to change; other errors are retried after ``retry_backoff`` × 2^(attempts−1)."""
+    """Mark the version failed with its message, its kind (:func:`flows.failures.failure_kind`) and what the worker
+    reads to decide when to try again: transient errors after ``retry_backoff`` × 2^(attempts−1) s, contract errors
+    when the contract tags change (their fingerprint), programming errors when the code, explain config or contract
+    tags change (:func:`flows.failures.program_fingerprint`)."""
     prev = R.get_status(client, name, version)
-    contract = isinstance(exc, R.ContractError)
+    kind = failure_kind(exc)
     attempts = (prev["attempts"] + 1) if (prev.get("key") == key and prev.get("status") in ("failed", "running")
                                           and key is not None) else 1
-    R.set_status(client, name, version, "failed", error=f"{type(exc).__name__}: {exc}", key=key,
-                 error_kind="contract" if contract else "error", attempts=attempts,
-                 retry_after=round(time.time() + settings.retry_backoff * 2 ** (attempts - 1), 1),
-                 contract_hash=R.contract_fingerprint(client, name, version) if contract else None)
+    R.set_status(client, name, version, "failed", error=describe(exc), key=key, error_kind=kind, attempts=attempts,
+                 retry_after=round(time.time() + settings.retry_backoff * 2 ** (attempts - 1), 1)
+                 if kind == TRANSIENT else None,
+                 contract_hash=R.contract_fingerprint(client, name, version) if kind == CONTRACT else None,
+                 program_hash=program_fingerprint(client, settings, name, version) if kind == PROGRAM else None)
 
 
 class Heartbeat:

@@ -39,9 +39,11 @@ written last, so whoever sees ``done`` also sees the run id, the metrics and the
 ``pass_alias`` (``FIGAN_PASS_ALIAS``) publishing also points that registered-model alias at the version when its
 verdict is pass (and takes it off the version when a re-explanation fails), so ``models:/<name>@<alias>`` only
 ever names explanations that passed (:func:`apply_pass_alias`). A failure also records ``figan.error_kind``
-(contract | error), ``figan.attempts`` and ``figan.retry_after`` (the trigger's backoff) and, for contract errors,
-``figan.contract_hash`` (not retried until the contract tags change). ``figan.lease`` names the process explaining
-the version now (:func:`acquire_lease`), so concurrent triggers of one version run once.
+(contract | transient | program, :mod:`flows.failures`), ``figan.attempts`` and ``figan.retry_after`` (the
+trigger's backoff) and, for contract errors, ``figan.contract_hash`` (not retried until the contract tags change),
+for programming errors ``figan.program_hash`` (not retried until the code, config or contract tags change).
+``figan.lease`` names the process explaining the version now (:func:`acquire_lease`), so concurrent triggers of
+one version run once.
 
 **How a CNN is stored.** :func:`register_cnn` logs the model with ``mlflow.pytorch.log_model`` in the
 ``pt2`` (torch.export) format, chosen explicitly: pickle-free, and a standard MLflow model that MLflow itself can
@@ -111,7 +113,8 @@ __all__ = [
     "CNN_EXPERIMENT", "ContractError", "Contract", "DVCDatasetSource", "read_contract", "explain_requested",
     "register_cnn", "load_cnn_version", "pickle_allowed", "TAG_TRUST", "set_status", "get_status", "publish_explanation", "find_explanation",
     "download_explanation", "list_versions", "flatten_metrics", "TAG_ATTEMPTS", "TAG_RETRY_AFTER", "TAG_ERROR_KIND",
-    "TAG_CONTRACT_HASH", "TAG_LEASE", "contract_fingerprint", "Lease", "read_lease", "acquire_lease", "renew_lease",
+    "TAG_CONTRACT_HASH", "TAG_PROGRAM_HASH", "TAG_LEASE", "contract_fingerprint", "Lease", "read_lease",
+    "acquire_lease", "renew_lease",
     "release_lease", "new_owner", "TAG_VERDICT", "verdict_tag", "parse_verdict_tag", "apply_pass_alias",
     "run_verdict", "cnn_identity", "RUN_TAG_CNN_ID", "VersionReplacedError",
 ]
@@ -143,8 +146,10 @@ TAG_VERDICT = "figan.verdict"              # pass | fail: <failing gates, comma-
 # retry bookkeeping and the run lease (model version)
 TAG_ATTEMPTS = "figan.attempts"            # failed attempts for the current key
 TAG_RETRY_AFTER = "figan.retry_after"      # epoch seconds before which a failed key is not retried
-TAG_ERROR_KIND = "figan.error_kind"        # contract | error
+TAG_ERROR_KIND = "figan.error_kind"        # contract | transient | program (flows.failures)
 TAG_CONTRACT_HASH = "figan.contract_hash"  # fingerprint of the contract tags a contract error was raised on
+TAG_PROGRAM_HASH = "figan.program_hash"    # fingerprint of the code, config and contract a programming error was
+                                           # raised on (flows.failures.program_fingerprint)
 TAG_TRUST = "figan.trust"                  # "pickle": the CNN was unpickled (its registrant's code ran)
 TAG_LEASE = "figan.lease"                  # JSON {owner, key, expires}: who is explaining this version now
 # explanation run tags
@@ -163,7 +168,8 @@ CNN_EXPERIMENT = "figan-cnns"
 _STATUS_FIELDS = {"run_id": TAG_RUN_ID, "error": TAG_ERROR, "key": TAG_KEY, "fid_best": TAG_FID_BEST,
                   "fid_extractor": TAG_FID_EXTRACTOR, "faithfulness": TAG_FAITHFULNESS,
                   "pct_variance": TAG_PCT_VARIANCE, "attempts": TAG_ATTEMPTS, "retry_after": TAG_RETRY_AFTER,
-                  "error_kind": TAG_ERROR_KIND, "contract_hash": TAG_CONTRACT_HASH, "verdict": TAG_VERDICT}
+                  "error_kind": TAG_ERROR_KIND, "contract_hash": TAG_CONTRACT_HASH, "program_hash": TAG_PROGRAM_HASH,
+                  "verdict": TAG_VERDICT}
 _MAX_ERROR_CHARS = 4000
 
 # artifact layout
@@ -726,8 +732,8 @@ def set_status(client: MlflowClient, name: str, version: str | int, status: str,
         if len(err) > _MAX_ERROR_CHARS:
             fields["error"] = err[:_MAX_ERROR_CHARS - 40] + f" ... [{len(err)} chars, truncated]"
     else:                   # a new state clears what only a failure means; done also resets the attempt count
-        for cleared in ("error", "error_kind", "retry_after", "contract_hash") + (("attempts",) if status == "done"
-                                                                                 else ()):
+        for cleared in ("error", "error_kind", "retry_after", "contract_hash", "program_hash") + (
+                ("attempts",) if status == "done" else ()):
             fields.setdefault(cleared, None)
     version = str(version)
     _write_tags(client, name, version, {_STATUS_FIELDS[f]: None if v is None else _tag_value(v)
@@ -761,7 +767,8 @@ def _status_from_tags(tags: dict[str, str]) -> dict[str, Any]:
             "pct_variance": _json_or_none(tags.get(TAG_PCT_VARIANCE)),
             "attempts": int(_float_or_none(tags.get(TAG_ATTEMPTS)) or 0),
             "retry_after": _float_or_none(tags.get(TAG_RETRY_AFTER)), "error_kind": tags.get(TAG_ERROR_KIND),
-            "contract_hash": tags.get(TAG_CONTRACT_HASH), "lease": _json_or_none(tags.get(TAG_LEASE)),
+            "contract_hash": tags.get(TAG_CONTRACT_HASH), "program_hash": tags.get(TAG_PROGRAM_HASH),
+            "lease": _json_or_none(tags.get(TAG_LEASE)),
             "verdict": verdict and verdict["verdict"], "failing_gates": verdict and verdict["failing"]}
 
 

@@ -153,6 +153,12 @@ def test_decide_policy():
     contract_failed = {"status": "failed", "error_kind": "contract", "contract_hash": "h1"}
     assert not decide(contract_failed, None, err, "h1", 3, now).run                       # same tags: wait
     assert decide(contract_failed, None, err, "h2", 3, now).run                           # tags changed
+    bug = {"status": "failed", "key": "k", "error_kind": "program", "program_hash": "p1", "attempts": 1}
+    assert not decide(bug, "k", None, None, 3, now, program_hash="p1").run               # same code: wait
+    assert decide(bug, "k", None, None, 3, now, program_hash="p2").run                   # code/config/tags changed
+    assert decide(bug, "k2", None, None, 3, now, program_hash="p1").run                  # new data/config: new key
+    in_resolve = {**bug, "key": None}                                                     # raised before a key
+    assert not decide(in_resolve, None, TypeError("x"), None, 3, now, program_hash="p1").run
     live = {"status": "running", "key": "k",
             "lease": {"owner": f"{socket.gethostname()}:{os.getpid()}:x", "key": "k", "expires": time.time() + 60}}
     assert not decide(live, "k", None, None, 3).run                                        # someone works on it
