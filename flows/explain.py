@@ -45,7 +45,7 @@ from models.verdict import verdict_of, verdict_text
 
 from . import registry as R
 from .drift import drift_task, report_task          # across releases: drift + diff, auditor report
-from .data import DataVersionError, fetch_dataset, list_versions, open_store, version_dataset
+from .data import DataVersionError, InvalidDatasetError, fetch_dataset, list_versions, open_store, version_dataset
 from .failures import CONTRACT, PROGRAM, TRANSIENT, describe, failure_kind, program_fingerprint
 from .mlflow_server import find_server
 from .settings import Settings
@@ -133,9 +133,16 @@ def load_cnn(client: MlflowClient, job: Job):
 
 @task(name="data", **IO_TASK)
 def fetch_data(settings: Settings, job: Job) -> ImageDataset:
+    """The dataset version the job names, validated completely (dataset.yaml, manifest) before any training: a
+    version that does not validate (e.g. stored before a check existed) is a contract error, not retried."""
     store = open_store(settings.data_store, settings.dvc_remote)
     dest = settings.home / "datasets" / f"{job.dataset}@{job.dataset_md5[:12]}"
-    return ImageDataset(fetch_dataset(store, job.dataset, job.dataset_md5, dest))
+    try:
+        return ImageDataset(fetch_dataset(store, job.dataset, job.dataset_md5, dest))
+    except InvalidDatasetError as e:
+        raise R.ContractError(f"model version {job.name}/{job.version}: dataset {job.dataset} version "
+                              f"{job.dataset_md5} (tags {R.TAG_DATASET} / {R.TAG_DATASET_MD5}) is not valid: "
+                              f"{e}") from e
 
 
 @task(name="features", **WORK_TASK)

@@ -3,7 +3,9 @@
 A dataset is a folder::
 
     dataset.yaml   name, target (column or list of columns), task (regression | classification),
-                   class_names (classification), optional factors {driving: [...], nuisance: [...]}
+                   class_names (classification), optional factors {driving: [...], nuisance: [...],
+                   shortcut: [...]} (manifest columns), optional description; every field is checked
+                   (``FIELD_CHECKS``) and an unknown one is an error
     manifest.csv   path (relative to the folder), the target column(s), optional split (train/val/test),
                    optional mask (path of a segmentation PNG, integer labels), any extra columns
     images/        PNG, 8/16-bit greyscale or RGB
@@ -25,7 +27,7 @@ import math
 import shutil
 from dataclasses import dataclass, asdict
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,6 +40,64 @@ SPLITS = ("train", "val", "test")
 
 class DatasetError(ValueError):
     """A dataset folder, its manifest or one of its images is not usable; the message names what and where."""
+
+
+TASKS = ("regression", "classification")
+FACTOR_GROUPS = ("driving", "nuisance", "shortcut")     # ground truth: what sets the target, what must not matter
+
+
+def _is_text(v: Any) -> bool:
+    return isinstance(v, str) and bool(v.strip())
+
+
+def _text_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(_is_text(x) for x in v)
+
+
+def _check_name(v: Any) -> str | None:
+    return None if _is_text(v) else "must be a non-empty string"
+
+
+def _check_target(v: Any) -> str | None:
+    return None if _is_text(v) or _text_list(v) else "must be a column name or a non-empty list of column names"
+
+
+def _check_task(v: Any) -> str | None:
+    return None if v in TASKS else f"must be {' or '.join(repr(t) for t in TASKS)}"
+
+
+def _check_class_names(v: Any) -> str | None:
+    if not _text_list(v):
+        return "must be a non-empty list of class names (strings)"
+    return None if len(set(v)) == len(v) else "must not repeat a class name"
+
+
+def _check_factors(v: Any) -> str | None:
+    example = "{driving: [heart_size], nuisance: [shift_x]}"
+    if not isinstance(v, dict):
+        return f"must be a mapping of {'/'.join(FACTOR_GROUPS)} to lists of manifest columns, e.g. {example}"
+    unknown = [k for k in v if k not in FACTOR_GROUPS]
+    if unknown:
+        return f"has unknown group(s) {unknown} (groups: {', '.join(FACTOR_GROUPS)})"
+    bad = [k for k, cols in v.items() if not _text_list(cols)]
+    return f"group(s) {bad} must be non-empty lists of manifest columns, e.g. {example}" if bad else None
+
+
+def _check_description(v: Any) -> str | None:
+    return None if isinstance(v, str) else "must be a string"
+
+
+# Every field dataset.yaml may hold → its check (None when the value is fine, else what is wrong). A field not in
+# this table is an error; a new field is one line here plus its DatasetMeta attribute.
+FIELD_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "name": _check_name,
+    "target": _check_target,
+    "task": _check_task,
+    "class_names": _check_class_names,
+    "factors": _check_factors,
+    "description": _check_description,
+}
+REQUIRED_FIELDS = ("name", "target", "task")
 
 
 @dataclass
@@ -53,20 +113,29 @@ class DatasetMeta:
     def target_columns(self) -> list[str]:
         return [self.target] if isinstance(self.target, str) else list(self.target)
 
+    @property
+    def factor_columns(self) -> list[str]:
+        return [c for group in (self.factors or {}).values() for c in group]
+
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v not in (None, "")}
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "dataset.yaml") -> "DatasetMeta":
+        """The metadata of a dataset.yaml mapping, every field checked (:data:`FIELD_CHECKS`): a missing, unknown
+        or mistyped field is a :class:`DatasetError` naming it. An optional field may be null (= absent)."""
         if not isinstance(d, dict):
             raise DatasetError(f"{where}: expected a mapping, got {type(d).__name__}")
-        missing = [k for k in ("name", "target", "task") if k not in d]
+        unknown = [k for k in d if k not in FIELD_CHECKS]
+        if unknown:
+            raise DatasetError(f"{where}: unknown field(s) {unknown}; dataset.yaml has {list(FIELD_CHECKS)}")
+        missing = [k for k in REQUIRED_FIELDS if d.get(k) is None]
         if missing:
-            raise DatasetError(f"{where}: missing key(s) {missing}")
-        if d["task"] not in ("regression", "classification"):
-            raise DatasetError(f"{where}: task must be 'regression' or 'classification', got {d['task']!r}")
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
+            raise DatasetError(f"{where}: missing field(s) {missing}")
+        for field, check in FIELD_CHECKS.items():
+            if d.get(field) is not None and (problem := check(d[field])) is not None:
+                raise DatasetError(f"{where}: {field} {problem}, got {d[field]!r}")
+        return cls(**{k: v for k, v in d.items() if v is not None})
 
 
 # --------------------------------------------------------------------------------------------- pixels
@@ -186,6 +255,14 @@ class ImageDataset:
             for p in (m[col].dropna().astype(str) if col in m.columns else ()):
                 if Path(p).is_absolute() or ".." in Path(p).parts:
                     raise DatasetError(f"{man_path}: {col} {p!r} must be relative and inside the dataset folder")
+        absent = [c for c in meta.factor_columns if c not in m.columns]
+        if absent:
+            raise DatasetError(f"{man_path}: factors name column(s) {absent} that the manifest lacks (has "
+                               f"{list(m.columns)})")
+        for c in meta.factor_columns:
+            if not np.isfinite(pd.to_numeric(m[c], errors="coerce").to_numpy(dtype=np.float64)).all():
+                raise DatasetError(f"{man_path}: factor column {c!r} must hold finite numbers (the checks regress "
+                                   f"the ground truth on it)")
         if "split" in m.columns:
             bad = sorted(set(m["split"].dropna().astype(str)) - set(SPLITS))
             if bad:
@@ -280,10 +357,8 @@ class ImageDataset:
 
     def factors(self, indices: Sequence[int] | None = None) -> pd.DataFrame:
         """Ground-truth factor columns (phantoms), empty frame when the dataset has none."""
-        f = self.meta.factors or {}
-        cols = [c for group in f.values() for c in group if c in self.manifest.columns]
         idx = np.arange(len(self)) if indices is None else np.asarray(indices)
-        return self.manifest[cols].iloc[idx].reset_index(drop=True)
+        return self.manifest[self.meta.factor_columns].iloc[idx].reset_index(drop=True)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
