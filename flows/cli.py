@@ -162,10 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .data import DataVersionError
     from .explain import PlatformError
+    from .procs import DaemonError
     from .registry import ContractError
     try:
         return core_cli.main(argv, build_parser())
-    except (DataVersionError, PlatformError, ContractError) as e:
+    except (DataVersionError, PlatformError, ContractError, DaemonError) as e:
         print(f"figan: error: {e}", file=sys.stderr)
         return 2
 
