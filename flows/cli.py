@@ -195,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     from .audit import AuditError
     from .data import DataVersionError
     from .explain import PlatformError
+    from .procs import DaemonError
     from .registry import ContractError
     try:
         return core_cli.main(argv, build_parser())
-    except (DataVersionError, PlatformError, ContractError, AuditError) as e:
+    except (DataVersionError, PlatformError, ContractError, AuditError, DaemonError) as e:
         print(f"figan: error: {e}", file=sys.stderr)
         return 2
 

@@ -87,6 +87,10 @@ class DataVersionError(Exception):
     """A data store, dataset version or fetch request is not usable; the message names what is wrong."""
 
 
+class InvalidDatasetError(DataVersionError):
+    """The folder (to version, or a fetched version) is not a valid dataset: dataset.yaml, manifest or files."""
+
+
 @dataclass(frozen=True)
 class DataStore:
     """A git + DVC data registry at ``root`` whose data lives in the DVC remote ``remote`` (a URL or path)."""
@@ -336,7 +340,7 @@ def _validate_source(src: Path) -> tuple[ImageDataset, DatasetAudit]:
     try:
         ds = ImageDataset(src)
     except DatasetError as e:
-        raise DataVersionError(f"dataset {src} is not valid: {e}") from None
+        raise InvalidDatasetError(f"dataset {src} is not valid: {e}") from None
     m = ds.manifest
     for col in ("path", "mask"):
         if col not in m.columns:
@@ -344,12 +348,12 @@ def _validate_source(src: Path) -> tuple[ImageDataset, DatasetAudit]:
         for rel in m[col].dropna().astype(str).unique():
             p = (src / rel)
             if not p.is_file():
-                raise DataVersionError(f"dataset {src} is not valid: manifest.csv column {col!r} lists {rel!r}, "
-                                       f"which does not exist in the folder")
+                raise InvalidDatasetError(f"dataset {src} is not valid: manifest.csv column {col!r} lists {rel!r}, "
+                                          f"which does not exist in the folder")
     try:
         return ds, audit_dataset(ds)
     except DatasetError as e:
-        raise DataVersionError(f"dataset {src} is not valid: {e}") from None
+        raise InvalidDatasetError(f"dataset {src} is not valid: {e}") from None
 
 
 def _read_dvc_out(path: Path) -> tuple[str, int, int]:
@@ -530,8 +534,8 @@ def _open_fetched(path: Path, v: DatasetVersion) -> None:
     try:
         ImageDataset(path)
     except DatasetError as e:
-        raise DataVersionError(f"{v.name} version {v.md5} was fetched into {path} but does not open as a "
-                               f"dataset: {e}") from None
+        raise InvalidDatasetError(f"{v.name} version {v.md5} was fetched into {path} but does not open as a "
+                                  f"dataset: {e}") from None
 
 
 def fetch_dataset(store: DataStore, name: str, md5: str, dest: str | Path) -> Path:

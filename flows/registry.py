@@ -23,6 +23,12 @@ tag                    meaning                                                  
 A missing or malformed tag is a :class:`ContractError` whose message names the version and the tag, so the flow
 can mark just that version failed with a message a data scientist can act on.
 
+**The CNN's identity** (:func:`cnn_identity`): a hash of what the registry fixed when the version was created
+(its creation time, source URI, run id and MLflow 3 model id). A name and version number do not name a CNN: a
+registered model deleted and re-created starts again at version 1. The identity is part of the explanation key,
+tags every explanation run (``figan.cnn_id``) and is checked by whoever serves one, so the new version 1 is never
+served, nor resumed from, the old one's explanation.
+
 **Status** of a version's explanation is kept in version tags: ``figan.status`` (queued | running | done |
 failed), ``figan.run_id``, ``figan.error``, ``figan.key`` (the idempotency key), ``figan.updated`` (ISO time)
 and headline metrics (``figan.fid_best``, ``figan.fid_extractor``, ``figan.faithfulness`` and
@@ -34,9 +40,11 @@ written last, so whoever sees ``done`` also sees the run id, the metrics and the
 ``pass_alias`` (``FIGAN_PASS_ALIAS``) publishing also points that registered-model alias at the version when its
 verdict is pass (and takes it off the version when a re-explanation fails), so ``models:/<name>@<alias>`` only
 ever names explanations that passed (:func:`apply_pass_alias`). A failure also records ``figan.error_kind``
-(contract | error), ``figan.attempts`` and ``figan.retry_after`` (the trigger's backoff) and, for contract errors,
-``figan.contract_hash`` (not retried until the contract tags change). ``figan.lease`` names the process explaining
-the version now (:func:`acquire_lease`), so concurrent triggers of one version run once.
+(contract | transient | program, :mod:`flows.failures`), ``figan.attempts`` and ``figan.retry_after`` (the
+trigger's backoff) and, for contract errors, ``figan.contract_hash`` (not retried until the contract tags change),
+for programming errors ``figan.program_hash`` (not retried until the code, config or contract tags change).
+``figan.lease`` names the process explaining the version now (:func:`acquire_lease`), so concurrent triggers of
+one version run once.
 
 **How a CNN is stored.** :func:`register_cnn` logs the model with ``mlflow.pytorch.log_model`` in the
 ``pt2`` (torch.export) format, chosen explicitly: pickle-free, and a standard MLflow model that MLflow itself can
@@ -110,9 +118,11 @@ __all__ = [
     "CNN_EXPERIMENT", "ContractError", "Contract", "DVCDatasetSource", "read_contract", "explain_requested",
     "register_cnn", "load_cnn_version", "pickle_allowed", "TAG_TRUST", "set_status", "get_status", "publish_explanation", "find_explanation",
     "download_explanation", "list_versions", "flatten_metrics", "TAG_ATTEMPTS", "TAG_RETRY_AFTER", "TAG_ERROR_KIND",
-    "TAG_CONTRACT_HASH", "TAG_LEASE", "contract_fingerprint", "Lease", "read_lease", "acquire_lease", "renew_lease",
+    "TAG_CONTRACT_HASH", "TAG_PROGRAM_HASH", "TAG_LEASE", "contract_fingerprint", "Lease", "read_lease",
+    "acquire_lease", "renew_lease",
     "release_lease", "new_owner", "TAG_VERDICT", "verdict_tag", "parse_verdict_tag", "apply_pass_alias",
-    "run_verdict", "logged_model_id", "TAG_MANIFEST", "RUN_TAG_MANIFEST", "MANIFEST_PATH", "SERVED_ARTIFACTS", "run_manifest_sha256",
+    "run_verdict", "logged_model_id", "TAG_MANIFEST", "RUN_TAG_MANIFEST", "MANIFEST_PATH", "SERVED_ARTIFACTS",
+    "run_manifest_sha256", "cnn_identity", "RUN_TAG_CNN_ID", "VersionReplacedError",
 ]
 
 # --------------------------------------------------------------------------------------------- tag names
@@ -143,8 +153,10 @@ TAG_MANIFEST = "figan.manifest_sha256"     # sha256 of the published run's signe
 # retry bookkeeping and the run lease (model version)
 TAG_ATTEMPTS = "figan.attempts"            # failed attempts for the current key
 TAG_RETRY_AFTER = "figan.retry_after"      # epoch seconds before which a failed key is not retried
-TAG_ERROR_KIND = "figan.error_kind"        # contract | error
+TAG_ERROR_KIND = "figan.error_kind"        # contract | transient | program (flows.failures)
 TAG_CONTRACT_HASH = "figan.contract_hash"  # fingerprint of the contract tags a contract error was raised on
+TAG_PROGRAM_HASH = "figan.program_hash"    # fingerprint of the code, config and contract a programming error was
+                                           # raised on (flows.failures.program_fingerprint)
 TAG_TRUST = "figan.trust"                  # "pickle": the CNN was unpickled (its registrant's code ran)
 TAG_LEASE = "figan.lease"                  # JSON {owner, key, expires}: who is explaining this version now
 # explanation run tags
@@ -152,6 +164,7 @@ RUN_TAG_MODEL = "figan.model"
 RUN_TAG_VERSION = "figan.version"
 RUN_TAG_KEY = "figan.key"
 RUN_TAG_MANIFEST = "figan.manifest_sha256"
+RUN_TAG_CNN_ID = "figan.cnn_id"           # cnn_identity() of the version the run explains
 LINEAGE_TAG_PREFIX = "lineage."
 
 STATUSES = ("queued", "running", "done", "failed")
@@ -163,8 +176,8 @@ CNN_EXPERIMENT = "figan-cnns"
 _STATUS_FIELDS = {"run_id": TAG_RUN_ID, "error": TAG_ERROR, "key": TAG_KEY, "fid_best": TAG_FID_BEST,
                   "fid_extractor": TAG_FID_EXTRACTOR, "faithfulness": TAG_FAITHFULNESS,
                   "pct_variance": TAG_PCT_VARIANCE, "attempts": TAG_ATTEMPTS, "retry_after": TAG_RETRY_AFTER,
-                  "error_kind": TAG_ERROR_KIND, "contract_hash": TAG_CONTRACT_HASH, "verdict": TAG_VERDICT,
-                  "manifest_sha256": TAG_MANIFEST}
+                  "error_kind": TAG_ERROR_KIND, "contract_hash": TAG_CONTRACT_HASH, "program_hash": TAG_PROGRAM_HASH,
+                  "verdict": TAG_VERDICT, "manifest_sha256": TAG_MANIFEST}
 _MAX_ERROR_CHARS = 4000
 
 # artifact layout
@@ -205,6 +218,7 @@ class Contract:
     input_shape: tuple[int, int, int]
     class_names: list[str] | None
     layers: str | tuple[str, ...] | None = None      # candidate layers (figan.layers): "auto" or names
+    cnn_id: str | None = None                        # cnn_identity() of the version (not a tag)
 
     def tags(self) -> dict[str, str]:
         """The contract as tags (inverse of :func:`read_contract`)."""
@@ -287,16 +301,30 @@ def _parse_contract(name: str, version: str, tags: dict[str, str]) -> Contract:
                     class_names=class_names, layers=layers)
 
 
-def _merged_tags(client: MlflowClient, name: str, version: str | int) -> dict[str, str]:
+def _merged_tags(client: MlflowClient, name: str, version: str | int,
+                 mv: ModelVersion | None = None) -> dict[str, str]:
     """Registered-model tags overridden by model-version tags."""
-    mv = client.get_model_version(name, str(version))
+    mv = mv or client.get_model_version(name, str(version))
     rm = client.get_registered_model(name)
     return {**(rm.tags or {}), **(mv.tags or {})}
 
 
+def cnn_identity(mv: ModelVersion) -> str:
+    """Which CNN a model version is: a hash of its creation time, source URI, run id and model id, all fixed when
+    the version was created. A registered model deleted and re-created restarts at version 1; its new version 1
+    has another creation time (and, registered from another training run, another source, run and model id), so
+    it gets another identity even when everything else about it is the same."""
+    blob = json.dumps([mv.creation_timestamp, mv.source, mv.run_id, getattr(mv, "model_id", None)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def read_contract(client: MlflowClient, name: str, version: str | int) -> Contract:
-    """The contract of a registered CNN version; :class:`ContractError` names a missing/invalid tag."""
-    return _parse_contract(name, str(version), _merged_tags(client, name, version))
+    """The contract of a registered CNN version, with its :func:`cnn_identity`; :class:`ContractError` names a
+    missing/invalid tag."""
+    mv = client.get_model_version(name, str(version))
+    contract = _parse_contract(name, str(version), _merged_tags(client, name, version, mv))
+    contract.cnn_id = cnn_identity(mv)
+    return contract
 
 
 def explain_requested(client: MlflowClient, name: str, version: str | int) -> bool:
@@ -721,8 +749,8 @@ def set_status(client: MlflowClient, name: str, version: str | int, status: str,
         if len(err) > _MAX_ERROR_CHARS:
             fields["error"] = err[:_MAX_ERROR_CHARS - 40] + f" ... [{len(err)} chars, truncated]"
     else:                   # a new state clears what only a failure means; done also resets the attempt count
-        for cleared in ("error", "error_kind", "retry_after", "contract_hash") + (("attempts",) if status == "done"
-                                                                                 else ()):
+        for cleared in ("error", "error_kind", "retry_after", "contract_hash", "program_hash") + (
+                ("attempts",) if status == "done" else ()):
             fields.setdefault(cleared, None)
     version = str(version)
     _write_tags(client, name, version, {_STATUS_FIELDS[f]: None if v is None else _tag_value(v)
@@ -756,7 +784,8 @@ def _status_from_tags(tags: dict[str, str]) -> dict[str, Any]:
             "pct_variance": _json_or_none(tags.get(TAG_PCT_VARIANCE)),
             "attempts": int(_float_or_none(tags.get(TAG_ATTEMPTS)) or 0),
             "retry_after": _float_or_none(tags.get(TAG_RETRY_AFTER)), "error_kind": tags.get(TAG_ERROR_KIND),
-            "contract_hash": tags.get(TAG_CONTRACT_HASH), "lease": _json_or_none(tags.get(TAG_LEASE)),
+            "contract_hash": tags.get(TAG_CONTRACT_HASH), "program_hash": tags.get(TAG_PROGRAM_HASH),
+            "lease": _json_or_none(tags.get(TAG_LEASE)),
             "verdict": verdict and verdict["verdict"], "failing_gates": verdict and verdict["failing"],
             "manifest_sha256": tags.get(TAG_MANIFEST)}
 
@@ -889,8 +918,13 @@ def _stage(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+class VersionReplacedError(RuntimeError):
+    """The model version was deleted and re-created (another CNN) while its explanation was being made."""
+
+
 def publish_explanation(client: MlflowClient, name: str, version: str | int, artifacts_dir: Path, metrics: dict,
-                        lineage: dict, key: str, signing_key: bytes, pass_alias: str | None = None) -> str:
+                        lineage: dict, key: str, signing_key: bytes, pass_alias: str | None = None,
+                        cnn_id: str | None = None) -> str:
     """Publish an explanation's artifacts folder as one finished run and mark the version ``done`` with its
     headline metrics, verdict (``figan.verdict``) and manifest digest; with ``pass_alias``, then
     :func:`apply_pass_alias`.
@@ -898,22 +932,29 @@ def publish_explanation(client: MlflowClient, name: str, version: str | int, art
     The run (experiment ``figan-explanations``) gets every file of ``artifacts_dir`` except ``features.npy`` and
     ``gan/*.pt`` (``gan/best/`` is kept), ``metrics`` flattened into run metrics and the FID trace as the step
     series ``fid``, the verdict as the param ``verdict`` and the metric ``verdict_pass``, the tags
-    ``figan.model``/``figan.version``/``figan.key``, lineage as ``lineage.<k>`` tags and ``lineage.json`` (the code
-    version, library versions and the CNN's LoggedModel id are added when missing), the DVC dataset as an input when
-    lineage names it and the CNN's LoggedModel as an input when the version has one (its headline metrics are
-    logged against it too). Last, the signed manifest of every file and of the inputs (``audit/manifest.json``,
-    signed with ``signing_key``; its sha256 is the run tag and the version tag ``figan.manifest_sha256``). If
-    anything fails the run is marked FAILED (so :func:`find_explanation` ignores it) and the error is raised; the
-    version's status is left to the caller. Returns the run id."""
+    ``figan.model``/``figan.version``/``figan.key`` and ``figan.cnn_id`` (the version's :func:`cnn_identity`),
+    lineage as ``lineage.<k>`` tags and ``lineage.json`` (the code version, library versions and the CNN's
+    LoggedModel id are added when missing), the DVC dataset as an input when lineage names it and the CNN's
+    LoggedModel as an input when the version has one (its headline metrics are logged against it too). Last, the
+    signed manifest of every file and of the inputs (``audit/manifest.json``, signed with ``signing_key``; its sha256
+    is the run tag and the version tag ``figan.manifest_sha256``). ``cnn_id`` is the identity of the CNN that was
+    explained: when the version now is another CNN (deleted and re-created meanwhile) nothing is published
+    (:class:`VersionReplacedError`). If anything fails the run is marked FAILED (so :func:`find_explanation` ignores
+    it) and the error is raised; the version's status is left to the caller. Returns the run id."""
     artifacts_dir = Path(artifacts_dir)
     if not artifacts_dir.is_dir():
         raise FileNotFoundError(f"explanation artifacts folder {artifacts_dir} does not exist")
     version = str(version)
+    current = cnn_identity(client.get_model_version(name, version))
+    if cnn_id is not None and cnn_id != current:
+        raise VersionReplacedError(f"model version {name}/{version} is another CNN now (identity {current}, "
+                                   f"explained {cnn_id}): it was deleted and re-created; not publishing")
     model_id = logged_model_id(client, name, version)
     lineage = _complete_lineage(lineage, name, version, metrics, key, model_id)
+    lineage["cnn_id"] = current
 
     experiment_id = _experiment_id(client, EXPLANATIONS_EXPERIMENT)
-    run_tags = {RUN_TAG_MODEL: name, RUN_TAG_VERSION: version, RUN_TAG_KEY: key}
+    run_tags = {RUN_TAG_MODEL: name, RUN_TAG_VERSION: version, RUN_TAG_KEY: key, RUN_TAG_CNN_ID: current}
     for k, v in lineage.items():
         value = _tag_value(v)
         if len(value) <= 5000:
@@ -1087,8 +1128,9 @@ def download_explanation(client: MlflowClient, run_id: str, dest: Path) -> Path:
 # --------------------------------------------------------------------------------------------- listing
 
 def list_versions(client: MlflowClient, name: str | None = None) -> list[dict[str, Any]]:
-    """One row per model version (of ``name``, or of every registered model): name, version, aliases, explain
-    (opt-in), the status fields of :func:`get_status`, sorted by name and version."""
+    """One row per model version (of ``name``, or of every registered model): name, version, cnn_id
+    (:func:`cnn_identity`), aliases, explain (opt-in), the status fields of :func:`get_status`, sorted by name and
+    version."""
     if name is not None:
         models = [client.get_registered_model(name)]
     else:
@@ -1109,7 +1151,7 @@ def list_versions(client: MlflowClient, name: str | None = None) -> list[dict[st
             page = client.search_model_versions(f"name = {_quote(rm.name)}", page_token=token)
             for mv in page:
                 tags = {**(rm.tags or {}), **(mv.tags or {})}
-                rows.append({"name": mv.name, "version": str(mv.version),
+                rows.append({"name": mv.name, "version": str(mv.version), "cnn_id": cnn_identity(mv),
                              "aliases": sorted(aliases.get(str(mv.version), [])),
                              "explain": tags.get(TAG_EXPLAIN, "").strip().lower() == "true",
                              **_status_from_tags(mv.tags or {})})

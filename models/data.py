@@ -3,9 +3,10 @@
 A dataset is a folder::
 
     dataset.yaml   name, target (column or list of columns), task (regression | classification),
-                   class_names (classification), optional factors {driving: [...], nuisance: [...]},
-                   optional dicom {window: {center, width}}, nifti {axis, every, slices, window},
-                   phi (allowed | refused, the default: see models.dataset_audit)
+                   class_names (classification), optional factors {driving: [...], nuisance: [...],
+                   shortcut: [...]} (manifest columns), optional description, dicom {window: {center, width}},
+                   nifti {axis, every, slices, window}, phi (allowed | refused, the default: see
+                   models.dataset_audit); every field is checked (``FIELD_CHECKS``) and an unknown one is an error
     manifest.csv   path (relative to the folder), the target column(s), optional split (train/val/test),
                    optional mask (path of a segmentation PNG, or a NIfTI label volume, integer labels),
                    optional frame (multi-frame DICOM) and slice (NIfTI), any extra columns
@@ -36,7 +37,7 @@ import os
 import shutil
 from dataclasses import dataclass, asdict
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import pandas as pd
@@ -53,6 +54,77 @@ SPLITS = ("train", "val", "test")
 
 class DatasetError(ValueError):
     """A dataset folder, its manifest or one of its images is not usable; the message names what and where."""
+
+
+TASKS = ("regression", "classification")
+FACTOR_GROUPS = ("driving", "nuisance", "shortcut")     # ground truth: what sets the target, what must not matter
+
+
+def _is_text(v: Any) -> bool:
+    return isinstance(v, str) and bool(v.strip())
+
+
+def _text_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(_is_text(x) for x in v)
+
+
+def _check_name(v: Any) -> str | None:
+    return None if _is_text(v) else "must be a non-empty string"
+
+
+def _check_target(v: Any) -> str | None:
+    return None if _is_text(v) or _text_list(v) else "must be a column name or a non-empty list of column names"
+
+
+def _check_task(v: Any) -> str | None:
+    return None if v in TASKS else f"must be {' or '.join(repr(t) for t in TASKS)}"
+
+
+def _check_class_names(v: Any) -> str | None:
+    if not _text_list(v):
+        return "must be a non-empty list of class names (strings)"
+    return None if len(set(v)) == len(v) else "must not repeat a class name"
+
+
+def _check_factors(v: Any) -> str | None:
+    example = "{driving: [heart_size], nuisance: [shift_x]}"
+    if not isinstance(v, dict):
+        return f"must be a mapping of {'/'.join(FACTOR_GROUPS)} to lists of manifest columns, e.g. {example}"
+    unknown = [k for k in v if k not in FACTOR_GROUPS]
+    if unknown:
+        return f"has unknown group(s) {unknown} (groups: {', '.join(FACTOR_GROUPS)})"
+    bad = [k for k, cols in v.items() if not _text_list(cols)]
+    return f"group(s) {bad} must be non-empty lists of manifest columns, e.g. {example}" if bad else None
+
+
+def _check_description(v: Any) -> str | None:
+    return None if isinstance(v, str) else "must be a string"
+
+
+def _check_mapping(example: str) -> Callable[[Any], str | None]:
+    """dicom / nifti: a mapping here; its keys are checked where it is parsed (``models.medical_images``)."""
+    return lambda v: None if isinstance(v, dict) else f"must be a mapping, e.g. {example}"
+
+
+def _check_phi(v: Any) -> str | None:
+    return None if v in ("allowed", "refused") else ("must be 'allowed' or 'refused' (the default: DICOM files "
+                                                     "carrying patient-identifying tags are refused)")
+
+
+# Every field dataset.yaml may hold → its check (None when the value is fine, else what is wrong). A field not in
+# this table is an error; a new field is one line here plus its DatasetMeta attribute.
+FIELD_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "name": _check_name,
+    "target": _check_target,
+    "task": _check_task,
+    "class_names": _check_class_names,
+    "factors": _check_factors,
+    "description": _check_description,
+    "dicom": _check_mapping("{window: {center: 40, width: 400}}"),
+    "nifti": _check_mapping("{axis: 2, every: 4, slices: mask}"),
+    "phi": _check_phi,
+}
+REQUIRED_FIELDS = ("name", "target", "task")
 
 
 @dataclass
@@ -83,6 +155,10 @@ class DatasetMeta:
     def phi_allowed(self) -> bool:
         return self.phi == "allowed"
 
+    @property
+    def factor_columns(self) -> list[str]:
+        return [c for group in (self.factors or {}).values() for c in group]
+
     def to_dict(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if v not in (None, "")}
         for key in ("dicom", "nifti"):
@@ -92,23 +168,25 @@ class DatasetMeta:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "dataset.yaml") -> "DatasetMeta":
+        """The metadata of a dataset.yaml mapping, every field checked (:data:`FIELD_CHECKS`): a missing, unknown
+        or mistyped field is a :class:`DatasetError` naming it. An optional field may be null (= absent)."""
         if not isinstance(d, dict):
             raise DatasetError(f"{where}: expected a mapping, got {type(d).__name__}")
-        missing = [k for k in ("name", "target", "task") if k not in d]
+        unknown = [k for k in d if k not in FIELD_CHECKS]
+        if unknown:
+            raise DatasetError(f"{where}: unknown field(s) {unknown}; dataset.yaml has {list(FIELD_CHECKS)}")
+        missing = [k for k in REQUIRED_FIELDS if d.get(k) is None]
         if missing:
-            raise DatasetError(f"{where}: missing key(s) {missing}")
-        if d["task"] not in ("regression", "classification"):
-            raise DatasetError(f"{where}: task must be 'regression' or 'classification', got {d['task']!r}")
-        known = {f for f in cls.__dataclass_fields__}
-        fields_ = {k: v for k, v in d.items() if k in known}
+            raise DatasetError(f"{where}: missing field(s) {missing}")
+        for field, check in FIELD_CHECKS.items():
+            if d.get(field) is not None and (problem := check(d[field])) is not None:
+                raise DatasetError(f"{where}: {field} {problem}, got {d[field]!r}")
+        fields_ = {k: v for k, v in d.items() if v is not None}
         with _as_dataset_error():
-            if d.get("dicom") is not None:
+            if "dicom" in fields_:
                 fields_["dicom"] = DicomOptions.from_dict(d["dicom"], f"{where}: dicom")
-            if d.get("nifti") is not None:
+            if "nifti" in fields_:
                 fields_["nifti"] = NiftiOptions.from_dict(d["nifti"], f"{where}: nifti")
-        if d.get("phi") not in (None, "allowed", "refused"):
-            raise DatasetError(f"{where}: phi must be 'allowed' or 'refused' (the default: DICOM files carrying "
-                               f"patient-identifying tags are refused), got {d['phi']!r}")
         return cls(**fields_)
 
 
@@ -376,6 +454,14 @@ class ImageDataset:
             raise DatasetError(f"{man_path}: the dataset is empty (no rows"
                                + (", or no selected NIfTI slices)" if "slice" in m.columns else ")"))
         self._validate_paths(man_path)
+        absent = [c for c in meta.factor_columns if c not in m.columns]
+        if absent:
+            raise DatasetError(f"{man_path}: factors name column(s) {absent} that the manifest lacks (has "
+                               f"{list(m.columns)})")
+        for c in meta.factor_columns:
+            if not np.isfinite(pd.to_numeric(m[c], errors="coerce").to_numpy(dtype=np.float64)).all():
+                raise DatasetError(f"{man_path}: factor column {c!r} must hold finite numbers (the checks regress "
+                                   f"the ground truth on it)")
         if "split" in m.columns:
             bad = sorted(set(m["split"].dropna().astype(str)) - set(SPLITS))
             if bad:
@@ -470,10 +556,8 @@ class ImageDataset:
 
     def factors(self, indices: Sequence[int] | None = None) -> pd.DataFrame:
         """Ground-truth factor columns (phantoms), empty frame when the dataset has none."""
-        f = self.meta.factors or {}
-        cols = [c for group in f.values() for c in group if c in self.manifest.columns]
         idx = np.arange(len(self)) if indices is None else np.asarray(indices)
-        return self.manifest[cols].iloc[idx].reset_index(drop=True)
+        return self.manifest[self.meta.factor_columns].iloc[idx].reset_index(drop=True)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

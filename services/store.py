@@ -18,8 +18,8 @@ the artifact layout) or from its own cache folder:
 * **Signed**: a run is served only when the cached files match its signed manifest and the manifest's digest is
   the version's ``figan.manifest_sha256`` (:func:`flows.audit.verify_served`), checked once per run when it is
   loaded (also when the cache folder was left by an earlier process); otherwise 502, and the folder is dropped.
-* **Models in memory**: the published generator and PLS state per run, the CNN (+ contract) per version, each
-  loaded once; generation runs under a semaphore so CPU-bound requests cannot pile up threads.
+* **Models in memory**: the published generator and PLS state per run, the CNN (+ contract) per version and CNN
+  identity, each loaded once; generation runs under a semaphore so CPU-bound requests cannot pile up threads.
 """
 from __future__ import annotations
 
@@ -209,6 +209,11 @@ def _frames_json(npz: Path, root: Path, component: int) -> bytes:
 
 # --------------------------------------------------------------------------------------------- the store
 
+def _pairing(row: dict) -> tuple:
+    """What a served run was checked against: the run, and the version's model, number, key and CNN identity."""
+    return row["run_id"], row["name"], str(row["version"]), row.get("key"), row.get("cnn_id")
+
+
 @dataclass
 class _Loaded:
     generator: tuple[Generator, CGANConfig] | None = None
@@ -231,9 +236,9 @@ class ExplanationStore:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
         self._explanations: dict[str, Explanation] = {}
-        self._verified: set[tuple] = set()              # (run id, model, version, key) pairings checked
+        self._verified: set[tuple] = set()              # (run id, model, version, key, cnn id) pairings checked
         self._loaded: dict[str, _Loaded] = {}
-        self._cnns: dict[tuple[str, str], tuple[torch.nn.Module, registry.Contract]] = {}
+        self._cnns: dict[tuple[str, str, str], tuple[torch.nn.Module, registry.Contract]] = {}
         self.generation = threading.BoundedSemaphore(cfg.gen_concurrency)
 
     # -- MLflow
@@ -348,8 +353,7 @@ class ExplanationStore:
         if self._rows is None:
             return None
         row = self._match(self.listing(), check_name(model), check_ref(ref))
-        if not (row and row["status"] == "done" and row["run_id"]
-                and (row["run_id"], row["name"], str(row["version"]), row.get("key")) in self._verified):
+        if not (row and row["status"] == "done" and row["run_id"] and _pairing(row) in self._verified):
             return None                         # not checked yet for this version: the slow path checks it
         expl = self._explanations.get(row["run_id"])
         if expl is not None and expl.row is not row:
@@ -369,8 +373,8 @@ class ExplanationStore:
         run_id = row["run_id"]
         if not RUN_ID_RE.match(run_id):
             raise ServiceError(502, f"version: {model}/{row['version']} names a malformed run id {run_id!r}")
-        pairing = (run_id, row["name"], str(row["version"]), row.get("key"))
-        if pairing not in self._verified:       # once per (run, version, key): one MLflow call
+        pairing = _pairing(row)
+        if pairing not in self._verified:       # once per (run, version, key, CNN): one MLflow call
             self._check_run_is_the_explanation(row)
             self._verified.add(pairing)
         expl = self._explanations.get(run_id)
@@ -442,7 +446,8 @@ class ExplanationStore:
 
     def _check_run_is_the_explanation(self, row: dict) -> None:
         """Any MLflow user can write a version's ``figan.run_id`` tag: serve the run only if it lives in the
-        explanations experiment and its own tags name this model, version and explanation key."""
+        explanations experiment and its own tags name this model, version, explanation key and CNN (the version's
+        identity as the registry has it now: a deleted and re-created model's version 1 is another CNN)."""
         try:
             run = self.client.get_run(row["run_id"])
             exp = self.client.get_experiment(run.info.experiment_id)
@@ -454,7 +459,9 @@ class ExplanationStore:
             ("experiment", exp.name == registry.EXPLANATIONS_EXPERIMENT),
             ("model", tags.get(registry.RUN_TAG_MODEL) == row["name"]),
             ("version", tags.get(registry.RUN_TAG_VERSION) == str(row["version"])),
-            ("key", row.get("key") is not None and tags.get(registry.RUN_TAG_KEY) == row.get("key"))) if not ok]
+            ("key", row.get("key") is not None and tags.get(registry.RUN_TAG_KEY) == row.get("key")),
+            ("cnn", row.get("cnn_id") is not None and tags.get(registry.RUN_TAG_CNN_ID) == row.get("cnn_id")))
+            if not ok]
         if mismatch:
             log.warning("refused run", extra={"model": row["name"], "version": row["version"],
                                               "run_id": row["run_id"], "mismatch": mismatch})
@@ -490,8 +497,8 @@ class ExplanationStore:
         return loaded.pls
 
     def cnn(self, expl: Explanation) -> tuple[torch.nn.Module, registry.Contract]:
-        """The explained CNN version (eager module, eval mode) and its contract, loaded once."""
-        key = (expl.name, expl.version)
+        """The explained CNN version (eager module, eval mode) and its contract, loaded once per CNN identity."""
+        key = (expl.name, expl.version, expl.row.get("cnn_id"))
         if key not in self._cnns:
             with self._lock(f"cnn:{expl.name}/{expl.version}"):
                 if key not in self._cnns:

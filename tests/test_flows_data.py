@@ -186,6 +186,15 @@ def test_invalid_dataset_changes_nothing(store, src, tmp_path):
     with pytest.raises(DataVersionError, match="missing column.*no_such_column"):
         version_dataset(store, bad_target)
 
+    for field, value, why in (("factors", ["heart_size", "shift_x"], "factors must be a mapping of driving/"),
+                              ("factor", {"driving": ["heart_size"]}, r"unknown field\(s\) \['factor'\]"),
+                              ("target", 3, "target must be a column name")):
+        bad_meta = tmp_path / f"bad_yaml_{field}"
+        shutil.copytree(src, bad_meta)
+        (bad_meta / "dataset.yaml").write_text(yaml.safe_dump({**meta, field: value}))
+        with pytest.raises(DataVersionError, match=f"is not valid: .*dataset.yaml: {why}"):
+            version_dataset(store, bad_meta)
+
     with pytest.raises(DataVersionError, match="dataset name 'Bad Name' is not allowed"):
         version_dataset(store, src, name="Bad Name")
 

@@ -150,7 +150,7 @@ def test_a_run_id_tag_pointing_at_another_versions_run_is_refused(http, platform
     platform.client.set_model_version_tag(MODEL, v, "figan.run_id", first)     # v1's genuine explanation
     resp = _eventually(lambda: (r := http.get(f"{V}/{v}", headers=KEY)).status_code == 502 and r,
                        "the refusal (once the listing has the new tag)")
-    assert "is not an explanation of this version (version, key differ)" in resp.json()["error"]
+    assert "is not an explanation of this version (version, key, cnn differ)" in resp.json()["error"]
     assert http.get(f"{V}/1", headers=KEY).status_code == 200                  # the genuine pairing still serves
 
 
