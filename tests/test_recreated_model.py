@@ -27,13 +27,14 @@ def platform(tmp_path_factory):
     p.stop()
 
 
-def test_recreated_model_is_explained_afresh_and_never_served_the_old_explanation(platform):
+def test_recreated_model_is_explained_afresh_and_never_served_the_old_explanation(platform, monkeypatch):
     p, client = platform, platform.client
+    monkeypatch.setenv("FIGAN_HOME", str(p.home))            # the in-process store checks manifests with its key
     settings = Settings(home=p.home)
     client.set_model_version_tag(MODEL, "1", R.TAG_DATASET_MD5, MD5)          # pinned: no data store needed
     old = resolve_job(client, settings, MODEL, "1")
     old_run = R.publish_explanation(client, MODEL, "1", p.artifacts, p.metrics, {"dataset": "discs"}, old.key,
-                                    cnn_id=old.contract.cnn_id)
+                                    cnn_id=old.contract.cnn_id, signing_key=p.signing_key)
     assert resolve_job(client, settings, MODEL, "1").existing_run == old_run
     store = ExplanationStore(ServiceConfig(tracking_uri=p.server.uri, cache_dir=p.home / "service-cache"))
     served = store.explanation(MODEL, "1")
@@ -51,8 +52,9 @@ def test_recreated_model_is_explained_afresh_and_never_served_the_old_explanatio
     assert new.existing_run is None                   # the old run is not this key's explanation
     assert decide(R.get_status(client, MODEL, "1"), new.key, None, None, 3).run
     with pytest.raises(R.VersionReplacedError, match="deleted and re-created"):
+        # an explanation of the old CNN finishing late
         R.publish_explanation(client, MODEL, "1", p.artifacts, p.metrics, {"dataset": "discs"}, old.key,
-                              cnn_id=old.contract.cnn_id)          # an explanation of the old CNN finishing late
+                              cnn_id=old.contract.cnn_id, signing_key=p.signing_key)
 
     # the new version's tags pointing at the old run (what a flow keyed without the identity wrote): refused,
     # although the service checked and cached that run for "version 1" before
@@ -65,7 +67,7 @@ def test_recreated_model_is_explained_afresh_and_never_served_the_old_explanatio
 
     # its own explanation is served, with its own CNN
     new_run = R.publish_explanation(client, MODEL, "1", p.artifacts, p.metrics, {"dataset": "discs"}, new.key,
-                                    cnn_id=new.contract.cnn_id)
+                                    cnn_id=new.contract.cnn_id, signing_key=p.signing_key)
     store.listing(max_age=0)
     expl = store.explanation(MODEL, "1")
     assert expl.run_id == new_run != old_run
