@@ -669,7 +669,8 @@ class CGAN:
     # -- loop -------------------------------------------------------------------------------------
     def train(self, data_u8: torch.Tensor, cond: torch.Tensor, out_dir: str | Path | None = None,
               fid_fn: Callable[["CGAN"], float] | None = None, progress: bool = True,
-              log_every: int = 25, stop_after: int | None = None, time_limit_s: float | None = None) -> TrainResult:
+              log_every: int = 25, stop_after: int | None = None, time_limit_s: float | None = None,
+              on_checkpoint: Callable[[int], None] | None = None) -> TrainResult:
         """Train until cfg.steps, checkpointing every cfg.ckpt_every steps into out_dir (last.pt, best.pt).
 
         ``data_u8``: uint8 (N, C, H, W) images (+ mask channels scaled to 0/255); ``cond``: float (N, k).
@@ -677,6 +678,7 @@ class CGAN:
         If ``out_dir/last.pt`` exists, training resumes from it exactly. ``stop_after`` ends the call after that
         many steps (used to simulate a kill in tests). ``time_limit_s`` ends it (with a checkpoint) once the
         training loop has run that long (under DDP it is checked every ``log_every`` steps, by all ranks at once).
+        ``on_checkpoint(step)`` is called after every checkpoint is written (e.g. to report progress).
         Under DDP every rank calls this with the same full data; rank 0 alone calls ``fid_fn`` and writes files.
         """
         self._bn_cond = cond
@@ -726,6 +728,8 @@ class CGAN:
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps or timed_out:
                 if self.is_main:
                     self._checkpoint(out, fid_fn)
+                    if on_checkpoint is not None:
+                        on_checkpoint(self.step)
         bar.close()
         if self.world > 1:
             self._any_rank(False)                    # barrier: rank 0's checkpoint is on disk for everyone

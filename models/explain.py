@@ -208,7 +208,8 @@ def make_fid_fn(scorer: FIDScorer, cond: torch.Tensor, n: int, z_dim: int, image
 
 def train_generator(data: torch.Tensor, cond: torch.Tensor, image_channels: int, mask_channels: int,
                     cfg: ExplainConfig, out_dir: Path, scorer: FIDScorer | None, device: str,
-                    stop_after: int | None = None, progress: bool = True):
+                    stop_after: int | None = None, progress: bool = True,
+                    on_checkpoint: Callable[[int], None] | None = None):
     gcfg = CGANConfig(resolution=data.shape[-1], image_channels=image_channels, mask_channels=mask_channels,
                       k=cond.shape[1], z_dim=cfg.z_dim, ngf=cfg.ngf, ndf=cfg.ndf, batch_size=cfg.batch_size,
                       steps=cfg.steps, lr_g=cfg.lr, lr_d=cfg.lr, cond_weight=cfg.cond_weight, regressor_steps=cfg.regressor_steps,
@@ -217,7 +218,8 @@ def train_generator(data: torch.Tensor, cond: torch.Tensor, image_channels: int,
     fid_fn = None
     if scorer is not None:
         fid_fn = make_fid_fn(scorer, cond, min(cfg.fid_samples, len(cond)), cfg.z_dim, image_channels, cfg.seed)
-    return gan.train(data, cond, out_dir, fid_fn=fid_fn, stop_after=stop_after, progress=progress)
+    return gan.train(data, cond, out_dir, fid_fn=fid_fn, stop_after=stop_after, progress=progress,
+                     on_checkpoint=on_checkpoint)
 
 
 # --------------------------------------------------------------------------------------------- the whole thing
@@ -357,11 +359,11 @@ def stage_images(run: ExplainRun) -> tuple[np.ndarray, np.ndarray]:
 
 
 def stage_train(run: ExplainRun, stop_after: int | None = None, progress: bool = True,
-                pose_cache: Path | None = None):
+                pose_cache: Path | None = None, on_checkpoint: Callable[[int], None] | None = None):
     """Fit the generator: the patient generator (registration + conditional means, cached in gan/pose.pt) or the
     cGAN (resuming from gan/last.pt when present, with FID at every checkpoint). ``pose_cache``: a file shared by
     explanations of the same images (e.g. keyed by dataset md5 and resolution): the registration depends on the
-    images alone."""
+    images alone. ``on_checkpoint(step)``: called after each cGAN checkpoint (progress for whoever watches)."""
     t = time.time()
     cfg = run.cfg
     ref, rest = stage_images(run)
@@ -391,7 +393,7 @@ def stage_train(run: ExplainRun, stop_after: int | None = None, progress: bool =
         _log(f"cGAN: {len(run.data)} images {tuple(run.data.shape[1:])}, k={run.cond.shape[1]}, {cfg.steps} steps; "
              f"FID extractor {run.scorer.label}; real-vs-real floor {run.floor if run.floor is None else round(run.floor, 2)}")
         run.result = train_generator(run.data, run.cond, run.image_channels, run.mask_channels, cfg, run.out / "gan",
-                                     run.scorer, run.device, stop_after, progress)
+                                     run.scorer, run.device, stop_after, progress, on_checkpoint)
         if run.result.step >= cfg.steps:
             (run.out / "fid_trace.json").write_text(json.dumps(
                 {"extractor": run.scorer.label, "floor": run.floor, "best_step": run.result.best_step,
