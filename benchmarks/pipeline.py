@@ -61,7 +61,8 @@ def main() -> None:
         t = time.time()
         res = explain_version("bench-cnn", str(mv.version))
         t_done = time.time() - t
-        metrics = json.loads((s.work_dir / f"bench-cnn-v{mv.version}-{res['key']}" / "metrics.json").read_text())
+        metrics = json.loads(next((s.work_dir / f"bench-cnn-v{mv.version}-{res['key']}").glob("*/metrics.json"))
+                             .read_text())      # the flow run's own folder under the key's
         core = metrics["timings_s"]["total"]
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"\n## pipeline: phantom n={a.n} {a.size}², {a.steps} GAN steps, 2 CPU cores")

@@ -3,7 +3,7 @@ registrations (tiny models) → all explained, none lost, none duplicated, total
 
     python benchmarks/trigger_burst.py [--n 20] [--concurrent 1] [--workdir runs/bench-trigger]
 
-Starts its own embedded platform (MLflow, Prefect server, worker) in the work dir and stops it at the end.
+Starts its own embedded platform (MLflow, Prefect server + process worker, worker) in the work dir and stops it at the end.
 Registrations go through the plain MLflow client. Explanations use a tiny config (16 GAN steps): this measures
 the trigger path, not GAN training.
 """
@@ -39,8 +39,7 @@ def main() -> int:
     work.mkdir(parents=True)
     (work / "explain.yaml").write_text(yaml.safe_dump(TINY))
     os.environ.update({"FIGAN_HOME": str(work / "platform"), "FIGAN_EXPLAIN_CONFIG": str(work / "explain.yaml"),
-                       "FIGAN_RECONCILE_SECONDS": "10", "FIGAN_MAX_CONCURRENT": str(a.concurrent),
-                       "FIGAN_LEASE_SECONDS": "60"})
+                       "FIGAN_RECONCILE_SECONDS": "10", "FIGAN_MAX_CONCURRENT": str(a.concurrent)})
     os.environ.pop("FIGAN_TRACKING_URI", None)
 
     import flows.registry as R

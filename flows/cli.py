@@ -1,11 +1,15 @@
 """`figan`: the platform's command line (the core's offline commands plus the MLOps ones).
 
-    figan up | down                         start / stop the embedded platform: MLflow server (SQLite, loopback)
-                                            and the worker (webhook receiver + reconciler); logs in <home>/logs
+    figan up | down                         start / stop the embedded platform: MLflow server (SQLite, loopback),
+                                            Prefect server + process worker (the explain deployment), the worker
+                                            (webhook receiver + reconciler) and the service; logs in <home>/logs
     figan worker [--no-receiver]            the worker in the foreground (a container's command)
+    figan prefect-worker                    register the explain deployment on PREFECT_API_URL's process work
+                                            pool, then run `prefect worker` there (a container's command)
     figan version-data --src DIR            validate + dvc add + dvc push a dataset folder; prints its md5
     figan register --cnn DIR --name NAME --dataset NAME [--dataset-md5 MD5]
-    figan explain-version --name NAME --version N      run the explain flow for one registered version
+    figan explain-version --name NAME --version N      run the explain flow for one registered version, in this
+                                            process (publishes only if no run of its key is published)
     figan status [--name NAME]              registered versions, explanation status, verdict, headline metrics
     figan verify MODEL VERSION              check a published explanation against its signed manifest (exit 1
                                             naming every changed, missing or extra file)
@@ -24,7 +28,8 @@ from models import cli as core_cli
 
 
 def cmd_up(args) -> int:
-    """Start the embedded platform: MLflow server, Prefect server, worker (receiver + reconciler)."""
+    """Start the embedded platform: MLflow server, Prefect server + process worker, worker (receiver + reconciler),
+    service."""
     from .platform import up
     from .settings import Settings
     up(Settings.load(), receiver=not args.no_receiver)
@@ -49,10 +54,23 @@ def cmd_worker(args) -> int:
     return 0
 
 
+def cmd_prefect_worker(args) -> int:
+    """Register the explain deployment on the configured Prefect server (``PREFECT_API_URL``) and its process work
+    pool, then become ``prefect worker start`` on that pool (what `figan up` starts in the background)."""
+    import os
+    from .runs import ensure_deployment
+    from .settings import Settings
+    s = Settings.load()
+    ensure_deployment(s.explain_deployment, s.work_pool)
+    argv = [sys.executable, "-m", "prefect", "worker", "start", "--pool", s.work_pool, "--type", "process",
+            "--limit", str(s.max_concurrent)]
+    os.execv(sys.executable, argv + (["--with-healthcheck"] if args.healthcheck else []))
+
+
 def health_lines() -> list[str]:
     from .platform import health
     from .settings import Settings
-    return [f"{r['part']:<8} {r['state']:<9} {r.get('url') or '':<26} "
+    return [f"{r['part']:<14} {r['state']:<9} {r.get('url') or '':<26} "
             + (f"rss {r['rss_mib']} MiB  " if r.get("rss_mib") else "") + (r.get("detail") or "")
             for r in health(Settings.load())]
 
@@ -80,7 +98,7 @@ def cmd_explain_version(args) -> int:
     from .explain import explain_version
     res = explain_version(args.name, str(args.version))
     print(json.dumps(res, indent=2))
-    return 0 if res["status"] in ("done", "skipped") else 3     # skipped: another process holds the run lease
+    return 0 if res["status"] == "done" else 3
 
 
 def verdict_cell(row: dict) -> str:
@@ -160,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run the worker (webhook receiver + reconciler) in the foreground")
     w.add_argument("--no-receiver", action="store_true", help="no webhook receiver: the reconciler alone triggers")
     w.set_defaults(fn=cmd_worker)
+    pw = sub.add_parser("prefect-worker", help="register the explain deployment, then run its process worker")
+    pw.add_argument("--healthcheck", action="store_true", help="serve /health (PREFECT_WORKER_WEBSERVER_PORT)")
+    pw.set_defaults(fn=cmd_prefect_worker)
     v = sub.add_parser("version-data", help="version a dataset folder with DVC")
     v.add_argument("--src", required=True, type=Path)
     v.add_argument("--name")

@@ -127,10 +127,9 @@ def fetch_served(service: str, version: str) -> str:
 
 def wait_explained(client: MlflowClient, settings, version: str, timeout: float = 3600) -> dict:
     """Wait for the worker to explain a version (nothing else calls the flow), printing its status changes and,
-    every 20 s, the latest progress line of its log."""
+    every 20 s, where its flow run is (``figan.progress``: stage, GAN step)."""
     from .registry import get_status
     t0, last, shown = time.time(), None, 0.0
-    log = settings.logs / f"explain-{MODEL}-v{version}.log"
     while time.time() - t0 < timeout:
         st = get_status(client, MODEL, version)
         if st["status"] != last:
@@ -139,13 +138,13 @@ def wait_explained(client: MlflowClient, settings, version: str, timeout: float 
             _say(f"{MODEL} v{version} status: {state} ({time.time() - t0:.0f} s)")
         if st["status"] in ("done", "failed"):
             return st
-        if time.time() - shown > 20 and log.is_file():
+        progress = st.get("progress")
+        if time.time() - shown > 20 and progress:
             shown = time.time()
-            tail = log.read_bytes()[-4000:].decode(errors="replace").replace("\r", "\n").strip().splitlines()
-            if tail:
-                _say(f"  … {tail[-1].strip()[:150]}")
+            step = f", step {progress['step']}" if progress.get("step") is not None else ""
+            _say(f"  … stage {progress.get('stage')}{step}")
         time.sleep(1)
-    raise TimeoutError(f"{MODEL} v{version} not explained within {timeout:.0f} s; see {log}")
+    raise TimeoutError(f"{MODEL} v{version} not explained within {timeout:.0f} s; see {settings.logs}")
 
 
 def _versions(client: MlflowClient):

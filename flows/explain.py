@@ -11,10 +11,13 @@
   artifact is published, `failed` with the error message otherwise. `done` means published; with
   `FIGAN_PASS_ALIAS` set, that alias is also moved to the version when its verdict is pass.
 * **Idempotent by key** = (model name, version, the CNN's identity, dataset md5, explain-config hash): a key that
-  already has a published run is not explained again (the flow returns it). The identity
-  (`flows.registry.cnn_identity`) tells a deleted and re-created model's version 1 from the old one. The working
-  folder and the cached features are keyed the same way, so a re-run after a crash reuses the cached features and
-  resumes GAN training from `gan/last.pt`, and another CNN never does.
+  already has a published run is not explained again (the flow returns it), and right before publishing the flow
+  checks again (the publishing gate). The identity (`flows.registry.cnn_identity`) tells a deleted and re-created
+  model's version 1 from the old one. The cached features are keyed the same way; each flow run works in its own
+  folder under the key's (:func:`run_folder`), seeded with the previous run's `gan/`, so a re-run after a crash
+  reuses the cached features and resumes GAN training from `gan/last.pt`, and another CNN never does.
+* **Progress** (`figan.progress` on the version: stage, GAN step at each checkpoint) tells the worker where a
+  crashed run died and when a running one stopped moving (:mod:`flows.trigger`).
 * **Retries** (`flows.failures`): tasks that do MLflow/DVC I/O retry on transient errors (I/O, connection, server
   errors) at once; the flow's failure is recorded with its kind, which tells the worker when to try again:
   transient errors after a backoff, contract errors when the contract tags change, programming errors (TypeError,
@@ -27,8 +30,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import threading
+import os
+import shutil
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -160,8 +165,9 @@ def pls(run: ExplainRun) -> None:
 
 
 @task(name="train-gan", **WORK_TASK)
-def train(run: ExplainRun, stop_after: int | None, pose_cache: Path | None = None) -> int:
-    return stage_train(run, stop_after, pose_cache=pose_cache).step     # progress on stderr
+def train(run: ExplainRun, stop_after: int | None, pose_cache: Path | None = None,
+          on_checkpoint: Callable[[int], None] | None = None) -> int:
+    return stage_train(run, stop_after, pose_cache=pose_cache, on_checkpoint=on_checkpoint).step   # bar on stderr
 
 
 def probe_cnn_input(model, ds: ImageDataset, contract: R.Contract, where: str) -> None:
@@ -248,41 +254,72 @@ def record_failure(client: MlflowClient, settings: Settings, name: str, version:
                  program_hash=program_fingerprint(client, settings, name, version) if kind == PROGRAM else None)
 
 
-class Heartbeat:
-    """Renews the run lease every third of its TTL in a daemon thread; ``lost`` turns true when the lease was
-    taken over (a crash of ours was assumed), and the flow then stops before publishing."""
+def already_published(client: MlflowClient, settings: Settings, job: Job, run_id: str) -> dict:
+    """The answer for a key that has a published run: its status on the version (re)written, nothing explained."""
+    get_run_logger().info(f"{job.name}/{job.version}: explanation for key {job.key} already published (run {run_id})")
+    name, version = job.name, job.version
+    if R.get_status(client, name, version).get("status") != "done":
+        R.set_status(client, name, version, "done", run_id=run_id, key=job.key,
+                     verdict=R.verdict_tag(R.run_verdict(client, run_id)),
+                     manifest_sha256=R.run_manifest_sha256(client, run_id))
+    if settings.pass_alias:         # idempotent; also the retry of an alias write that failed after publishing
+        R.apply_pass_alias(client, name, version, settings.pass_alias, R.get_status(client, name, version))
+    return {"status": "done", "run_id": run_id, "key": job.key, "new": False}
 
-    def __init__(self, client: MlflowClient, name: str, version: str, owner: str, ttl: float):
-        self.args, self.ttl, self.lost = (client, name, version, owner), ttl, False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, name=f"lease-{name}-{version}", daemon=True)
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self.ttl / 3):
-            try:
-                if not R.renew_lease(*self.args, self.ttl):
-                    self.lost = True
-                    return
-            except Exception:  # noqa: BLE001 — a missed beat is retried; the lease outlives two of them
-                pass
+class Progress:
+    """Where this flow run is, on the version (:func:`flows.registry.write_progress`): each stage as it starts and
+    the GAN step at every checkpoint. The worker reads it to name the stage of a crash and to cancel a run that
+    stopped moving (``FIGAN_HANG_SECONDS``). A failed write is not a failed explanation: it is retried at the next
+    report."""
 
-    def __enter__(self) -> "Heartbeat":
-        self._thread.start()
-        return self
+    def __init__(self, client: MlflowClient, name: str, version: str, flow_run: str | None):
+        self.client, self.name, self.version, self.flow_run = client, name, version, flow_run
 
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        R.release_lease(*self.args)
+    def stage(self, stage: str, step: int | None = None) -> None:
+        try:
+            R.write_progress(self.client, self.name, self.version, self.flow_run, stage, step)
+        except Exception as e:  # noqa: BLE001
+            get_run_logger().warning(f"progress not recorded ({type(e).__name__}: {e})")
+
+    def checkpoint(self, step: int) -> None:
+        self.stage("train-gan", step)
+        _stall_for_tests(self.name, step)
+
+
+def _stall_for_tests(name: str, step: int) -> None:
+    """Test hook: ``FIGAN_TEST_STALL=<model name>:<step>`` makes that model's GAN training stop moving (sleep, the
+    process alive) at the checkpoint of that step, as a hung run would (a run resumed from that checkpoint goes
+    on); unset in any real deployment."""
+    target, _, at = os.environ.get("FIGAN_TEST_STALL", "").rpartition(":")
+    if target == name and at.isdigit() and step == int(at):
+        while True:
+            time.sleep(60)
+
+
+def run_folder(base: Path, flow_run: str | None) -> Path:
+    """This flow run's own working folder under the key's folder ``base``, seeded with the generator state (``gan/``:
+    cGAN checkpoint, registration) of the key's most recent earlier run, so a retry after a crash resumes training
+    while two runs of one key never write into the same files."""
+    out = base / (flow_run or f"local-{uuid.uuid4().hex[:12]}")
+    if (out / "gan").exists() or not base.is_dir():
+        return out
+    earlier = [d / "gan" for d in base.iterdir() if d != out and (d / "gan").is_dir()]
+    if earlier:
+        latest = max(earlier, key=lambda g: max((f.stat().st_mtime for f in g.rglob("*")), default=0.0))
+        shutil.copytree(latest, out / "gan", dirs_exist_ok=True)
+    return out
 
 
 @flow(name="explain-model-version", log_prints=True)
 def explain_version(name: str, version: str, stop_after: int | None = None) -> dict:
     """Explain one registered CNN version and publish the result on it. Settings come from the environment.
 
-    Safe to start any number of times at once for one version (webhook, reconciler, a person): the key's published
-    run answers at once, and otherwise only the holder of the version's run lease works; the others return
-    ``skipped``."""
+    Exactly one run per key is Prefect's job (:mod:`flows.runs`: one flow run per idempotency key); this flow adds
+    the publishing gate: the key's published run answers at once, and right before publishing the flow checks
+    again, so a run that lost a race (or a person's run beside the platform's) publishes nothing. Each flow run
+    works in its own folder (:func:`run_folder`)."""
+    from prefect.runtime import flow_run as this_run
     log = get_run_logger()
     settings = Settings.load()
     client = MlflowClient(tracking_uri(settings))
@@ -294,70 +331,65 @@ def explain_version(name: str, version: str, stop_after: int | None = None) -> d
         record_failure(client, settings, name, version, e, key=None)
         raise
     if job.existing_run:
-        log.info(f"{name}/{version}: explanation for key {job.key} already published (run {job.existing_run})")
-        if R.get_status(client, name, version).get("status") != "done":
-            R.set_status(client, name, version, "done", run_id=job.existing_run, key=job.key,
-                         verdict=R.verdict_tag(R.run_verdict(client, job.existing_run)),
-                         manifest_sha256=R.run_manifest_sha256(client, job.existing_run))
-        if settings.pass_alias:         # idempotent; also the retry of an alias write that failed after publishing
-            R.apply_pass_alias(client, name, version, settings.pass_alias, R.get_status(client, name, version))
-        return {"status": "done", "run_id": job.existing_run, "key": job.key, "new": False}
-    owner = R.new_owner()
-    if R.acquire_lease(client, name, version, job.key, owner, settings.lease_seconds) is None:
-        held = R.read_lease(client, name, version)
-        log.info(f"{name}/{version}: already being explained by {held and held.owner}; nothing to do here")
-        return {"status": "skipped", "held_by": held and held.owner, "key": job.key, "new": False}
-    with Heartbeat(client, name, version, owner, settings.lease_seconds) as beat:
-        done_meanwhile = R.find_explanation(client, name, version, job.key)   # a holder that just finished
-        if done_meanwhile:
-            return {"status": "done", "run_id": done_meanwhile, "key": job.key, "new": False}
-        prev = R.get_status(client, name, version)
-        R.set_status(client, name, version, "running", key=job.key,
-                     attempts=prev["attempts"] if prev.get("key") == job.key else None)
-        try:
-            signing_key(settings, create=True)      # an unusable audit key fails now, not after the work
-            res = job.cfg.resolution or "auto"       # the registration depends on the images alone: shared
-            pose_cache = settings.features_cache / (f"{job.dataset}-{job.dataset_md5[:12]}-{res}-"
-                                                    f"{job.cfg.max_images or 'all'}-{job.cfg.register_iters}-pose.pt")
-            model, spec = load_cnn(client, job)
-            c = job.contract
-            try:            # the contract's target and task, not the dataset.yaml default, define what is explained
-                ds = fetch_data(settings, job).with_target(c.target, c.task)
-            except DatasetError as e:
-                raise R.ContractError(f"tags figan.target / figan.task do not fit dataset {job.dataset}: {e}") from e
-            probe_cnn_input(model, ds, c, f"model version {name}/{version}")    # before any expensive work
-            out = settings.work_dir / f"{name}-v{version}-{job.key}"
-            cfg, selection = job.cfg, None
-            if cfg.layers:                   # FIGAN's feature selection: one candidate per layer, lowest FID kept
-                selection = select_layers(ds, model, job, out / "layers", pose_cache)
-                cfg = dataclasses.replace(cfg, layer=chosen_layer(selection))
-                client.set_model_version_tag(name, version, R.TAG_LAYER_CHOSEN, selection["chosen"])
-            run = prepare(ds, model, out, cfg, task=c.task, input_shape=tuple(c.input_shape),
-                          cnn_name=f"{name} v{version}")
-            run.layer_selection = selection
-            layer = cfg.layer or "final"
-            features(run, settings.features_cache / (f"{name}-v{version}-{job.contract.cnn_id}-"
-                                                     f"{job.dataset_md5[:12]}-{layer}.npy"))
-            pls(run)
-            step = train(run, stop_after, pose_cache)
-            if step < job.cfg.steps:
-                R.set_status(client, name, version, "queued", key=job.key)
-                log.warning(f"{name}/{version}: GAN training stopped at step {step}; a re-run resumes it")
-                return {"status": "interrupted", "step": step, "key": job.key, "new": True}
-            sequences(run)
-            metrics = checks(run)
-            drift_summary = drift_task(client, settings, job, run)    # never raises; tags figan.drift.*
-            lineage = lineage_of(client, settings, job, model)
-            report_task(job, run, drift_summary, lineage)             # report.html, published with the run
-            if beat.lost or not R.renew_lease(client, name, version, owner, settings.lease_seconds):
-                beat.lost = True                 # the other holder owns the status now: record nothing
-                raise PlatformError(f"{name}/{version}: the run lease was taken over by another process while this "
-                                    f"one worked; not publishing (the other run publishes key {job.key})")
-            run_id = publish(client, settings, job, run, metrics, lineage)
-        except Exception as e:
-            if not beat.lost:
-                record_failure(client, settings, name, version, e, key=job.key)
-            raise
+        return already_published(client, settings, job, job.existing_run)
+    progress = Progress(client, name, version, this_run.id)
+    prev = R.get_status(client, name, version)
+    R.set_status(client, name, version, "running", key=job.key,
+                 attempts=prev["attempts"] if prev.get("key") == job.key else None)
+    try:
+        signing_key(settings, create=True)      # an unusable audit key fails now, not after the work
+        res = job.cfg.resolution or "auto"       # the registration depends on the images alone: shared
+        pose_cache = settings.features_cache / (f"{job.dataset}-{job.dataset_md5[:12]}-{res}-"
+                                                f"{job.cfg.max_images or 'all'}-{job.cfg.register_iters}-pose.pt")
+        progress.stage("load-cnn")
+        model, spec = load_cnn(client, job)
+        c = job.contract
+        progress.stage("data")
+        try:            # the contract's target and task, not the dataset.yaml default, define what is explained
+            ds = fetch_data(settings, job).with_target(c.target, c.task)
+        except DatasetError as e:
+            raise R.ContractError(f"tags figan.target / figan.task do not fit dataset {job.dataset}: {e}") from e
+        probe_cnn_input(model, ds, c, f"model version {name}/{version}")    # before any expensive work
+        out = run_folder(settings.work_dir / f"{name}-v{version}-{job.key}", this_run.id)
+        cfg, selection = job.cfg, None
+        if cfg.layers:                   # FIGAN's feature selection: one candidate per layer, lowest FID kept
+            progress.stage("select-layer")
+            selection = select_layers(ds, model, job, out / "layers", pose_cache)
+            cfg = dataclasses.replace(cfg, layer=chosen_layer(selection))
+            client.set_model_version_tag(name, version, R.TAG_LAYER_CHOSEN, selection["chosen"])
+        run = prepare(ds, model, out, cfg, task=c.task, input_shape=tuple(c.input_shape),
+                      cnn_name=f"{name} v{version}")
+        run.layer_selection = selection
+        layer = cfg.layer or "final"
+        progress.stage("features")
+        features(run, settings.features_cache / (f"{name}-v{version}-{job.contract.cnn_id}-"
+                                                 f"{job.dataset_md5[:12]}-{layer}.npy"))
+        progress.stage("pls")
+        pls(run)
+        progress.stage("train-gan")
+        step = train(run, stop_after, pose_cache, progress.checkpoint)
+        if step < job.cfg.steps:
+            R.set_status(client, name, version, "queued", key=job.key)
+            log.warning(f"{name}/{version}: GAN training stopped at step {step}; a re-run resumes it")
+            return {"status": "interrupted", "step": step, "key": job.key, "new": True}
+        progress.stage("sequences")
+        sequences(run)
+        progress.stage("checks")
+        metrics = checks(run)
+        progress.stage("drift")
+        drift_summary = drift_task(client, settings, job, run)    # never raises; tags figan.drift.*
+        lineage = lineage_of(client, settings, job, model)
+        progress.stage("report")
+        report_task(job, run, drift_summary, lineage)             # report.html, published with the run
+        published = R.find_explanation(client, name, version, job.key)     # the gate: a published run is final
+        if published:
+            log.info(f"{name}/{version}: key {job.key} was published meanwhile (run {published}); not publishing")
+            return {"status": "done", "run_id": published, "key": job.key, "new": False}
+        progress.stage("publish")
+        run_id = publish(client, settings, job, run, metrics, lineage)
+    except Exception as e:
+        record_failure(client, settings, name, version, e, key=job.key)
+        raise
     log.info(f"{name}/{version}: done in {time.time() - t0:.0f} s, run {run_id}; checks "
              f"{verdict_text(verdict_of(metrics))}")
     return {"status": "done", "run_id": run_id, "key": job.key, "new": True, "seconds": round(time.time() - t0, 1),

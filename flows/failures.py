@@ -12,6 +12,9 @@ task retries, the failure it records on the version (:func:`flows.explain.record
   ``AssertionError``, ``ValueError``, a ``RuntimeError`` of torch, an MLflow 4xx, ... The same code on the same
   inputs raises it again, so a retry only burns compute: tried again when the code, the explain config or the
   contract tags change (:func:`program_fingerprint`).
+* **crash** — no exception at all: the run's process died (killed, out of memory) or stopped moving and was
+  cancelled. The worker reads it from the flow run's state on Prefect (:mod:`flows.trigger`) and retries it like a
+  transient error: after the backoff, at most ``max_attempts`` times (the GAN resumes from its checkpoint).
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from . import registry as R
 from .data import DataVersionError
 from .settings import Settings
 
-CONTRACT, TRANSIENT, PROGRAM = "contract", "transient", "program"
+CONTRACT, TRANSIENT, PROGRAM, CRASH = "contract", "transient", "program", "crash"
 REPO = Path(__file__).resolve().parents[1]
 CODE_DIRS = ("models", "flows")            # the code an explanation runs
 _TRANSIENT_TYPES = (OSError, MemoryError, torch.OutOfMemoryError, subprocess.TimeoutExpired, httpx.TransportError,

@@ -7,13 +7,19 @@ Parts, each a background process recorded in the home folder (see :mod:`flows.pr
 part       what                                                                started when
 =========  ==================================================================  ==========================
 mlflow     tracking server + Model Registry (SQLite, loopback)                 no FIGAN_TRACKING_URI set
-prefect    Prefect server (API + UI): every explain process reports its flow  no PREFECT_API_URL set
-           run there instead of starting a temporary server of its own
-worker     webhook receiver + reconciler + dispatcher (:mod:`flows.trigger`)   always
+prefect    Prefect server (API): the explain deployment and every flow run    no PREFECT_API_URL set
+prefect-   ``prefect worker`` of the process work pool ``FIGAN_WORK_POOL``:    no PREFECT_API_URL set
+worker     runs each explain flow run in its own process, at most
+           ``FIGAN_MAX_CONCURRENT`` at once (its ``--limit``)
+worker     webhook receiver + reconciler + dispatcher (:mod:`flows.trigger`):  always
+           submits flow runs of ``FIGAN_EXPLAIN_DEPLOYMENT``
 service    the BentoML explanation service + viewer (:mod:`services.explanations`)  always
 =========  ==================================================================  ==========================
 
-With external engines configured (a team's MLflow, a Prefect server), only what is missing is started. MLflow and
+With the embedded Prefect server, `figan up` also creates the process work pool and registers the explain flow as the
+deployment ``FIGAN_EXPLAIN_DEPLOYMENT`` on it (:func:`flows.runs.ensure_deployment`, idempotent). With external
+engines configured (a team's MLflow, a Prefect server with its own pool and deployment), only what is missing is
+started. MLflow and
 Prefect take free ports (recorded in the home); the worker's receiver and the service listen on the configured
 ``FIGAN_RECEIVER_PORT`` and ``FIGAN_SERVICE_PORT``, which `figan up` checks before it starts anything: a port another
 process holds (e.g. a second platform's worker) is an error naming the port and its holder, at once.
@@ -31,7 +37,7 @@ from .mlflow_server import find_server, start_server, stop_server
 from .procs import Daemon, check_port_free, find_daemon, start_daemon, stop_daemon
 from .settings import Settings
 
-WORKER, PREFECT, SERVICE = "worker", "prefect", "service"
+WORKER, PREFECT, PREFECT_WORKER, SERVICE = "worker", "prefect", "prefect-worker", "service"
 REPO = Path(__file__).resolve().parents[1]
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -61,6 +67,19 @@ def prefect_api_url(settings: Settings) -> str | None:
         return os.environ["PREFECT_API_URL"]
     d = find_daemon(settings.home, PREFECT)
     return f"{d.url}/api" if d else None
+
+
+def start_prefect_worker(settings: Settings, tracking_uri: str) -> Daemon:
+    """`figan prefect-worker` against the embedded Prefect server: registers the explain deployment on the process
+    work pool, then runs ``prefect worker`` there, which runs each flow run in its own process (with this
+    environment: the platform's settings and MLflow URI), at most ``max_concurrent`` at once."""
+    port = _free_port()
+    env = {"PREFECT_API_URL": prefect_api_url(settings), "FIGAN_TRACKING_URI": tracking_uri,
+           "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1", "PREFECT_WORKER_WEBSERVER_PORT": str(port),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    cmd = [sys.executable, "-m", "flows.cli", "prefect-worker", "--healthcheck"]
+    return start_daemon(settings.home, PREFECT_WORKER, cmd, f"http://127.0.0.1:{port}", env=env,
+                        marker="prefect worker start", health="/health", timeout=180)
 
 
 def start_worker(settings: Settings, tracking_uri: str, receiver: bool = True) -> Daemon:
@@ -114,10 +133,13 @@ def up(settings: Settings, receiver: bool = True, log=print) -> dict[str, str]:
         prefect = start_prefect(settings)
         urls["prefect"] = prefect.url
         log(f"Prefect server          {prefect.url}  (flow runs of every explanation)")
+        start_prefect_worker(settings, urls["mlflow"])
+        log(f"Prefect worker          pool {settings.work_pool!r}, deployment {settings.explain_deployment}, "
+            f"{settings.max_concurrent} explanation(s) at a time")
     worker = start_worker(settings, urls["mlflow"], receiver)
     urls["worker"] = worker.url
     log(f"worker                  {worker.url}  (webhook receiver{'' if receiver else ' off'}, reconciler every "
-        f"{settings.reconcile_seconds:g} s, {settings.max_concurrent} explanation(s) at a time)")
+        f"{settings.reconcile_seconds:g} s)")
     service = start_service(settings, urls["mlflow"])
     urls["service"] = service.url
     log(f"explanation service     {service.url}  (viewer {service.url}/viewer/, OpenAPI {service.url}/docs.json)")
@@ -127,7 +149,7 @@ def up(settings: Settings, receiver: bool = True, log=print) -> dict[str, str]:
 
 def down(settings: Settings, log=print) -> None:
     """Stop every part this home started (the worker first, so no new explanation starts)."""
-    for name in (WORKER, SERVICE, PREFECT):
+    for name in (WORKER, PREFECT_WORKER, SERVICE, PREFECT):
         log(f"{name}: {'stopped' if stop_daemon(settings.home, name) else 'was not running'}")
     if not settings.tracking_uri:
         log(f"mlflow: {'stopped' if stop_server(settings.mlflow_home) else 'was not running'}")
@@ -142,7 +164,8 @@ def health(settings: Settings) -> list[dict]:
         s = find_server(settings.mlflow_home)
         rows.append({"part": "mlflow", "state": "down" if s is None else ("up" if s.healthy() else "unhealthy"),
                      "url": s and s.uri, "rss_mib": s and round(s.rss_bytes() / 2**20)})
-    for name, path in ((PREFECT, "/api/health"), (WORKER, "/health"), (SERVICE, "/readyz")):
+    for name, path in ((PREFECT, "/api/health"), (PREFECT_WORKER, "/health"), (WORKER, "/health"),
+                       (SERVICE, "/readyz")):
         d = find_daemon(settings.home, name)
         row = {"part": name, "state": "down", "url": None}
         if d is not None:

@@ -40,11 +40,11 @@ written last, so whoever sees ``done`` also sees the run id, the metrics and the
 ``pass_alias`` (``FIGAN_PASS_ALIAS``) publishing also points that registered-model alias at the version when its
 verdict is pass (and takes it off the version when a re-explanation fails), so ``models:/<name>@<alias>`` only
 ever names explanations that passed (:func:`apply_pass_alias`). A failure also records ``figan.error_kind``
-(contract | transient | program, :mod:`flows.failures`), ``figan.attempts`` and ``figan.retry_after`` (the
+(contract | transient | program | crash, :mod:`flows.failures`), ``figan.attempts`` and ``figan.retry_after`` (the
 trigger's backoff) and, for contract errors, ``figan.contract_hash`` (not retried until the contract tags change),
 for programming errors ``figan.program_hash`` (not retried until the code, config or contract tags change).
-``figan.lease`` names the process explaining the version now (:func:`acquire_lease`), so concurrent triggers of
-one version run once.
+``figan.progress`` says where the version's explain run is (stage, GAN step, when; :func:`write_progress`): the
+worker names it when that run crashes and cancels the run when it stops moving.
 
 **How a CNN is stored.** :func:`register_cnn` logs the model with ``mlflow.pytorch.log_model`` in the
 ``pt2`` (torch.export) format, chosen explicitly: pickle-free, and a standard MLflow model that MLflow itself can
@@ -78,11 +78,9 @@ import os
 import pickle
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
-import uuid
 import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -118,9 +116,8 @@ __all__ = [
     "CNN_EXPERIMENT", "ContractError", "Contract", "DVCDatasetSource", "read_contract", "explain_requested",
     "register_cnn", "load_cnn_version", "pickle_allowed", "TAG_TRUST", "set_status", "get_status", "publish_explanation", "find_explanation",
     "download_explanation", "list_versions", "flatten_metrics", "TAG_ATTEMPTS", "TAG_RETRY_AFTER", "TAG_ERROR_KIND",
-    "TAG_CONTRACT_HASH", "TAG_PROGRAM_HASH", "TAG_LEASE", "contract_fingerprint", "Lease", "read_lease",
-    "acquire_lease", "renew_lease",
-    "release_lease", "new_owner", "TAG_VERDICT", "verdict_tag", "parse_verdict_tag", "apply_pass_alias",
+    "TAG_CONTRACT_HASH", "TAG_PROGRAM_HASH", "TAG_PROGRESS", "contract_fingerprint", "write_progress",
+    "TAG_VERDICT", "verdict_tag", "parse_verdict_tag", "apply_pass_alias",
     "run_verdict", "logged_model_id", "TAG_MANIFEST", "RUN_TAG_MANIFEST", "MANIFEST_PATH", "SERVED_ARTIFACTS",
     "run_manifest_sha256", "cnn_identity", "RUN_TAG_CNN_ID", "VersionReplacedError",
 ]
@@ -150,15 +147,15 @@ TAG_FAITHFULNESS = "figan.faithfulness"
 TAG_PCT_VARIANCE = "figan.pct_variance"
 TAG_VERDICT = "figan.verdict"              # pass | fail: <failing gates, comma-separated>
 TAG_MANIFEST = "figan.manifest_sha256"     # sha256 of the published run's signed manifest (models.audit)
-# retry bookkeeping and the run lease (model version)
+# retry bookkeeping and the explain run's progress (model version)
 TAG_ATTEMPTS = "figan.attempts"            # failed attempts for the current key
 TAG_RETRY_AFTER = "figan.retry_after"      # epoch seconds before which a failed key is not retried
-TAG_ERROR_KIND = "figan.error_kind"        # contract | transient | program (flows.failures)
+TAG_ERROR_KIND = "figan.error_kind"        # contract | transient | program | crash (flows.failures)
 TAG_CONTRACT_HASH = "figan.contract_hash"  # fingerprint of the contract tags a contract error was raised on
 TAG_PROGRAM_HASH = "figan.program_hash"    # fingerprint of the code, config and contract a programming error was
                                            # raised on (flows.failures.program_fingerprint)
 TAG_TRUST = "figan.trust"                  # "pickle": the CNN was unpickled (its registrant's code ran)
-TAG_LEASE = "figan.lease"                  # JSON {owner, key, expires}: who is explaining this version now
+TAG_PROGRESS = "figan.progress"            # JSON {flow_run, stage, step, at}: where the explain run is now
 # explanation run tags
 RUN_TAG_MODEL = "figan.model"
 RUN_TAG_VERSION = "figan.version"
@@ -785,7 +782,7 @@ def _status_from_tags(tags: dict[str, str]) -> dict[str, Any]:
             "attempts": int(_float_or_none(tags.get(TAG_ATTEMPTS)) or 0),
             "retry_after": _float_or_none(tags.get(TAG_RETRY_AFTER)), "error_kind": tags.get(TAG_ERROR_KIND),
             "contract_hash": tags.get(TAG_CONTRACT_HASH), "program_hash": tags.get(TAG_PROGRAM_HASH),
-            "lease": _json_or_none(tags.get(TAG_LEASE)),
+            "progress": _json_or_none(tags.get(TAG_PROGRESS)),
             "verdict": verdict and verdict["verdict"], "failing_gates": verdict and verdict["failing"],
             "manifest_sha256": tags.get(TAG_MANIFEST)}
 
@@ -797,7 +794,7 @@ def get_status(client: MlflowClient, name: str, version: str | int) -> dict[str,
     return _status_from_tags(client.get_model_version(name, str(version)).tags or {})
 
 
-# --------------------------------------------------------------------------------------------- run lease
+# --------------------------------------------------------------------------------------------- contract + progress
 
 CONTRACT_TAGS = (TAG_DATASET, TAG_DATASET_MD5, TAG_TARGET, TAG_TASK, TAG_LAYER, TAG_LAYERS, TAG_INPUT_SHAPE,
                   TAG_CLASS_NAMES, TAG_EXPLAIN)
@@ -811,88 +808,12 @@ def contract_fingerprint(client: MlflowClient, name: str, version: str | int) ->
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class Lease:
-    """Who explains a version now: ``owner`` is ``host:pid:nonce`` of the flow process, ``expires`` epoch seconds."""
-    owner: str
-    key: str
-    expires: float
-
-    def live(self, now: float | None = None) -> bool:
-        """Unexpired, and (when the owner runs on this host) its process still exists: a crashed flow's lease is
-        free at once on its own machine and after ``expires`` anywhere else."""
-        if (time.time() if now is None else now) >= self.expires:
-            return False
-        host, _, rest = self.owner.partition(":")
-        pid = rest.partition(":")[0]
-        if host == socket.gethostname() and pid.isdigit():
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
-        return True
-
-
-def new_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def read_lease(client: MlflowClient, name: str, version: str | int) -> Lease | None:
-    raw = _json_or_none((client.get_model_version(name, str(version)).tags or {}).get(TAG_LEASE))
-    try:
-        return Lease(str(raw["owner"]), str(raw["key"]), float(raw["expires"])) if raw else None
-    except (KeyError, TypeError, ValueError):
-        return None
-
-
-def _write_lease(client: MlflowClient, name: str, version: str, lease: Lease) -> None:
-    client.set_model_version_tag(name, version, TAG_LEASE, json.dumps(asdict(lease)))
-
-
-def acquire_lease(client: MlflowClient, name: str, version: str | int, key: str, owner: str, ttl: float,
-                  settle: float = 1.0) -> Lease | None:
-    """Take the version's run lease for ``owner``, or None when another live owner holds it.
-
-    MLflow tags have no compare-and-set, so this is Fischer's timed mutual exclusion on one tag: read (free or
-    expired or dead), write ours, wait ``settle`` seconds, read again — we hold it only if our write is still there.
-    Any competitor that saw the lease free wrote within milliseconds of its read, so within ``settle`` (which must
-    exceed the read-to-write time of a client; 1 s is generous) every competitor's write is visible and exactly one
-    owner remains. The lease lives in the MLflow database, so it survives restarts of every process and works the
-    same with SQLite and Postgres backends and across machines; a crashed holder's lease expires after ``ttl`` (at
-    once on its own host, where its pid is gone)."""
-    version = str(version)
-    current = read_lease(client, name, version)
-    if current is not None and current.owner != owner and current.live():
-        return None
-    mine = Lease(owner, key, time.time() + ttl)
-    try:
-        _write_lease(client, name, version, mine)
-    except MlflowException:     # a simultaneous first write of the tag (SQL unique key): the other writer won
-        return None
-    time.sleep(settle)
-    now = read_lease(client, name, version)
-    return mine if now is not None and now.owner == owner else None
-
-
-def renew_lease(client: MlflowClient, name: str, version: str | int, owner: str, ttl: float) -> bool:
-    """Extend our lease (heartbeat); False when it is no longer ours (we must stop before publishing)."""
-    current = read_lease(client, name, str(version))
-    if current is None or current.owner != owner:
-        return False
-    _write_lease(client, name, str(version), Lease(owner, current.key, time.time() + ttl))
-    return True
-
-
-def release_lease(client: MlflowClient, name: str, version: str | int, owner: str) -> None:
-    """Drop our lease (a lease held by someone else is left alone)."""
-    current = read_lease(client, name, str(version))
-    if current is not None and current.owner == owner:
-        try:
-            client.delete_model_version_tag(name, str(version), TAG_LEASE)
-        except MlflowException:
-            pass
+def write_progress(client: MlflowClient, name: str, version: str | int, flow_run: str | None, stage: str,
+                   step: int | None = None) -> None:
+    """Record where the explain run ``flow_run`` is now (``figan.progress`` = {flow_run, stage, step, at}): the
+    worker names it when a run crashes and cancels a run whose progress is older than ``FIGAN_HANG_SECONDS``."""
+    client.set_model_version_tag(name, str(version), TAG_PROGRESS, json.dumps(
+        {"flow_run": flow_run, "stage": stage, "step": step, "at": round(time.time(), 1)}))
 
 
 # --------------------------------------------------------------------------------------------- explanations

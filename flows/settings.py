@@ -16,10 +16,13 @@ Precedence: environment variable > settings file (``FIGAN_SETTINGS`` or ``./figa
 | service_port     | FIGAN_SERVICE_PORT     | 3000                             | explanation service started by `figan up`      |
 | receiver_host    | FIGAN_RECEIVER_HOST    | 127.0.0.1                        | address the receiver binds                     |
 | public_receiver_url | FIGAN_RECEIVER_URL  | http://<host>:<port>             | URL MLflow delivers webhooks to (containers)   |
-| explain_deployment | FIGAN_EXPLAIN_DEPLOYMENT | (local `figan explain-version` process) | Prefect deployment to submit to instead |
+| explain_deployment | FIGAN_EXPLAIN_DEPLOYMENT | explain-model-version/figan  | Prefect deployment every explain run is of     |
+| work_pool        | FIGAN_WORK_POOL        | figan                            | process work pool of the embedded deployment   |
 | reconcile_seconds| FIGAN_RECONCILE_SECONDS| 30                               | reconciler period                              |
-| max_concurrent   | FIGAN_MAX_CONCURRENT   | 1                                | simultaneous explanations per worker           |
-| lease_seconds    | FIGAN_LEASE_SECONDS    | 120                              | run lease TTL (renewed every third of it)      |
+| max_concurrent   | FIGAN_MAX_CONCURRENT   | 1                                | explanations at once (the Prefect worker's     |
+|                  |                        |                                  | --limit on the embedded work pool)             |
+| hang_seconds     | FIGAN_HANG_SECONDS     | 3600                             | a running explanation with no progress (stage  |
+|                  |                        |                                  | or GAN checkpoint) this long is cancelled      |
 | max_attempts     | FIGAN_MAX_ATTEMPTS     | 3                                | failed runs of one key before it stays failed  |
 | retry_backoff    | FIGAN_RETRY_BACKOFF    | 60                               | seconds before the first retry, doubling       |
 | pass_alias       | FIGAN_PASS_ALIAS       | (none)                           | registered-model alias moved to a version when |
@@ -48,7 +51,7 @@ _ENV = {"home": "FIGAN_HOME", "tracking_uri": "FIGAN_TRACKING_URI", "data_store"
         "device": "FIGAN_DEVICE", "model_allowlist": "FIGAN_MODELS", "receiver_port": "FIGAN_RECEIVER_PORT",
         "service_port": "FIGAN_SERVICE_PORT",
         "receiver_host": "FIGAN_RECEIVER_HOST", "reconcile_seconds": "FIGAN_RECONCILE_SECONDS",
-        "max_concurrent": "FIGAN_MAX_CONCURRENT", "lease_seconds": "FIGAN_LEASE_SECONDS",
+        "max_concurrent": "FIGAN_MAX_CONCURRENT", "hang_seconds": "FIGAN_HANG_SECONDS", "work_pool": "FIGAN_WORK_POOL",
         "max_attempts": "FIGAN_MAX_ATTEMPTS", "retry_backoff": "FIGAN_RETRY_BACKOFF",
         "public_receiver_url": "FIGAN_RECEIVER_URL", "explain_deployment": "FIGAN_EXPLAIN_DEPLOYMENT",
         "pass_alias": "FIGAN_PASS_ALIAS", "audit_key": "FIGAN_AUDIT_KEY"}
@@ -56,7 +59,7 @@ _ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 _RESERVED_ALIAS_RE = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)       # MLflow refuses these
 PLACEHOLDER = "CHANGE-ME"
 CHECKED_ENV_PREFIXES = ("FIGAN_", "MLFLOW_", "PREFECT_", "AWS_")
-_NUMBERS = {"receiver_port": int, "service_port": int, "reconcile_seconds": float, "max_concurrent": int, "lease_seconds": float,
+_NUMBERS = {"receiver_port": int, "service_port": int, "reconcile_seconds": float, "max_concurrent": int, "hang_seconds": float,
             "max_attempts": int, "retry_backoff": float}
 
 
@@ -75,11 +78,12 @@ class Settings:
     receiver_host: str = "127.0.0.1"
     reconcile_seconds: float = 30.0
     max_concurrent: int = 1
-    lease_seconds: float = 120.0
+    hang_seconds: float = 3600.0
     max_attempts: int = 3
     retry_backoff: float = 60.0
     public_receiver_url: str | None = None
-    explain_deployment: str | None = None
+    explain_deployment: str = "explain-model-version/figan"
+    work_pool: str = "figan"
     pass_alias: str | None = None
     audit_key: str | None = field(default=None, repr=False)      # a secret: never in a repr or log
 

@@ -13,44 +13,47 @@ One worker process holds three parts that all feed one queue of *candidates* (mo
   ``figan.explain=true`` on the version or its model, or a model on the allowlist) and queues them all. It
   recovers whatever a dead receiver, a crashed worker or a restarted server missed, and notices a new data version
   or explainer config (they change a version's key).
-* **Dispatcher**: for each candidate, :func:`decide` compares the version's current key (model, version, dataset
-  md5, config hash) with its status tags; what needs work runs as a separate ``figan explain-version`` process
-  (a crash there cannot take the worker down, and memory goes back when it ends), at most ``max_concurrent``
-  at a time (default 1 on a laptop), logs under ``<home>/logs/``. With ``FIGAN_EXPLAIN_DEPLOYMENT`` set (a team's
-  Prefect server and work pool, e.g. one Kubernetes Job per explanation) it submits a run of that deployment
-  instead and waits for its end.
+* **Dispatcher**: for each candidate, :func:`decide` compares the version's current key (model, version, CNN
+  identity, dataset md5, config hash) with its status tags and with the key's flow runs on Prefect; what needs work
+  is submitted as a flow run of the explain deployment (``FIGAN_EXPLAIN_DEPLOYMENT``; the embedded default is
+  ``explain-model-version/figan`` on the process work pool that ``figan up`` creates, whose ``prefect worker``
+  runs each flow run in its own process, at most ``FIGAN_MAX_CONCURRENT`` at once; a team names its own
+  deployment, e.g. on a Kubernetes pool). The dispatcher never runs or waits for an explanation itself.
 
-**One run per key.** The worker never queues a version twice, and the flow itself takes the version's run lease
-(an owner + expiry tag in MLflow, see :func:`flows.registry.acquire_lease`) before working, so a webhook, the
-reconciler and a person running ``figan explain-version`` at the same moment give exactly one run, across
-processes and machines and across restarts. Why a lease in MLflow rather than Prefect concurrency limits: the
-embedded default has no Prefect server (each process runs its own ephemeral API), and the registry is the one
-store every trigger already shares; the lease is visible to auditors on the version and expires when its holder
-dies (at once on the holder's host, where its pid is gone).
+**Exactly once per key is Prefect's guarantee** (:mod:`flows.runs`): every submission carries the idempotency key
+``<key>:<attempt>``, and Prefect's server creates one flow run per idempotency key of a flow, returning that same
+run to every later submission. So the webhook, the reconciler and any number of workers submitting the same
+attempt at the same moment get one flow run; the flow itself publishes only when no run of its key is published
+yet (the publishing gate in :func:`flows.explain.explain_version`).
 
-**Failures** (kinds: :mod:`flows.failures`). A transient failure (I/O, connection, MLflow 5xx) of a key is retried
-after ``retry_backoff`` × 2^(attempts−1) seconds, up to ``max_attempts``, then left failed with its message; a
-contract error is not retried until the version's contract tags change; a programming error (TypeError, KeyError,
-...: the same code on the same inputs fails the same way) not until the code, the explain config or the contract
-tags change.
+**Crashes and hangs are counted.** Before deciding, the worker reads the key's flow runs (tag ``figan-key:<key>``)
+from Prefect: a run that ended CRASHED (its process killed, out of memory), CANCELLED or in any final state
+without publishing, and was not yet counted on the version, is recorded as failed attempt *n* (its idempotency
+key's attempt) with the stage and GAN step it had reached (``figan.progress``, written by the flow); a RUNNING run
+whose progress is older than ``FIGAN_HANG_SECONDS`` is cancelled through Prefect (``Cancelling``) and counted the
+same way. The next attempt, after the backoff, is a new flow run (``<key>:<n+1>``) that resumes the GAN from the
+previous run's checkpoint.
+
+**Failures** (kinds: :mod:`flows.failures`). A transient failure (I/O, connection, MLflow 5xx) or a crash of a key
+is retried after ``retry_backoff`` × 2^(attempts−1) seconds, up to ``max_attempts``, then left failed with its
+message; a contract error is not retried until the version's contract tags change; a programming error
+(TypeError, KeyError, ...: the same code on the same inputs fails the same way) not until the code, the explain
+config or the contract tags change.
 """
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
 import logging
 import os
 import queue
-import re
 import secrets
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +62,8 @@ from fastapi.responses import JSONResponse
 from mlflow import MlflowClient
 
 from . import registry as R
-from .failures import PROGRAM, program_fingerprint
+from . import runs
+from .failures import CRASH, PROGRAM, program_fingerprint
 from .settings import Settings
 
 log = logging.getLogger("figan.worker")
@@ -70,7 +74,6 @@ WEBHOOK_PATH = "/webhooks/mlflow"
 MAX_WEBHOOK_BYTES = 64 * 1024       # an MLflow registry event is well under 2 KiB
 MAX_PENDING = 10_000                # distinct versions waiting for a decision; beyond, the reconciler catches up
 EVENTS = ("model_version.created", "model_version_tag.set")
-_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 # --------------------------------------------------------------------------------------------- signatures
@@ -141,49 +144,92 @@ class Verifier:
 class Decision:
     run: bool
     reason: str
+    attempt: int = 0            # with ``run``: the attempt number to submit (part of the idempotency key)
+    run_key: str | None = None  # what the flow run is submitted under (:func:`run_key`); set by the worker
 
 
 def decide(status: dict, key: str | None, error: Exception | None, fingerprint: str | None, max_attempts: int,
-           now: float | None = None, program_hash: str | None = None) -> Decision:
-    """Whether a version needs an explain run now, from its status tags and its current key.
+           now: float | None = None, program_hash: str | None = None, live_run: str | None = None) -> Decision:
+    """Whether a version needs an explain run now, from its status tags, its current key and the key's live flow
+    run on Prefect (``live_run`` names it; None when none is scheduled, pending or running).
 
     ``key`` is None when the version cannot be resolved (``error`` says why; ``fingerprint`` is its contract's hash
     then). ``program_hash`` is :func:`flows.failures.program_fingerprint` as things are now (needed when the
     version failed with a programming error). Pure, so the reconciler's policy is tested without any server."""
     now = time.time() if now is None else now
-    try:
-        lease = R.Lease(**status["lease"]) if status.get("lease") else None
-    except TypeError:
-        lease = None
-    if lease is not None and lease.live(now):
-        return Decision(False, f"being explained by {lease.owner}")
+    if live_run is not None:
+        return Decision(False, f"being explained by flow run {live_run}")
+    attempt = status.get("attempts", 0) + 1 if status.get("key") == key else 1
     failed = status.get("status") == "failed"
     if error is not None and isinstance(error, R.ContractError):
         if failed and status.get("error_kind") == "contract" and status.get("contract_hash") == fingerprint:
             return Decision(False, "contract error; waiting for the contract tags to change")
-        return Decision(True, f"contract error to record: {error}")
+        return Decision(True, f"contract error to record: {error}", attempt)
     if status.get("status") == "done" and status.get("key") == key:
         return Decision(False, "done")
     if failed and status.get("key") == key and status.get("error_kind") == PROGRAM:
         if status.get("program_hash") == program_hash:
             return Decision(False, "programming error; waiting for the code, the explain config or the contract "
                                    "tags to change")
-        return Decision(True, "programming error, and the code, the explain config or the contract tags changed")
+        return Decision(True, "programming error, and the code, the explain config or the contract tags changed",
+                        attempt)
     if failed and status.get("key") == key:
         if status.get("attempts", 0) >= max_attempts:
             return Decision(False, f"failed {status['attempts']} times; left failed")
         if (status.get("retry_after") or 0) > now:
             return Decision(False, f"failed; retry in {status['retry_after'] - now:.0f} s")
-        return Decision(True, f"retry {status.get('attempts', 0) + 1} of {max_attempts}")
+        return Decision(True, f"retry {attempt} of {max_attempts}", attempt)
     if status.get("status") == "running" and status.get("key") == key:
-        return Decision(True, "running without a live lease (its worker died): resume")
-    return Decision(True, "new key" if status.get("key") not in (None, key) else "not explained yet")
+        return Decision(True, "running with no live flow run (a run outside the deployment died): resume", attempt)
+    return Decision(True, "new key" if status.get("key") not in (None, key) else "not explained yet", attempt)
+
+
+def run_key(name: str, version: str, key: str | None, status: dict, fingerprint: str | None) -> str:
+    """What the flow runs of a version are submitted under: its explanation key, or while it has none (the
+    contract does not resolve) a key of the version, its contract and its last status write, so each new state of
+    an unresolvable version gets one run and concurrent triggers of that state still share it."""
+    if key is not None:
+        return key
+    blob = f"{name}|{version}|{fingerprint}|{status.get('updated')}"
+    return "unresolved-" + hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_fate(run, progress: dict | None) -> str:
+    """What happened to a flow run that ended without publishing, in words for the version's ``figan.error``: its
+    state, Prefect's message and the stage and GAN step it had reached."""
+    state = run.state
+    kind = state.type.value if state is not None else "UNKNOWN"
+    what = {"CRASHED": "crashed (its process died: killed, out of memory?)", "CANCELLED": "cancelled",
+            "CANCELLING": "cancelled", "FAILED": "failed", "COMPLETED": "ended without publishing"}.get(
+        kind, kind.lower())
+    where = reached(run, progress)
+    message = (state.message or "").strip() if state is not None else ""
+    if len(message) > 300:
+        message = message[:299] + "…"
+    return f"flow run {run.name} {what}{where}" + (f": {message}" if message else "")
+
+
+def reached(run, progress: dict | None) -> str:
+    """Where the flow run last said it was, as words to append (``" at stage train-gan, step 640"``); empty when it
+    reported nothing."""
+    if not (progress and progress.get("flow_run") == str(run.id)):
+        return ""
+    return f" at stage {progress.get('stage')}" + (f", step {progress['step']}" if progress.get("step") is not None
+                                                   else "")
+
+
+def hung_for(run, progress: dict | None, now: float) -> float:
+    """Seconds since a RUNNING flow run last reported progress (since it started, before its first report)."""
+    if progress and progress.get("flow_run") == str(run.id) and progress.get("at"):
+        return now - float(progress["at"])
+    started = run.start_time or (run.state.timestamp if run.state else None)
+    return now - started.timestamp() if started is not None else 0.0
 
 
 # --------------------------------------------------------------------------------------------- the worker
 
 class Worker:
-    """Candidates in, explain processes out; see the module docstring."""
+    """Candidates in, flow runs of the explain deployment out; see the module docstring."""
 
     def __init__(self, settings: Settings, tracking_uri: str):
         self.settings, self.tracking_uri = settings, tracking_uri
@@ -191,14 +237,12 @@ class Worker:
         self.candidates: queue.Queue[tuple[str, str, str]] = queue.Queue(MAX_PENDING)
         self.pending: set[tuple[str, str]] = set()       # queued, not yet decided: a version is queued once
         self.dropped = 0
-        self.pool = ThreadPoolExecutor(settings.max_concurrent, thread_name_prefix="explain")
-        self.inflight: dict[tuple[str, str], str] = {}
+        self.inflight: dict[tuple[str, str], str] = {}   # live flow runs, as last seen
         self.history: list[dict] = []
         self.last_reconcile: float | None = None
         self._poke = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._procs: set[subprocess.Popen] = set()
 
     # -- inputs
     def submit(self, name: str, version: str, reason: str) -> bool:
@@ -240,10 +284,6 @@ class Worker:
     def stop(self) -> None:
         self._stop.set()
         self._poke.set()
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        with self._lock:
-            for proc in self._procs:        # their leases end with them; a restarted worker resumes the work
-                proc.terminate()
 
     def _reconcile_loop(self) -> None:
         while not self._stop.is_set():
@@ -263,22 +303,26 @@ class Worker:
                 continue
             with self._lock:
                 self.pending.discard((name, version))
-                if (name, version) in self.inflight:
-                    continue
             try:
-                decision = self._decide(name, version)
-            except Exception as e:  # noqa: BLE001
-                log.warning("%s/%s: cannot decide (%s: %s); the reconciler will retry", name, version,
+                self.handle(name, version, reason)
+            except Exception as e:  # noqa: BLE001 — MLflow or Prefect unreachable: the reconciler offers it again
+                log.warning("%s/%s: cannot decide or submit (%s: %s); the reconciler will retry", name, version,
                             type(e).__name__, e)
-                continue
-            if not decision.run:
-                continue
+
+    def handle(self, name: str, version: str, reason: str) -> Decision:
+        """Decide for one version and, when it needs work, submit its flow run (the same one to every concurrent
+        caller for the same attempt)."""
+        decision = self._decide(name, version)
+        if decision.run:
+            run = runs.submit(self.settings.explain_deployment, name, version, decision.run_key, decision.attempt)
             with self._lock:
-                if (name, version) in self.inflight:
-                    continue
-                self.inflight[(name, version)] = f"queued ({reason}: {decision.reason})"
-            log.info("%s/%s: queued by %s (%s)", name, version, reason, decision.reason)
-            self.pool.submit(self._run, name, version, reason)
+                self.inflight[(name, version)] = f"flow run {run.name} ({reason}: {decision.reason})"
+            self.history.append({"name": name, "version": version, "reason": reason, "decision": decision.reason,
+                                 "flow_run": str(run.id), "attempt": decision.attempt, "at": round(time.time(), 1)})
+            del self.history[:-50]
+            log.info("%s/%s: flow run %s (attempt %d) for %s (%s)", name, version, run.name, decision.attempt,
+                     reason, decision.reason)
+        return decision
 
     def _decide(self, name: str, version: str) -> Decision:
         from .explain import resolve_job
@@ -293,68 +337,64 @@ class Worker:
             key, error, fingerprint = None, e, R.contract_fingerprint(self.client, name, version)
         except Exception as e:  # noqa: BLE001 — e.g. no data version yet: the flow records it, with backoff
             key, error, fingerprint = None, e, None
+        live = None
+        if key is not None and not (status.get("status") == "done" and status.get("key") == key):
+            live = self.watch(name, version, key)
+            status = R.get_status(self.client, name, version)          # what watch() counted, included
+        with self._lock:
+            if live is None:
+                self.inflight.pop((name, version), None)
+            else:
+                self.inflight[(name, version)] = f"flow run {live}"
         program_hash = (program_fingerprint(self.client, self.settings, name, version)
                         if status.get("error_kind") == PROGRAM else None)
-        return decide(status, key, error, fingerprint, self.settings.max_attempts, program_hash=program_hash)
+        decision = decide(status, key, error, fingerprint, self.settings.max_attempts, program_hash=program_hash,
+                          live_run=live)
+        return dataclasses.replace(decision, run_key=run_key(name, version, key, status, fingerprint))
 
-    def _run(self, name: str, version: str, reason: str) -> None:
-        with self._lock:
-            self.inflight[(name, version)] = f"running ({reason})"
-        t0 = time.time()
-        try:
-            if self.settings.explain_deployment:
-                outcome = self._run_deployment(name, version)
-            else:
-                outcome = self._run_process(name, version, reason)
-            log.info("%s/%s: %s after %.0f s", name, version, outcome, time.time() - t0)
-            self.history.append({"name": name, "version": version, "reason": reason, "outcome": outcome,
-                                 "seconds": round(time.time() - t0, 1)})
-        except Exception as e:  # noqa: BLE001 — the flow records its own failures; this is the launcher's
-            log.warning("%s/%s: could not run the explain flow: %s: %s", name, version, type(e).__name__, e)
-        finally:
-            with self._lock:
-                self.inflight.pop((name, version), None)
-            self.submit(name, version, "after run")      # re-decide: e.g. a retry or a key that changed meanwhile
+    def watch(self, name: str, version: str, key: str) -> str | None:
+        """The key's flow runs on Prefect (called while the key is not published): count the latest attempt when it
+        ended without publishing and without recording its failure (crashed, cancelled) or hangs (cancelled here);
+        returns the name and state of a live run, None when there is none."""
+        key_runs = runs.key_runs(key)
+        # the version's status read after the flow runs: a run publishes before it ends, so one seen ended here is
+        # seen published here (a status read before could still say running)
+        status = R.get_status(self.client, name, version)
+        if status.get("status") == "done" and status.get("key") == key:
+            return None
+        now = time.time()
+        progress = status.get("progress")
+        counted = status.get("attempts", 0) if status.get("key") == key else 0
+        live = [r for r in key_runs if r.state is not None and not r.state.is_final()
+                and r.state.type.value != "CANCELLING"]
+        for run in live:
+            if run.state.type.value == "RUNNING" and hung_for(run, progress, now) > self.settings.hang_seconds:
+                why = (f"flow run {run.name} hung: no progress for {hung_for(run, progress, now):.0f} s "
+                       f"(FIGAN_HANG_SECONDS={self.settings.hang_seconds:g}){reached(run, progress)}")
+                log.warning("%s/%s: %s; cancelling it", name, version, why)
+                runs.cancel(run.id, why)
+                self.count(name, version, key, runs.attempt_of(run), f"{why}; cancelled")
+                return None
+        if live:
+            return f"{live[-1].name} ({live[-1].state.type.value})"
+        ended = [r for r in key_runs if runs.attempt_of(r) > counted]     # final, not yet counted on the version
+        if ended:
+            self.count(name, version, key, runs.attempt_of(ended[-1]), run_fate(ended[-1], progress))
+        return None
 
-    def _run_process(self, name: str, version: str, reason: str) -> str:
-        """The flow in a local ``figan explain-version`` process (the embedded default), output to its log."""
-        path = self.settings.logs / f"explain-{_SAFE.sub('_', name)}-v{version}.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "flows.cli", "explain-version", "--name", name, "--version", version]
-        with open(path, "ab") as out:
-            out.write(f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {reason}: {' '.join(cmd)}\n".encode())
-            out.flush()
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=_child_env(self.tracking_uri))
-            with self._lock:
-                self._procs.add(proc)
-            code = proc.wait()
-            with self._lock:
-                self._procs.discard(proc)
-        return f"explain process exited {code} (log {path})"
-
-    def _run_deployment(self, name: str, version: str) -> str:
-        """The flow as a run of a Prefect deployment (a team's work pool, e.g. one Kubernetes Job per run);
-        waits for its final state, so ``max_concurrent`` still bounds what this worker has in flight."""
-        from prefect.deployments import run_deployment
-        run = run_deployment(self.settings.explain_deployment, parameters={"name": name, "version": version},
-                             timeout=None)
-        return f"flow run {run.id} of {self.settings.explain_deployment}: {run.state and run.state.name}"
+    def count(self, name: str, version: str, key: str, attempt: int, error: str) -> None:
+        """Record attempt ``attempt`` of ``key`` as failed (a crash: retried after the backoff)."""
+        log.warning("%s/%s: attempt %d counted as failed: %s", name, version, attempt, error)
+        R.set_status(self.client, name, version, "failed", error=error, key=key, error_kind=CRASH, attempts=attempt,
+                     retry_after=round(time.time() + self.settings.retry_backoff * 2 ** (attempt - 1), 1))
 
     def health(self) -> dict:
         with self._lock:
             inflight = {f"{n}/{v}": s for (n, v), s in self.inflight.items()}
         return {"ok": True, "inflight": inflight, "queued_candidates": self.candidates.qsize(),
-                "max_concurrent": self.settings.max_concurrent, "last_reconcile": self.last_reconcile,
+                "deployment": self.settings.explain_deployment, "last_reconcile": self.last_reconcile,
                 "pending": len(self.pending), "dropped": self.dropped,
                 "reconcile_seconds": self.settings.reconcile_seconds, "runs": self.history[-20:]}
-
-
-def _child_env(tracking_uri: str) -> dict[str, str]:
-    # without a Prefect server each explain process starts a temporary one; give it time on a busy laptop
-    return {"PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            **os.environ,
-            "FIGAN_TRACKING_URI": tracking_uri, "PYTHONUNBUFFERED": "1"}
 
 
 # --------------------------------------------------------------------------------------------- receiver app
@@ -447,7 +487,9 @@ def serve(settings: Settings, tracking_uri: str, receiver: bool = True) -> None:
     route is served and the MLflow webhook (re)subscribed to it first."""
     import uvicorn
     logging.basicConfig(level=logging.INFO, format='{"t": "%(asctime)s", "level": "%(levelname)s", '
-                                                   '"part": "%(threadName)s", "msg": "%(message)s"}')
+                                                   '"part": "%(threadName)s", "msg": "%(message)s"}',
+                        force=True)     # importing Prefect configured the root logger already
+    logging.getLogger("httpx").setLevel(logging.WARNING)       # one line per Prefect API call otherwise
     worker = Worker(settings, tracking_uri).start()
     try:
         verifier, secret = None, webhook_secret(settings)

@@ -112,8 +112,35 @@ def test_candidate_layers_are_chosen_by_fid_and_published(platform, tmp_path):
     assert sel["chosen"] == best == p.client.get_model_version("cnn-l", v).tags["figan.layer_chosen"]
 
 
+def test_publishing_is_a_gate(platform, monkeypatch):
+    """A run whose key another run published while it worked (a person's run beside the platform's, a cancelled
+    run's process beside its retry) publishes nothing: right before publishing it finds that run and returns it."""
+    import flows.explain as fe
+    import flows.registry as R
+    p = platform
+    v = _register(p, "cnn-g")
+    other = {}
+    real_report = fe.report_task
+
+    def report_while_another_run_publishes(job, run, drift_summary, lineage):
+        real_report(job, run, drift_summary, lineage)
+        metrics = json.loads((run.out / "metrics.json").read_text())
+        other["run_id"] = R.publish_explanation(p.client, job.name, job.version, run.out, metrics, lineage, job.key,
+                                                signing_key=signing_key(Settings.load(), create=True),
+                                                cnn_id=job.contract.cnn_id)
+
+    monkeypatch.setattr(fe, "report_task", report_while_another_run_publishes)
+    res = explain_version("cnn-g", v)
+    assert res == {"status": "done", "run_id": other["run_id"], "key": res["key"], "new": False}
+    exp = p.client.get_experiment_by_name(EXPLANATIONS_EXPERIMENT)
+    assert [r.info.run_id for r in p.client.search_runs([exp.experiment_id], f"tags.`{TAG_KEY}` = '{res['key']}'")] \
+        == [other["run_id"]]
+    assert get_status(p.client, "cnn-g", v)["run_id"] == other["run_id"]
+
+
 def test_interrupted_training_resumes(platform, monkeypatch):
-    """The pixel cGAN trains in steps: a killed flow run resumes from its checkpoint."""
+    """The pixel cGAN trains in steps: the next flow run (in its own folder) resumes from the checkpoint of the run
+    that stopped."""
     p = platform
     (p.home / "explain-cgan.yaml").write_text(yaml.safe_dump({**TINY, "generator": "cgan"}))
     monkeypatch.setenv("FIGAN_EXPLAIN_CONFIG", str(p.home / "explain-cgan.yaml"))
@@ -123,7 +150,10 @@ def test_interrupted_training_resumes(platform, monkeypatch):
     assert get_status(p.client, "cnn-b", v)["status"] == "queued"
     second = explain_version("cnn-b", v)
     assert second["status"] == "done" and second["key"] == first["key"]
-    metrics = json.loads((p.home / "work" / f"cnn-b-v{v}-{first['key']}" / "metrics.json").read_text())
+    runs = sorted((p.home / "work" / f"cnn-b-v{v}-{first['key']}").iterdir())
+    assert len(runs) == 2                           # one working folder per flow run; the second seeded by the first
+    [done] = [d for d in runs if (d / "metrics.json").is_file()]
+    metrics = json.loads((done / "metrics.json").read_text())
     assert metrics["training"]["resumed_from_step"] == 10 and metrics["training"]["steps"] == 20
 
 

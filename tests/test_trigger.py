@@ -1,7 +1,8 @@
 """Automatic explanation on real components: an MLflow server (SQLite, loopback) delivering signed webhooks to a
-real worker process (`figan worker`: receiver + reconciler + dispatcher), explain flows as real Prefect runs in
-their own processes, a git+DVC data store. Registrations go through the plain MLflow client, as a data scientist
-would make them."""
+real worker process (`figan worker`: receiver + reconciler + dispatcher) that submits flow runs of the explain
+deployment to a real Prefect server, whose real process worker runs each in its own process; a git+DVC data store.
+Registrations go through the plain MLflow client, as a data scientist would make them. How many flow runs a key got
+is read from Prefect's API, not from our tags."""
 import json
 import os
 import signal
@@ -21,21 +22,26 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+import psutil
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
 import flows.registry as R
+from flows import runs
 from flows.explain import version_dataset_flow
 from flows.mlflow_server import start_server
-from flows.platform import start_prefect, start_worker
+from flows.platform import prefect_api_url, start_prefect, start_prefect_worker, start_worker
 from flows.procs import find_daemon, stop_daemon
 from flows.settings import Settings
-from flows.trigger import Decision, Verifier, Rejected, WEBHOOK_PATH, decide, sign, webhook_secret
+from flows.trigger import Decision, Verifier, Rejected, WEBHOOK_PATH, Worker, decide, sign, webhook_secret
 from models.cnn import TrainConfig, train_cnn
 from models.phantom import PhantomConfig, write_phantom
 
-# 120 GAN steps with a checkpoint every 20: long enough to kill a worker mid-training, short on 2 cores
+# 120 GAN steps with a checkpoint every 20: long enough to kill a run mid-training, short on 2 cores
 TINY = dict(generator="cgan", steps=120, ckpt_every=20, ngf=8, ndf=8, z_dim=16, batch_size=16, fid_samples=32,
             fid_extractor="randconv", frames=4, seeds=[0, 1], n_components=2, regressor_steps=20, check_seeds=4,
             reader_epochs=1)
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+HANG_SECONDS, STALL_AT_STEP = 120, 40       # above any pause of a healthy tiny run on 2 busy cores
 
 
 def _free_port() -> int:
@@ -50,8 +56,9 @@ def platform(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     (home / "explain.yaml").write_text(yaml.safe_dump(TINY))
     env = {"FIGAN_HOME": str(home), "FIGAN_EXPLAIN_CONFIG": str(home / "explain.yaml"),
-           "FIGAN_RECONCILE_SECONDS": "3", "FIGAN_LEASE_SECONDS": "20", "FIGAN_RETRY_BACKOFF": "1",
-           "FIGAN_RECEIVER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+           "FIGAN_RECONCILE_SECONDS": "3", "FIGAN_RETRY_BACKOFF": "1", "FIGAN_HANG_SECONDS": str(HANG_SECONDS),
+           "FIGAN_RECEIVER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
+           "FIGAN_TEST_STALL": f"hangs:{STALL_AT_STEP}"}     # the flow's test hook: model "hangs" stops moving
     for k, v in env.items():
         mp.setenv(k, v)
     mp.delenv("FIGAN_TRACKING_URI", raising=False)
@@ -65,11 +72,17 @@ def platform(tmp_path_factory):
         p = types.SimpleNamespace(home=home, server=server, client=MlflowClient(server.uri), md5=md5, model=model,
                                   spec=spec, url=f"http://127.0.0.1:{env['FIGAN_RECEIVER_PORT']}")
         start_prefect(Settings.load())
+        api = prefect_api_url(Settings.load())
+        mp.setenv("PREFECT_API_URL", api)                   # for the daemons and subprocesses started from here
+        # this process's Prefect settings were loaded before (version_dataset_flow): point its calls there too
+        p.prefect = lambda: temporary_settings(updates={PREFECT_API_URL: api})
+        start_prefect_worker(Settings.load(), server.uri)
         p.start_worker = lambda receiver=True: start_worker(Settings.load(), server.uri, receiver)
         p.start_worker()
         yield p
     finally:
         stop_daemon(home, "worker")
+        stop_daemon(home, "prefect-worker")
         stop_daemon(home, "prefect")
         server.stop()
         mp.undo()
@@ -98,9 +111,10 @@ def wait_status(p, name, version, want=("done",), timeout=240.0) -> dict:
     deadline = time.time() + timeout
     while time.time() < deadline:
         st = R.get_status(p.client, name, version)
-        if st["status"] in want:
+        if st["status"] in want and (st["status"] != "failed" or st["error"]):
             return st
-        if st["status"] == "failed" and "failed" not in want:
+        # a counted crash is retried; a failed status without its error is one being cleared by the next run
+        if st["status"] == "failed" and "failed" not in want and st["error_kind"] != "crash" and st["error"]:
             pytest.fail(f"{name}/{version} failed: {st['error']}")
         time.sleep(0.5)
     pytest.fail(f"{name}/{version} not {want} within {timeout} s: {R.get_status(p.client, name, version)}; "
@@ -159,13 +173,13 @@ def test_decide_policy():
     assert decide(bug, "k2", None, None, 3, now, program_hash="p1").run                  # new data/config: new key
     in_resolve = {**bug, "key": None}                                                     # raised before a key
     assert not decide(in_resolve, None, TypeError("x"), None, 3, now, program_hash="p1").run
-    live = {"status": "running", "key": "k",
-            "lease": {"owner": f"{socket.gethostname()}:{os.getpid()}:x", "key": "k", "expires": time.time() + 60}}
-    assert not decide(live, "k", None, None, 3).run                                        # someone works on it
-    dead = {**live, "lease": {**live["lease"], "owner": f"{socket.gethostname()}:999999999:x"}}
-    assert decide(dead, "k", None, None, 3).run                                            # its worker died
-    expired = {**live, "lease": {**live["lease"], "expires": time.time() - 1}}
-    assert decide(expired, "k", None, None, 3).run
+    assert not decide({"status": "running", "key": "k"}, "k", None, None, 3, now, live_run="r (RUNNING)").run
+    assert decide({"status": "running", "key": "k"}, "k", None, None, 3, now).run       # nothing live: resume
+    # the attempt number (part of the idempotency key) follows the failures counted for this key
+    assert decide({}, "k", None, None, 3, now).attempt == 1
+    assert decide({**failed, "retry_after": now - 1}, "k", None, None, 3, now).attempt == 2
+    assert decide({**failed, "key": "old", "attempts": 2}, "k", None, None, 3, now).attempt == 1
+    assert decide({**bug, "attempts": 2}, "k", None, None, 3, now, program_hash="p2").attempt == 3
 
 
 def test_verifier_rejects_all_but_genuine_fresh_first_deliveries(tmp_path):
@@ -236,29 +250,37 @@ def test_receiver_caps_bodies_checks_shapes_and_guards_reconcile(tmp_path):
 
 # --------------------------------------------------------------------------------------------- real platform
 
-def test_lease_admits_exactly_one_of_many_concurrent_owners(platform):
+def key_runs_of(p, name, version) -> list:
+    """The flow runs Prefect holds for the version's current key (tag figan-key:<key>)."""
+    with p.prefect():
+        return runs.key_runs(R.get_status(p.client, name, version)["key"])
+
+
+def test_concurrent_triggers_of_one_key_make_one_flow_run(platform):
+    """Four workers deciding at the same moment (plus the platform's own, woken by the webhook) submit the same
+    attempt of the same key: Prefect's server creates one flow run and hands it to all of them."""
     p = platform
-    name = "lease-race"
-    p.client.create_registered_model(name, tags={**CONTRACT, R.TAG_EXPLAIN: "false"})
-    run = p.client.create_run(p.client.get_experiment_by_name("Default").experiment_id)
-    mv = p.client.create_model_version(name, source=f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
-    owners = [R.new_owner() for _ in range(6)]
-    won = []
-    barrier = threading.Barrier(len(owners))
+    v = register_plain(p, "race")
+    workers = [Worker(Settings.load(), p.server.uri) for _ in range(4)]
+    barrier = threading.Barrier(len(workers))
+    decisions = {}
 
-    def grab(owner):
-        barrier.wait()
-        if R.acquire_lease(MlflowClient(p.server.uri), name, mv.version, "k", owner, ttl=30, settle=1.0):
-            won.append(owner)
+    def trigger(i, w):
+        with p.prefect():
+            barrier.wait()
+            decisions[i] = w.handle("race", v, "test")
 
-    threads = [threading.Thread(target=grab, args=(o,)) for o in owners]
+    threads = [threading.Thread(target=trigger, args=(i, w)) for i, w in enumerate(workers)]
     [t.start() for t in threads]
     [t.join() for t in threads]
-    assert len(won) == 1
-    assert R.read_lease(p.client, name, mv.version).owner == won[0]
-    assert not R.renew_lease(p.client, name, mv.version, owners[0] if owners[0] != won[0] else owners[1], 30)
-    R.release_lease(p.client, name, mv.version, won[0])
-    assert R.read_lease(p.client, name, mv.version) is None
+    submitted = {h["flow_run"] for w in workers for h in w.history}
+    assert len(submitted) <= 1, submitted                  # whoever submitted got the one run
+    st = wait_status(p, "race", v)
+    prefect_runs = key_runs_of(p, "race", v)
+    assert len(prefect_runs) == 1 and prefect_runs[0].idempotency_key == f"{st['key']}:1"
+    assert submitted <= {str(prefect_runs[0].id)}
+    assert prefect_runs[0].state.type.value == "COMPLETED"
+    assert [r.info.run_id for r in published_runs(p, "race", v)] == [st["run_id"]]
 
 
 def test_webhook_endpoint_accepts_only_the_genuine_delivery(platform):
@@ -325,27 +347,82 @@ def test_receiver_down_reconciler_catches_up(platform):
         p.start_worker()
 
 
-def test_worker_killed_mid_run_resumes_once(platform):
+def flow_run_process(p, run_id: str) -> psutil.Process | None:
+    """The process running a flow run under the Prefect worker (its environment names the flow run; of several, the
+    largest, as the OOM killer would choose)."""
+    worker = psutil.Process(find_daemon(p.home, "prefect-worker").pid)
+    found = []
+    for proc in worker.children(recursive=True):
+        try:
+            if proc.environ().get("PREFECT__FLOW_RUN_ID") == run_id:
+                found.append((proc.memory_info().rss, proc))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return max(found, key=lambda f: f[0])[1] if found else None
+
+
+def wait_checkpoint(p, name, v, timeout=180.0) -> dict:
+    """The version's progress once its run reports a GAN checkpoint."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        prog = R.get_status(p.client, name, v)["progress"]
+        if prog and prog.get("stage") == "train-gan" and prog.get("step"):
+            return prog
+        time.sleep(0.3)
+    pytest.fail(f"{name}/{v}: no GAN checkpoint within {timeout} s: {R.get_status(p.client, name, v)}")
+
+
+def test_killed_flow_run_is_counted_and_resubmitted_once(platform):
+    """SIGKILL of the flow run's process (as the OOM killer would): Prefect marks it CRASHED, the worker counts
+    attempt 1 with the stage and step it reached and submits attempt 2, which resumes the GAN and publishes."""
     p = platform
     v = register_plain(p, "crashy")
-    wait_status(p, "crashy", v, want=("running",), timeout=120)
-    key = R.get_status(p.client, "crashy", v)["key"]
-    ckpt = p.home / "work" / f"crashy-v{v}-{key}" / "gan" / "last.pt"
-    deadline = time.time() + 120
-    while not ckpt.is_file() and time.time() < deadline:
-        time.sleep(0.2)
-    assert ckpt.is_file(), "training never checkpointed"
-    worker = find_daemon(p.home, "worker")
-    os.killpg(worker.pid, signal.SIGKILL)               # the worker and its explain process die mid-training
-    while worker.alive():
-        time.sleep(0.1)
-    assert R.get_status(p.client, "crashy", v)["status"] == "running"     # stale: the lease says who is dead
-    p.start_worker()
-    st = wait_status(p, "crashy", v)
-    runs = published_runs(p, "crashy", v)
-    assert [r.info.run_id for r in runs] == [st["run_id"]]
+    prog = wait_checkpoint(p, "crashy", v)
+    proc = flow_run_process(p, prog["flow_run"])
+    assert proc is not None, "the flow run's process was not found under the Prefect worker"
+    proc.send_signal(signal.SIGKILL)
+    counted = wait_status(p, "crashy", v, want=("failed",), timeout=120)
+    assert counted["error_kind"] == "crash" and counted["attempts"] == 1, counted
+    assert "crashed" in counted["error"] and "at stage train-gan, step " in counted["error"], counted["error"]
+    st = wait_status(p, "crashy", v, timeout=300)
+    time.sleep(8)                                       # > 2 reconcile periods: the finished run is not counted
+    assert R.get_status(p.client, "crashy", v)["status"] == "done"
+    prefect_runs = key_runs_of(p, "crashy", v)
+    assert [(r.idempotency_key, r.state.type.value) for r in prefect_runs] == \
+        [(f"{st['key']}:1", "CRASHED"), (f"{st['key']}:2", "COMPLETED")]
+    assert [r.info.run_id for r in published_runs(p, "crashy", v)] == [st["run_id"]]
     metrics = artifact_json(p, st["run_id"], "metrics.json")
     assert metrics["training"]["resumed_from_step"] > 0 and metrics["training"]["steps"] == TINY["steps"]
+
+
+def test_hung_flow_run_is_cancelled_counted_and_retried(platform):
+    """A run whose training stops moving (the flow's test hook stalls model "hangs" at step 40, its process alive)
+    is cancelled through Prefect after FIGAN_HANG_SECONDS, counted, and attempt 2 (resumed from that checkpoint,
+    so past the stall) publishes."""
+    p = platform
+    v = register_plain(p, "hangs")
+    deadline = time.time() + 180 + HANG_SECONDS + 60
+    while time.time() < deadline:
+        st = R.get_status(p.client, "hangs", v)
+        if st["status"] == "failed" and st["error_kind"] == "crash":
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail(f"hung run not counted: {R.get_status(p.client, 'hangs', v)}; worker log "
+                    f"{_tail(p.home / 'logs' / 'worker.log')}")
+    assert "hung: no progress" in st["error"] and "stage train-gan, step 40" in st["error"] and st["attempts"] == 1
+    first = key_runs_of(p, "hangs", v)[0]
+    deadline = time.time() + 60
+    while key_runs_of(p, "hangs", v)[0].state.type.value != "CANCELLED" and time.time() < deadline:
+        time.sleep(0.5)
+    assert key_runs_of(p, "hangs", v)[0].state.type.value == "CANCELLED", first.state
+    assert flow_run_process(p, str(first.id)) is None                  # the stalled process was stopped
+    done = wait_status(p, "hangs", v, timeout=300)
+    time.sleep(8)
+    assert R.get_status(p.client, "hangs", v)["status"] == "done"
+    assert [(r.idempotency_key, r.state.type.value) for r in key_runs_of(p, "hangs", v)] == \
+        [(f"{done['key']}:1", "CANCELLED"), (f"{done['key']}:2", "COMPLETED")]
+    assert [r.info.run_id for r in published_runs(p, "hangs", v)] == [done["run_id"]]
 
 
 def test_simultaneous_webhook_reconciler_and_manual_trigger_run_once(platform):
@@ -358,8 +435,9 @@ def test_simultaneous_webhook_reconciler_and_manual_trigger_run_once(platform):
                              "--version", v], capture_output=True, text=True, timeout=300)
     st = wait_status(p, "triple", v)
     assert manual.returncode == 0, manual.stderr[-2000:]
-    assert json.loads(manual.stdout[manual.stdout.index("{"):])["status"] in ("done", "skipped")
+    assert json.loads(manual.stdout[manual.stdout.index("{"):])["status"] == "done"     # published, or gated
     assert len(published_runs(p, "triple", v)) == 1
+    assert len(key_runs_of(p, "triple", v)) <= 1        # the webhook's and the reconciler's submissions: one run
     assert R.get_status(p.client, "triple", v)["run_id"] == st["run_id"]
 
 

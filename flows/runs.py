@@ -1,0 +1,95 @@
+"""Explain runs as flow runs of one Prefect deployment: registered once, submitted once per key and attempt, read back.
+
+Exactly once rests on Prefect's own guarantee: the server creates a flow run with an ``idempotency_key`` at most
+once per flow (``prefect/server/models/flow_runs.py``: an ``INSERT … ON CONFLICT DO NOTHING`` on the unique index
+``uq_flow_run__flow_id_idempotency_key``, then the existing row is returned). :func:`submit` uses
+``"<explanation key>:<attempt>"`` as that key, so any number of triggers (webhook, reconciler, several workers, a
+person) submitting the same attempt of the same explanation get the same flow run; a retry after a counted failure
+uses the next attempt number and so gets a new one. Every run also carries the tag ``figan-key:<key>``, by which
+:func:`key_runs` finds the attempts of a key and their states (crashed, cancelled, running) on the server.
+
+The embedded platform's deployment (:func:`ensure_deployment`) runs on a *process* work pool: a ``prefect worker``
+(started by ``figan up``) runs each flow run in its own process, at most ``--limit`` at once. A team registers the
+same flow on its own pool (e.g. Kubernetes) and names it with ``FIGAN_EXPLAIN_DEPLOYMENT``; nothing else changes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+FLOW_NAME = "explain-model-version"
+KEY_TAG = "figan-key:"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def key_tag(key: str) -> str:
+    return f"{KEY_TAG}{key}"
+
+
+def idempotency_key(key: str, attempt: int) -> str:
+    return f"{key}:{int(attempt)}"
+
+
+def attempt_of(run) -> int:
+    """The attempt number a flow run was submitted as (0 for a run not made by :func:`submit`)."""
+    tail = (run.idempotency_key or "").rpartition(":")[2]
+    return int(tail) if tail.isdigit() else 0
+
+
+def ensure_work_pool(pool: str) -> None:
+    """A process work pool named ``pool`` with Prefect's default job template (created once)."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.workers.process import ProcessWorker
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(WorkPoolCreate(
+                name=pool, type="process", base_job_template=ProcessWorker.get_default_base_job_template(),
+                description="FIGAN: one process per explanation"))
+        except ObjectAlreadyExists:
+            pass
+
+
+def ensure_deployment(deployment: str, pool: str) -> UUID:
+    """Register (or update) the explain flow as ``deployment`` (``<flow name>/<deployment name>``) on the process
+    work pool ``pool``: the worker imports ``flows.explain`` from this checkout (module entrypoint, no image, no
+    code upload). Returns the deployment id."""
+    from prefect.deployments.runner import EntrypointType
+    from .explain import explain_version
+    flow_name, _, name = deployment.partition("/")
+    if flow_name != FLOW_NAME or not name:
+        raise ValueError(f"explain deployment must be named {FLOW_NAME}/<name>, got {deployment!r}")
+    ensure_work_pool(pool)
+    runner_deployment = explain_version.to_deployment(
+        name, work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH,
+        job_variables={"working_dir": str(REPO)},
+        description="Explain one registered CNN version (flows/explain.py); submitted by the FIGAN worker")
+    return runner_deployment.apply(work_pool_name=pool)
+
+
+def submit(deployment: str, name: str, version: str, key: str, attempt: int):
+    """The flow run of ``deployment`` for this key and attempt: created by the first caller, the same one returned
+    to every other (Prefect's idempotency key). Returns at once (``timeout=0``)."""
+    from prefect.deployments import run_deployment
+    return run_deployment(deployment, parameters={"name": name, "version": str(version)},
+                          idempotency_key=idempotency_key(key, attempt), tags=[key_tag(key)], timeout=0,
+                          as_subflow=False)
+
+
+def key_runs(key: str) -> list[Any]:
+    """Every flow run submitted for ``key`` (any attempt, any deployment), oldest attempt first."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[key_tag(key)])))
+    return sorted(runs, key=lambda r: (attempt_of(r), r.created or 0))
+
+
+def cancel(run_id: UUID, message: str) -> None:
+    """Ask the run's worker to stop it (Prefect's ``Cancelling`` state; the process worker kills the process)."""
+    from prefect import get_client
+    from prefect.states import Cancelling
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Cancelling(message=message), force=True)
