@@ -11,12 +11,15 @@ the artifact layout) or from its own cache folder:
   refresh (at most once a second), so a just-published version is found at once.
 * **Resolution**: ``(model, "3")`` or ``(model, "champion")`` → one listing row. Names are checked against strict
   patterns before anything else, so no request can name a path or an MLflow filter of its choosing.
-* **Cache folder** ``<cache>/<run_id>/``: ``registry.download_explanation`` of a ``done`` version, downloaded once
+* **Serving**: a ``done`` version's run; while a newer explanation of it is queued, running or failed, its last
+  published run (``registry``'s last-good tags), either only if the run's own tags name this version and key.
+* **Cache folder** ``<cache>/<run_id>/``: ``registry.download_explanation`` of a served run, downloaded once
   into a temporary folder and renamed into place (atomic, safe with several workers). Run ids are 32 hex digits
   and every file name is built here from a validated component number, so reads never leave the cache.
   Published runs never change, so cached files are kept (and their bytes memoised) for the process lifetime.
 * **Models in memory**: the published generator and PLS state per run, the CNN (+ contract) per version, each
-  loaded once; generation runs under a semaphore so CPU-bound requests cannot pile up threads.
+  loaded once; generation and uploads run on a bounded queue (:mod:`services.work_queue`), so CPU-bound requests
+  cannot pile up threads.
 """
 from __future__ import annotations
 
@@ -55,6 +58,7 @@ from models.sequences import sweep_values
 from models.verdict import verdict_of
 
 from . import render
+from .work_queue import GenerationQueue
 from .contract import (RUN_ID_RE, SWEEP_LIMIT, VERSION_RE, ServiceError, check_name, check_ref,
                        check_within_published, public_detail, public_row)
 
@@ -76,7 +80,9 @@ class ServiceConfig:
     ``FIGAN_SERVICE_CACHE`` (default ``<home>/service-cache``); ``FIGAN_SERVICE_LISTING_TTL`` seconds (default 5);
     ``FIGAN_SERVICE_MAX_UPLOAD`` bytes (default 2 MiB); ``FIGAN_SERVICE_GEN_CONCURRENCY`` (default 1) generations
     at once, each with ``FIGAN_SERVICE_TORCH_THREADS`` (default 1) torch threads: more threads help on dedicated
-    cores, but on shared or oversubscribed ones OpenMP's spinning made a 16-frame request 5x slower (measured)."""
+    cores, but on shared or oversubscribed ones OpenMP's spinning made a 16-frame request 5x slower (measured);
+    ``FIGAN_SERVICE_GEN_QUEUE`` (default 16) generations and uploads waiting for one beyond those (then 503 with
+    Retry-After)."""
     tracking_uri: str | None
     cache_dir: Path
     api_key: str | None = None
@@ -85,6 +91,7 @@ class ServiceConfig:
     listing_ttl: float = 5.0
     max_upload_bytes: int = 2 * 1024 * 1024
     gen_concurrency: int = 1
+    gen_queue: int = 16
     torch_threads: int = 1
     model_allowlist: tuple[str, ...] = ()
     mlflow_home: Path | None = None
@@ -115,6 +122,7 @@ class ServiceConfig:
                    listing_ttl=get("FIGAN_SERVICE_LISTING_TTL", float, 5.0),
                    max_upload_bytes=get("FIGAN_SERVICE_MAX_UPLOAD", int, 2 * 1024 * 1024),
                    gen_concurrency=get("FIGAN_SERVICE_GEN_CONCURRENCY", int, 1),
+                   gen_queue=get("FIGAN_SERVICE_GEN_QUEUE", int, 16),
                    torch_threads=get("FIGAN_SERVICE_TORCH_THREADS", int, 1),
                    model_allowlist=settings.model_allowlist, mlflow_home=settings.mlflow_home)
 
@@ -123,18 +131,16 @@ class ServiceConfig:
 
 @dataclass
 class Explanation:
-    """A published explanation in the cache folder, with what the endpoints need from its metadata."""
+    """A published explanation in the cache folder, with what the endpoints need from its metadata. ``run_id`` is
+    the run served; ``row`` the version's listing row as it is now (its status may be newer than the run)."""
     name: str
     version: str
+    run_id: str
     row: dict
     dir: Path
     metrics: dict
     config: dict
     gen_cfg: CGANConfig
-
-    @property
-    def run_id(self) -> str:
-        return self.row["run_id"]
 
     @property
     def k(self) -> int:
@@ -161,6 +167,19 @@ class Explanation:
                   "attribution": "_attribution.png", "real_cases": "_real_cases.png", "npz": ".npz"}[kind]
         return self.dir / "sequences" / f"component_{component + 1}{suffix}"
 
+    def serving(self) -> dict[str, Any]:
+        """What is served against what the version's status is now: ``serving_run`` (the run answered from),
+        ``latest_status`` (queued | running | done | failed), ``pending`` (a newer explanation is queued or running)
+        and, while the served run is not the version's newest state, a ``notice`` that says so."""
+        latest = self.row["status"]
+        out = {"serving_run": self.run_id, "latest_status": latest, "pending": latest in ("queued", "running")}
+        if latest != "done":
+            newer = ("failed" + (f" ({self.row['error']})" if self.row.get("error") else "") if latest == "failed"
+                     else f"{latest}")
+            out["notice"] = (f"a newer explanation of {self.name} version {self.version} is {newer}; serving the "
+                             f"last published one (run {self.run_id})")
+        return out
+
     def summary(self) -> dict[str, Any]:
         """The version row plus components (with % variance, faithfulness, conditioning) and sweep settings; the
         verdict (pass | fail) and failing gates come from the published metrics.json itself."""
@@ -172,7 +191,7 @@ class Explanation:
                           "faithfulness": c.get("faithfulness"), "conditioning": c.get("conditioning"),
                           "ground_truth": c.get("ground_truth")})
         fid = {k: v for k, v in (self.metrics.get("fid") or {}).items() if k != "trace"}
-        row = public_row(self.row)
+        row = {**public_row(self.row), "status": "done", **self.serving()}     # the served run is published
         verdict = verdict_of(self.metrics)
         if verdict is not None:
             row.update(verdict=verdict["verdict"], failing_gates=verdict["failing"])
@@ -203,6 +222,15 @@ def _frames_json(npz: Path, root: Path, component: int) -> bytes:
                       separators=(",", ":")).encode()
 
 
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded image checked against a version (:meth:`ExplanationStore.read_upload`): its pixels as the CNN
+    takes them, (1, C, H, W) in [0, 1], and the sweep: per-component ends (k, 2), or None with ``span``."""
+    x: torch.Tensor
+    ends: np.ndarray | None
+    span: float | None
+
+
 # --------------------------------------------------------------------------------------------- the store
 
 @dataclass
@@ -230,7 +258,7 @@ class ExplanationStore:
         self._verified: set[tuple] = set()              # (run id, model, version, key) pairings checked
         self._loaded: dict[str, _Loaded] = {}
         self._cnns: dict[tuple[str, str], tuple[torch.nn.Module, registry.Contract]] = {}
-        self.generation = threading.BoundedSemaphore(cfg.gen_concurrency)
+        self.generation = GenerationQueue(cfg.gen_concurrency, cfg.gen_queue)
 
     # -- MLflow
     @property
@@ -338,48 +366,61 @@ class ExplanationStore:
                                 f"{sorted({r['version'] for r in versions}, key=int)}, aliases "
                                 f"{sorted({a for r in versions for a in r['aliases']})})", "version")
 
+    @staticmethod
+    def _serving(row: dict) -> tuple[str, str | None] | None:
+        """(run id, key) of the run to serve for a listing row: the version's explanation when it is done, else
+        its last published one (kept while a newer explanation is queued or running, or after that one failed);
+        None when the version has never been published."""
+        if row["status"] == "done" and row.get("run_id"):
+            return row["run_id"], row.get("key")
+        if row.get("last_good_run_id"):
+            return row["last_good_run_id"], row.get("last_good_key")
+        return None
+
     def cached(self, model: str, ref: str) -> Explanation | None:
-        """The explanation when answering needs no I/O at all (listed, done and already in the cache), else
-        None: the fast path of the file endpoints, safe to call on the event loop."""
+        """The explanation when answering needs no I/O at all (listed, served run checked and already in the
+        cache), else None: the fast path of the file endpoints, safe to call on the event loop."""
         if self._rows is None:
             return None
         row = self._match(self.listing(), check_name(model), check_ref(ref))
-        if not (row and row["status"] == "done" and row["run_id"]
-                and (row["run_id"], row["name"], str(row["version"]), row.get("key")) in self._verified):
+        serving = row and self._serving(row)
+        if not (serving and (serving[0], row["name"], str(row["version"]), serving[1]) in self._verified):
             return None                         # not checked yet for this version: the slow path checks it
-        expl = self._explanations.get(row["run_id"])
+        expl = self._explanations.get(serving[0])
         if expl is not None and expl.row is not row:
             expl.row = row                      # aliases and status current; the files never change
         return expl
 
     # -- explanations in the cache
     def explanation(self, model: str, ref: str) -> Explanation:
-        """The ``done`` explanation of a version, downloaded into the cache on first use.
+        """The published explanation of a version, downloaded into the cache on first use: its ``done`` run, or
+        while a newer explanation is queued, running or failed the last published one (``Explanation.serving``
+        says so).
 
-        A version whose explanation is queued, running or failed is a 409 carrying its status (and error)."""
+        A version that was never published is a 409 carrying its status (and error)."""
         row = self.resolve(model, ref)
-        if row["status"] != "done" or not row.get("run_id"):
+        serving = self._serving(row)
+        if serving is None:
             raise ServiceError(409, f"version: the explanation of {model} version {row['version']} is "
                                     f"{row['status']}" + (f": {row['error']}" if row.get("error") else ""),
                                "version", status=row["status"], name=model, version=row["version"])
-        run_id = row["run_id"]
+        run_id, key = serving
         if not RUN_ID_RE.match(run_id):
             raise ServiceError(502, f"version: {model}/{row['version']} names a malformed run id {run_id!r}")
-        pairing = (run_id, row["name"], str(row["version"]), row.get("key"))
+        pairing = (run_id, row["name"], str(row["version"]), key)
         if pairing not in self._verified:       # once per (run, version, key): one MLflow call
-            self._check_run_is_the_explanation(row)
+            self._check_run_is_the_explanation(row, run_id, key)
             self._verified.add(pairing)
         expl = self._explanations.get(run_id)
         if expl is None:
             with self._lock(run_id):
-                expl = self._explanations.get(run_id) or self._load(row)
+                expl = self._explanations.get(run_id) or self._load(row, run_id)
                 self._explanations[run_id] = expl
         if expl.row is not row:                 # aliases and status current; the files never change
             expl.row = row
         return expl
 
-    def _load(self, row: dict) -> Explanation:
-        run_id = row["run_id"]
+    def _load(self, row: dict, run_id: str) -> Explanation:
         dest = self.cache / run_id
         if not dest.is_dir():
             t0 = time.monotonic()
@@ -405,15 +446,15 @@ class ExplanationStore:
         meta = json.loads((dest / "gan" / "best" / "generator.json").read_text())
         config_path = dest / "config.json"
         config = json.loads(config_path.read_text()).get("config", {}) if config_path.is_file() else {}
-        return Explanation(name=row["name"], version=row["version"], row=row, dir=dest,
+        return Explanation(name=row["name"], version=row["version"], run_id=run_id, row=row, dir=dest,
                            metrics=json.loads((dest / "metrics.json").read_text()), config=config,
                            gen_cfg=CGANConfig.from_dict(meta["config"]))
 
-    def _check_run_is_the_explanation(self, row: dict) -> None:
-        """Any MLflow user can write a version's ``figan.run_id`` tag: serve the run only if it lives in the
-        explanations experiment and its own tags name this model, version and explanation key."""
+    def _check_run_is_the_explanation(self, row: dict, run_id: str, key: str | None) -> None:
+        """Any MLflow user can write a version's ``figan.run_id`` (or last-good) tag: serve the run only if it
+        lives in the explanations experiment and its own tags name this model, version and explanation ``key``."""
         try:
-            run = self.client.get_run(row["run_id"])
+            run = self.client.get_run(run_id)
             exp = self.client.get_experiment(run.info.experiment_id)
         except MlflowException as e:
             raise ServiceError(502, f"version: the explanation run of {row['name']}/{row['version']} could not be "
@@ -423,11 +464,12 @@ class ExplanationStore:
             ("experiment", exp.name == registry.EXPLANATIONS_EXPERIMENT),
             ("model", tags.get(registry.RUN_TAG_MODEL) == row["name"]),
             ("version", tags.get(registry.RUN_TAG_VERSION) == str(row["version"])),
-            ("key", row.get("key") is not None and tags.get(registry.RUN_TAG_KEY) == row.get("key"))) if not ok]
+            ("key", key is not None and tags.get(registry.RUN_TAG_KEY) == key)) if not ok]
         if mismatch:
+            tag = registry.TAG_RUN_ID if row["status"] == "done" else registry.TAG_LAST_GOOD_RUN_ID
             log.warning("refused run", extra={"model": row["name"], "version": row["version"],
-                                              "run_id": row["run_id"], "mismatch": mismatch})
-            raise ServiceError(502, f"version: the run named by {row['name']}/{row['version']}'s figan.run_id tag "
+                                              "run_id": run_id, "tag": tag, "mismatch": mismatch})
+            raise ServiceError(502, f"version: the run named by {row['name']}/{row['version']}'s {tag} tag "
                                     f"is not an explanation of this version ({', '.join(mismatch)} differ); "
                                     f"refused", "version")
 
@@ -483,15 +525,14 @@ class ExplanationStore:
         values = np.stack([sweep_values(float(a), float(b), frames) for a, b in zip(lo, hi, strict=True)])
         G, gcfg = self.generator(expl)
         t0 = time.monotonic()
-        with self.generation:
-            images = render.sweep_frames(G, gcfg, components, values, seed, base)
+        images = render.sweep_frames(G, gcfg, components, values, seed, base)
         out: bytes | dict
         if fmt == "gif":
             out = render.gif_bytes(images)
         elif fmt == "png":
             out = render.strip_png(images)
         else:
-            out = {"name": expl.name, "version": expl.version, "seed": seed, "base": base.tolist(),
+            out = {"name": expl.name, "version": expl.version, **expl.serving(), "seed": seed, "base": base.tolist(),
                    "components": [{"component": j + 1, **render.frames_json(v, u8)}
                                   for j, v, u8 in zip(components, values, render.to_u8(images), strict=True)]}
         log.info("generated", extra={"model": expl.name, "version": expl.version, "components": len(components),
@@ -499,13 +540,13 @@ class ExplanationStore:
                                      "ms": round(1000 * (time.monotonic() - t0), 1)})
         return out
 
-    def explain_image(self, expl: Explanation, data: bytes, frames: int, seed: int, lo: float | None = None,
-                      hi: float | None = None, span: float | None = None) -> dict:
-        """PLS scores of an uploaded image through the explained CNN, and per component a sweep of ``frames``
-        values with the other components at the image's own scores: over the published range (``lo``/``hi``
-        narrow it; beyond it is a 422), or over the image's own score ± ``span`` cut to the published range. With
-        the patient generator the frames are the upload itself, edited; otherwise a generated patient (seed)."""
+    def read_upload(self, expl: Explanation, data: bytes, lo: float | None = None, hi: float | None = None,
+                    span: float | None = None) -> Upload:
+        """An uploaded image checked against the version before any CNN or generator work: the sweep ends inside
+        the published ranges (422 beyond them), a decodable PNG/JPEG/TIFF of the size the CNN takes (400
+        otherwise). Loads the CNN once (its contract names the input shape)."""
         ranges = expl.sweep_ranges
+        ends = None
         if span is None:
             ends = np.column_stack([ranges[:, 0] if lo is None else np.full(expl.k, lo),
                                     ranges[:, 1] if hi is None else np.full(expl.k, hi)])
@@ -515,7 +556,7 @@ class ExplanationStore:
                 raise ServiceError(400, f"{'lo' if lo is not None else 'hi'}: leaves no range for component "
                                         f"{j + 1} (published {ranges[j, 0]:+.3g} to {ranges[j, 1]:+.3g} SD)",
                                    "lo" if lo is not None else "hi")
-        model, contract = self.cnn(expl)
+        _, contract = self.cnn(expl)
         c, h, w = contract.input_shape
         try:
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
@@ -533,7 +574,15 @@ class ExplanationStore:
             x = torch.from_numpy(read_image(io.BytesIO(data), name=f"upload ({fmt})"))[None]
         except ValueError as e:
             raise ServiceError(400, f"image: {e}", "image") from None
-        x = cnn_input((c, h, w))(x)
+        return Upload(x=cnn_input((c, h, w))(x), ends=ends, span=span)
+
+    def explain_image(self, expl: Explanation, upload: Upload, frames: int, seed: int) -> dict:
+        """PLS scores of an uploaded image (:meth:`read_upload`) through the explained CNN, and per component a
+        sweep of ``frames`` values with the other components at the image's own scores: over the published range
+        or the narrower ``lo``/``hi``, or over the image's own score ± ``span`` cut to the published range. With
+        the patient generator the frames are the upload itself, edited; otherwise a generated patient (seed)."""
+        model, _ = self.cnn(expl)
+        x, ends, span, ranges = upload.x, upload.ends, upload.span, expl.sweep_ranges
         state = self.pls(expl)
         feats = extract_features(model, x, layer=expl.config.get("layer"))
         if feats.shape[1] != state.n_features:
@@ -556,11 +605,9 @@ class ExplanationStore:
         placement = None
         if isinstance(G, PatientGenerator):       # the upload itself, edited
             x_gen = cnn_input((gcfg.image_channels, gcfg.resolution, gcfg.resolution))(x)
-            with self.generation:
-                sweeps, placement = render.patient_sweeps(G, x_gen, scores, values)
+            sweeps, placement = render.patient_sweeps(G, x_gen, scores, values)
         else:
-            with self.generation:
-                sweeps = render.sweep_frames(G, gcfg, list(range(expl.k)), values, seed, base)
+            sweeps = render.sweep_frames(G, gcfg, list(range(expl.k)), values, seed, base)
         comps = []
         for j in range(expl.k):
             lo, hi = expl.sweep_range(j)
@@ -579,7 +626,8 @@ class ExplanationStore:
                                       f"{placement['registration_residual']:.4g} > {placement['threshold']:.4g}, "
                                       f"what 99 % of its real images reach): it is probably not of the kind the "
                                       f"CNN was explained on, and its sweeps are not a reliable explanation of it")
-        return {**centred, "name": expl.name, "version": expl.version, "run_id": expl.run_id, "seed": seed,
+        return {**centred, "name": expl.name, "version": expl.version, "run_id": expl.run_id, **expl.serving(),
+                "seed": seed,
                 "scores": [round(float(v), 4) for v in scores],
                 "pls_prediction": prediction.item() if hasattr(prediction, "item") else prediction,
                 "cnn_output": [round(float(v), 4) for v in model_output(model, x)[0]], "components": comps}

@@ -9,6 +9,7 @@ import base64
 import gc
 import io
 import json
+import threading
 import time
 
 import httpx
@@ -17,6 +18,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from flows import registry as R
 from service_platform import API_KEY, MODEL, log_records, shared_platform
 from services.store import ExplanationStore, ServiceConfig, ServiceError
 
@@ -312,26 +314,97 @@ def test_new_explanation_is_picked_up_without_restart(http, platform):
     platform.client.set_registered_model_alias(MODEL, "champion", "1")
 
 
-def test_auth_off_in_process(platform, monkeypatch, tmp_path):
-    """The same ASGI app `bentoml serve` runs, in-process (cheaper than another server): with
-    FIGAN_SERVICE_AUTH=off generation needs no key."""
+def test_a_version_being_re_explained_keeps_serving_its_last_published_run(http, platform):
+    """While a newer explanation of a version is running, and after it failed, the service serves the version's
+    last published run (checked like figan.run_id) and says so; a version never published stays a 409."""
+    v = platform.new_version()
+    published = platform.publish(v)
+    done = _eventually(lambda: (r := http.get(f"{V}/{v}")).status_code == 200 and r.json(), "the published version")
+    assert (done["serving_run"], done["latest_status"], done["pending"]) == (published, "done", False)
+    assert "notice" not in done
+
+    R.set_status(platform.client, MODEL, v, "running", key="key-next")       # what the flow writes on a re-run
+    running = _eventually(lambda: (b := http.get(f"{V}/{v}").json()).get("latest_status") == "running" and b,
+                          "the running status")
+    assert (running["status"], running["serving_run"], running["pending"]) == ("done", published, True)
+    assert "is running; serving the last published one" in running["notice"]
+    gif = http.get(f"{V}/{v}/components/1/sequence.gif")
+    assert gif.status_code == 200
+    assert (gif.headers["x-figan-serving-run"], gif.headers["x-figan-latest-status"]) == (published, "running")
+    made = http.post("/v1/generate", headers=KEY, json={"model": MODEL, "version": v, "format": "json", "frames": 2})
+    assert made.status_code == 200 and (made.json()["serving_run"], made.json()["pending"]) == (published, True)
+
+    R.set_status(platform.client, MODEL, v, "failed", error="train: out of memory", key="key-next")
+    failed = _eventually(lambda: (b := http.get(f"{V}/{v}").json()).get("latest_status") == "failed" and b,
+                         "the failed status")
+    assert (failed["serving_run"], failed["pending"]) == (published, False)
+    assert "is failed (train: out of memory)" in failed["notice"]
+
+    first = platform.client.get_model_version(MODEL, "1").tags[R.TAG_RUN_ID]         # v1's genuine explanation
+    platform.client.set_model_version_tag(MODEL, v, R.TAG_LAST_GOOD_RUN_ID, first)
+    refused = _eventually(lambda: (r := http.get(f"{V}/{v}")).status_code == 502 and r, "the refusal")
+    assert "figan.last_good_run_id tag is not an explanation of this version (version, key differ)" in \
+        refused.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def in_process(platform, tmp_path_factory):
+    """The same ASGI app `bentoml serve` runs, in-process (cheaper than another server; one per process, BentoML
+    registers its metrics globally), with keys off and a generation queue of one worker + one waiting:
+    (test client, the service instance)."""
+    import bentoml
     from starlette.testclient import TestClient
 
     from services.explanations import MLFLOW_ENV, Explanations
 
-    for var, value in MLFLOW_ENV.items():
-        monkeypatch.setenv(var, value)
-    monkeypatch.setenv("FIGAN_HOME", str(tmp_path))
-    monkeypatch.setenv("FIGAN_SERVICE_AUTH", "off")
-    monkeypatch.delenv("FIGAN_SERVICE_API_KEY", raising=False)
-    monkeypatch.setenv("FIGAN_TRACKING_URI", platform.server.uri)
+    env = {**MLFLOW_ENV, "FIGAN_HOME": str(tmp_path_factory.mktemp("in-process")),
+           "FIGAN_TRACKING_URI": platform.server.uri, "FIGAN_SERVICE_AUTH": "off",
+           "FIGAN_SERVICE_GEN_CONCURRENCY": "1", "FIGAN_SERVICE_GEN_QUEUE": "1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for var, value in env.items():
+            mp.setenv(var, value)
+        mp.delenv("FIGAN_SERVICE_API_KEY", raising=False)
+        try:
+            with TestClient(Explanations.to_asgi()) as client:
+                yield client, bentoml.get_current_service()
+        finally:
+            gc.unfreeze()                   # the service froze the heap of this (test) process at its start
+
+
+def test_auth_off_in_process(in_process):
+    """With FIGAN_SERVICE_AUTH=off generation needs no key."""
+    client, _ = in_process
+    assert client.get("/readyz").status_code == 200
+    resp = client.post("/v1/generate", json={**GOOD, "format": "json", "frames": 2})
+    assert resp.status_code == 200 and len(resp.json()["components"]) == 2
+
+
+def test_a_full_generation_queue_answers_503_with_retry_after(in_process, platform):
+    """One generation at once and one waiting: while both places are taken (here by work that waits on a gate),
+    generation and uploads are answered 503 with Retry-After at once, bad requests still 400; once the queue
+    drains the same requests succeed."""
+    client, svc = in_process
+    image = (platform.home / "discs" / "images" / "000000.png").read_bytes()
+    generate = lambda **change: client.post("/v1/generate", json={**GOOD, "frames": 2, **change})  # noqa: E731
+    upload = lambda: client.post(f"{V}/1/explain-image", files={"image": ("x.png", image, "image/png")},  # noqa: E731
+                                 data={"frames": "2"})
+    assert generate().status_code == 200 and upload().status_code == 200        # warm: models loaded
+    gate = threading.Event()
+    held = [svc.store.generation.submit(gate.wait, 30) for _ in range(2)]     # the worker + the one waiting
     try:
-        with TestClient(Explanations.to_asgi()) as client:
-            assert client.get("/readyz").status_code == 200
-            resp = client.post("/v1/generate", json={**GOOD, "format": "json", "frames": 2})
-            assert resp.status_code == 200 and len(resp.json()["components"]) == 2
+        t0 = time.monotonic()
+        for busy in (generate(), upload()):
+            assert busy.status_code == 503, busy.text
+            assert int(busy.headers["retry-after"]) >= 1 and busy.json()["field"] == "queue"
+            assert busy.json()["retry_after_s"] == int(busy.headers["retry-after"])
+        assert time.monotonic() - t0 < 5                                       # answered at once, not queued
+        assert_4xx(generate(frames=1), 400, "frames")                        # checked before the queue
     finally:
-        gc.unfreeze()                   # the service froze the heap of this (test) process at its start
+        gate.set()
+    for f in held:
+        f.result(timeout=30)
+    assert generate().status_code == 200 and upload().status_code == 200
+    assert svc.store.generation.admitted == 0
 
 
 def test_unreachable_mlflow_is_not_ready_and_503(monkeypatch, tmp_path):
