@@ -16,9 +16,11 @@ the artifact layout) or from its own cache folder:
 * **Cache folder** ``<cache>/<run_id>/``: ``registry.download_explanation`` of a served run, downloaded once
   into a temporary folder and renamed into place (atomic, safe with several workers). Run ids are 32 hex digits
   and every file name is built here from a validated component number, so reads never leave the cache.
-  Published runs never change, so cached files are kept (and their bytes memoised) for the process lifetime.
+  Published runs never change, so cached files are reused as they are; the folders are kept under a disk budget
+  (least recently used out, never one in use) and their bytes memoised under a memory budget
+  (:mod:`services.caches`).
 * **Models in memory**: the published generator and PLS state per run, the CNN (+ contract) per version, each
-  loaded once; generation and uploads run on a bounded queue (:mod:`services.work_queue`), so CPU-bound requests
+  loaded once and kept under a byte budget (least recently used out); generation and uploads run on a bounded queue (:mod:`services.work_queue`), so CPU-bound requests
   cannot pile up threads.
 """
 from __future__ import annotations
@@ -33,10 +35,10 @@ import tempfile
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -58,6 +60,7 @@ from models.sequences import sweep_values
 from models.verdict import verdict_of
 
 from . import render
+from .caches import ByteLRU, DiskCache, tensor_bytes
 from .work_queue import GenerationQueue
 from .contract import (RUN_ID_RE, SWEEP_LIMIT, VERSION_RE, ServiceError, check_name, check_ref,
                        check_within_published, public_detail, public_row)
@@ -82,7 +85,10 @@ class ServiceConfig:
     at once, each with ``FIGAN_SERVICE_TORCH_THREADS`` (default 1) torch threads: more threads help on dedicated
     cores, but on shared or oversubscribed ones OpenMP's spinning made a 16-frame request 5x slower (measured);
     ``FIGAN_SERVICE_GEN_QUEUE`` (default 16) generations and uploads waiting for one beyond those (then 503 with
-    Retry-After)."""
+    Retry-After); memory and disk budgets in bytes, least recently used out first: loaded generators, PLS states
+    and CNNs ``FIGAN_SERVICE_MODEL_CACHE_BYTES`` (2 GiB, their tensors), published files' bytes
+    ``FIGAN_SERVICE_FILE_CACHE_BYTES`` (128 MiB), downloaded explanation folders ``FIGAN_SERVICE_DISK_CACHE_BYTES``
+    (10 GiB, never one in use)."""
     tracking_uri: str | None
     cache_dir: Path
     api_key: str | None = None
@@ -92,6 +98,9 @@ class ServiceConfig:
     max_upload_bytes: int = 2 * 1024 * 1024
     gen_concurrency: int = 1
     gen_queue: int = 16
+    model_cache_bytes: int = 2 * 1024 ** 3
+    file_cache_bytes: int = 128 * 1024 ** 2
+    disk_cache_bytes: int = 10 * 1024 ** 3
     torch_threads: int = 1
     model_allowlist: tuple[str, ...] = ()
     mlflow_home: Path | None = None
@@ -123,6 +132,9 @@ class ServiceConfig:
                    max_upload_bytes=get("FIGAN_SERVICE_MAX_UPLOAD", int, 2 * 1024 * 1024),
                    gen_concurrency=get("FIGAN_SERVICE_GEN_CONCURRENCY", int, 1),
                    gen_queue=get("FIGAN_SERVICE_GEN_QUEUE", int, 16),
+                   model_cache_bytes=get("FIGAN_SERVICE_MODEL_CACHE_BYTES", int, 2 * 1024 ** 3),
+                   file_cache_bytes=get("FIGAN_SERVICE_FILE_CACHE_BYTES", int, 128 * 1024 ** 2),
+                   disk_cache_bytes=get("FIGAN_SERVICE_DISK_CACHE_BYTES", int, 10 * 1024 ** 3),
                    torch_threads=get("FIGAN_SERVICE_TORCH_THREADS", int, 1),
                    model_allowlist=settings.model_allowlist, mlflow_home=settings.mlflow_home)
 
@@ -202,26 +214,6 @@ class Explanation:
                 "layer_selection": self.metrics.get("layer_selection")}
 
 
-@lru_cache(maxsize=1024)
-def _published_file(path: Path, root: Path) -> bytes:
-    """Bytes of a file inside an explanation folder, memoised (published runs never change). Names are built by
-    :class:`Explanation` from validated parts; the containment check is defence in depth."""
-    resolved = path.resolve()
-    if not resolved.is_relative_to(root.resolve()):
-        raise ServiceError(400, "path outside the explanation")
-    if not resolved.is_file():
-        raise ServiceError(404, f"{path.name} was not published with this explanation")
-    return resolved.read_bytes()
-
-
-@lru_cache(maxsize=256)
-def _frames_json(npz: Path, root: Path, component: int) -> bytes:
-    _published_file(npz, root)                  # the same checks (and 404) as any published file
-    values, frames = render.published_frames(npz)
-    return json.dumps({"component": component, **render.frames_json(values, frames)},
-                      separators=(",", ":")).encode()
-
-
 @dataclass(frozen=True)
 class Upload:
     """An uploaded image checked against a version (:meth:`ExplanationStore.read_upload`): its pixels as the CNN
@@ -232,12 +224,6 @@ class Upload:
 
 
 # --------------------------------------------------------------------------------------------- the store
-
-@dataclass
-class _Loaded:
-    generator: tuple[Generator, CGANConfig] | None = None
-    pls: PLSState | None = None
-
 
 class ExplanationStore:
     """Published explanations pulled from MLflow into a local cache; thread-safe."""
@@ -256,8 +242,10 @@ class ExplanationStore:
         self._locks_lock = threading.Lock()
         self._explanations: dict[str, Explanation] = {}
         self._verified: set[tuple] = set()              # (run id, model, version, key) pairings checked
-        self._loaded: dict[str, _Loaded] = {}
-        self._cnns: dict[tuple[str, str], tuple[torch.nn.Module, registry.Contract]] = {}
+        self.loaded = ByteLRU(cfg.model_cache_bytes, tensor_bytes, "models")
+        self.files = ByteLRU(cfg.file_cache_bytes, len, "files")
+        self.disk = DiskCache(self.cache, cfg.disk_cache_bytes, names=lambda name: bool(RUN_ID_RE.match(name)))
+        self.disk.collect()                     # folders an earlier process left count against the budget
         self.generation = GenerationQueue(cfg.gen_concurrency, cfg.gen_queue)
 
     # -- MLflow
@@ -421,34 +409,42 @@ class ExplanationStore:
         return expl
 
     def _load(self, row: dict, run_id: str) -> Explanation:
+        """The explanation's folder (downloaded now unless cached), then the cache kept under its disk budget."""
         dest = self.cache / run_id
-        if not dest.is_dir():
-            t0 = time.monotonic()
-            tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=self.cache))
-            try:
-                registry.download_explanation(self.client, run_id, tmp)
-                metrics = json.loads((tmp / "metrics.json").read_text())
-                fid = metrics.get("fid") or {}
-                if fid.get("trace"):
-                    plot_fid_trace(fid["trace"], tmp / "service" / "fid_trace.png", floor=fid.get("floor"),
-                                   label=fid.get("extractor") or "", best_step=fid.get("best_step"))
-                try:
-                    tmp.rename(dest)
-                except OSError:                 # another worker got there first
-                    shutil.rmtree(tmp, ignore_errors=True)
-            except (MlflowException, OSError, ValueError) as e:
-                shutil.rmtree(tmp, ignore_errors=True)
-                log.warning("explanation fetch failed", extra={"run_id": run_id, "error": str(e)[:1000]})
-                raise ServiceError(502, f"version: explanation run {run_id} of {row['name']}/{row['version']} "
-                                        f"could not be fetched from MLflow ({public_detail(e)})", "version") from e
-            log.info("explanation cached", extra={"model": row["name"], "version": row["version"],
-                                                  "run_id": run_id, "ms": round(1000 * (time.monotonic() - t0))})
-        meta = json.loads((dest / "gan" / "best" / "generator.json").read_text())
-        config_path = dest / "config.json"
-        config = json.loads(config_path.read_text()).get("config", {}) if config_path.is_file() else {}
+        with self.disk.in_use(run_id):
+            if not dest.is_dir():
+                self._download(row, run_id, dest)
+                self.disk.collect(self._forget)
+            meta = json.loads((dest / "gan" / "best" / "generator.json").read_text())
+            config_path = dest / "config.json"
+            config = json.loads(config_path.read_text()).get("config", {}) if config_path.is_file() else {}
+            metrics = json.loads((dest / "metrics.json").read_text())
         return Explanation(name=row["name"], version=row["version"], run_id=run_id, row=row, dir=dest,
-                           metrics=json.loads((dest / "metrics.json").read_text()), config=config,
-                           gen_cfg=CGANConfig.from_dict(meta["config"]))
+                           metrics=metrics, config=config, gen_cfg=CGANConfig.from_dict(meta["config"]))
+
+    def _download(self, row: dict, run_id: str, dest: Path) -> None:
+        """What the service needs of a run, into a temporary folder renamed into place (atomic, safe with several
+        workers), with the FID trace figure rendered once."""
+        t0 = time.monotonic()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=self.cache))
+        try:
+            registry.download_explanation(self.client, run_id, tmp)
+            metrics = json.loads((tmp / "metrics.json").read_text())
+            fid = metrics.get("fid") or {}
+            if fid.get("trace"):
+                plot_fid_trace(fid["trace"], tmp / "service" / "fid_trace.png", floor=fid.get("floor"),
+                               label=fid.get("extractor") or "", best_step=fid.get("best_step"))
+            try:
+                tmp.rename(dest)
+            except OSError:                 # another worker got there first
+                shutil.rmtree(tmp, ignore_errors=True)
+        except (MlflowException, OSError, ValueError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("explanation fetch failed", extra={"run_id": run_id, "error": str(e)[:1000]})
+            raise ServiceError(502, f"version: explanation run {run_id} of {row['name']}/{row['version']} "
+                                    f"could not be fetched from MLflow ({public_detail(e)})", "version") from e
+        log.info("explanation cached", extra={"model": row["name"], "version": row["version"],
+                                              "run_id": run_id, "ms": round(1000 * (time.monotonic() - t0))})
 
     def _check_run_is_the_explanation(self, row: dict, run_id: str, key: str | None) -> None:
         """Any MLflow user can write a version's ``figan.run_id`` (or last-good) tag: serve the run only if it
@@ -473,49 +469,85 @@ class ExplanationStore:
                                     f"is not an explanation of this version ({', '.join(mismatch)} differ); "
                                     f"refused", "version")
 
+    def _forget(self, run_id: str) -> None:
+        """Drop what memory holds of a cached folder that is being deleted (the next request downloads it again);
+        models already loaded from it stay valid and stay in their own cache."""
+        self._explanations.pop(run_id, None)
+        self.files.drop(lambda key: key[0] != run_id)
+
+    @contextmanager
+    def _on_disk(self, expl: Explanation) -> Iterator[None]:
+        """Hold an explanation's folder while reading from it; a folder deleted meanwhile (another worker's disk
+        budget) is a 503 to retry, and the next request downloads it again."""
+        with self.disk.in_use(expl.run_id):
+            if not expl.dir.is_dir():
+                self._forget(expl.run_id)
+                raise ServiceError(503, f"version: the cached explanation of {expl.name}/{expl.version} was just "
+                                        f"evicted; retry", "version", headers={"Retry-After": "1"})
+            yield
+
     def file(self, expl: Explanation, path: Path) -> bytes:
-        """Bytes of a file of a cached explanation (404 when the run did not publish it)."""
-        return _published_file(path, expl.dir)
+        """Bytes of a file of a cached explanation (404 when the run did not publish it), memoised within the file
+        cache's byte budget (published runs never change). Names are built by :class:`Explanation` from
+        validated parts; the containment check is defence in depth."""
+        key = (expl.run_id, str(path))
+        data = self.files.get(key)
+        if data is not None:
+            self.disk.touch(expl.run_id)
+            return data
+        resolved = path.resolve()
+        if not resolved.is_relative_to(expl.dir.resolve()):
+            raise ServiceError(400, "path outside the explanation")
+        with self._on_disk(expl):
+            if not resolved.is_file():
+                raise ServiceError(404, f"{path.name} was not published with this explanation")
+            data = resolved.read_bytes()
+        self.files.put(key, data)
+        return data
 
     def frames_json(self, expl: Explanation, component: int) -> bytes:
         """Frames JSON of a published 0-based component (from its npz; memoised like the files)."""
-        return _frames_json(expl.component_file(component, "npz"), expl.dir, component + 1)
+        key = (expl.run_id, f"frames:{component}")
+        data = self.files.get(key)
+        if data is None:
+            npz = expl.component_file(component, "npz")
+            self.file(expl, npz)                    # the same checks (and 404) as any published file
+            with self._on_disk(expl):
+                values, frames = render.published_frames(npz)
+            data = json.dumps({"component": component + 1, **render.frames_json(values, frames)},
+                              separators=(",", ":")).encode()
+            self.files.put(key, data)
+        return data
 
     def fid_trace_png(self, expl: Explanation) -> Path:
         return expl.dir / "service" / "fid_trace.png"
 
-    # -- models in memory
+    # -- models in memory (least recently used out beyond FIGAN_SERVICE_MODEL_CACHE_BYTES)
     def generator(self, expl: Explanation) -> tuple[Generator, CGANConfig]:
-        loaded = self._loaded.setdefault(expl.run_id, _Loaded())
-        if loaded.generator is None:
-            with self._lock(expl.run_id):
-                if loaded.generator is None:
-                    G, gcfg, _ = load_generator(expl.dir / "gan" / "best", "cpu")
-                    loaded.generator = (G.to(memory_format=torch.channels_last), gcfg)   # ~25 % faster on CPU
-        return loaded.generator
+        def load() -> tuple[Generator, CGANConfig]:
+            with self._on_disk(expl):
+                G, gcfg, _ = load_generator(expl.dir / "gan" / "best", "cpu")
+            return G.to(memory_format=torch.channels_last), gcfg        # ~25 % faster on CPU
+        return self.loaded.get_or_load(("generator", expl.run_id), load)
 
     def pls(self, expl: Explanation) -> PLSState:
-        loaded = self._loaded.setdefault(expl.run_id, _Loaded())
-        if loaded.pls is None:
-            loaded.pls = load_pls(expl.dir / "pls")
-        return loaded.pls
+        def load() -> PLSState:
+            with self._on_disk(expl):
+                return load_pls(expl.dir / "pls")
+        return self.loaded.get_or_load(("pls", expl.run_id), load)
 
     def cnn(self, expl: Explanation) -> tuple[torch.nn.Module, registry.Contract]:
-        """The explained CNN version (eager module, eval mode) and its contract, loaded once."""
-        key = (expl.name, expl.version)
-        if key not in self._cnns:
-            with self._lock(f"cnn:{expl.name}/{expl.version}"):
-                if key not in self._cnns:
-                    try:
-                        model, _ = registry.load_cnn_version(self.client, expl.name, expl.version)
-                        contract = registry.read_contract(self.client, expl.name, expl.version)
-                    except (MlflowException, OSError, ValueError) as e:
-                        log.warning("CNN load failed", extra={"model": expl.name, "version": expl.version,
-                                                              "error": str(e)[:1000]})
-                        raise ServiceError(502, f"version: the CNN {expl.name}/{expl.version} could not be "
-                                                f"loaded ({public_detail(e)})", "version") from e
-                    self._cnns[key] = (model, contract)
-        return self._cnns[key]
+        """The explained CNN version (eager module, eval mode) and its contract."""
+        def load() -> tuple[torch.nn.Module, registry.Contract]:
+            try:
+                model, _ = registry.load_cnn_version(self.client, expl.name, expl.version)
+                return model, registry.read_contract(self.client, expl.name, expl.version)
+            except (MlflowException, OSError, ValueError) as e:
+                log.warning("CNN load failed", extra={"model": expl.name, "version": expl.version,
+                                                      "error": str(e)[:1000]})
+                raise ServiceError(502, f"version: the CNN {expl.name}/{expl.version} could not be "
+                                        f"loaded ({public_detail(e)})", "version") from e
+        return self.loaded.get_or_load(("cnn", expl.name, expl.version), load)
 
     # -- computing
     def generate(self, expl: Explanation, components: list[int], lo: np.ndarray, hi: np.ndarray, frames: int,

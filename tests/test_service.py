@@ -407,6 +407,33 @@ def test_a_full_generation_queue_answers_503_with_retry_after(in_process, platfo
     assert svc.store.generation.admitted == 0
 
 
+def test_memory_and_disk_budgets_evict_the_least_recently_used(platform, tmp_path):
+    """Budgets of 1.5 explanations: loading a second version's generator evicts the first one's from memory,
+    downloading a second explanation deletes the first one's folder (unless in use), and the evicted one is
+    loaded again when asked for."""
+    from services.caches import folder_bytes, tensor_bytes
+
+    measure = ExplanationStore(ServiceConfig(tracking_uri=platform.server.uri, cache_dir=tmp_path / "measure"))
+    one = measure.explanation(MODEL, "1")
+    gen_bytes, disk_bytes = tensor_bytes(measure.generator(one)), folder_bytes(one.dir)
+    cfg = ServiceConfig(tracking_uri=platform.server.uri, cache_dir=tmp_path / "cache",
+                        model_cache_bytes=int(1.5 * gen_bytes), disk_cache_bytes=int(1.5 * disk_bytes))
+    store = ExplanationStore(cfg)
+    a = store.explanation(MODEL, "1")
+    store.generator(a)
+    b = store.explanation(MODEL, "2")                                   # another run: a's folder goes
+    assert a.run_id != b.run_id and b.dir.is_dir() and not a.dir.exists()
+    assert folder_bytes(store.cache) <= cfg.disk_cache_bytes
+    store.generator(b)
+    assert store.loaded.keys() == [("generator", b.run_id)] and store.loaded.bytes <= cfg.model_cache_bytes
+    with store.disk.in_use(b.run_id):                                   # in use: kept although over budget
+        again = store.explanation(MODEL, "1")
+        assert again.dir.is_dir() and b.dir.is_dir()
+    assert store.file(again, again.dir / "metrics.json") == (platform.artifacts / "metrics.json").read_bytes()
+    store.explanation(MODEL, "2")                                       # b's folder is still there: no download
+    assert store.disk.collect() and folder_bytes(store.cache) <= cfg.disk_cache_bytes
+
+
 def test_unreachable_mlflow_is_not_ready_and_503(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     store = ExplanationStore(ServiceConfig(tracking_uri="http://127.0.0.1:9", cache_dir=tmp_path))  # no listener
