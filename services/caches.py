@@ -7,10 +7,13 @@
 * :class:`DiskCache` — the folders ``<root>/<run_id>/`` of downloaded explanations, kept under ``max_bytes`` by
   deleting the least recently used ones, never one in use (a request reading or loading from it holds it with
   :meth:`DiskCache.in_use`). Folders left by an earlier process count with their modification time as last use.
+  Each folder records the size of every file it was downloaded with (:func:`record_sizes`); a folder reused that
+  no longer matches (:func:`is_whole`: a truncated or missing file) is downloaded again, never served.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -25,6 +28,8 @@ from typing import Any, Callable, Hashable, Iterable, Iterator, TypeVar
 import numpy as np
 import torch
 from cachetools import LRUCache
+
+from models.files import write_text_atomic
 
 log = logging.getLogger("figan.service")
 V = TypeVar("V")
@@ -133,6 +138,26 @@ def folder_bytes(path: Path) -> int:
     return total
 
 
+SIZES_FILE = ".cache-sizes.json"        # in each cached folder: relative path → bytes of every file in it
+
+
+def record_sizes(folder: Path) -> None:
+    """Write the size of every file of a just-downloaded folder into it (atomically, written last)."""
+    sizes = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != SIZES_FILE}
+    write_text_atomic(folder / SIZES_FILE, json.dumps(sizes))
+
+
+def is_whole(folder: Path) -> bool:
+    """Whether a cached folder still holds every file it was downloaded with, each of its recorded size (a
+    truncated or missing file, or no record, means it must be downloaded again)."""
+    try:
+        sizes = json.loads((folder / SIZES_FILE).read_text())
+        return isinstance(sizes, dict) and all((folder / rel).stat().st_size == size for rel, size in sizes.items())
+    except (OSError, ValueError):
+        return False
+
+
 class DiskCache:
     """Explanation folders ``<root>/<run_id>/`` under ``max_bytes``: least recently used first out, never one in
     use. ``names`` says which entries of ``root`` are cache folders (others, e.g. temporary downloads, are left
@@ -195,18 +220,29 @@ class DiskCache:
                 if self._in_use.get(name):
                     continue
                 on_evict(name)
-                trash = self.root / f".evicted-{name}-{uuid.uuid4().hex[:8]}"
-                try:
-                    (self.root / name).rename(trash)            # atomic: readers see the whole folder or none
-                except OSError:
-                    continue
-                total -= self._sizes.pop(name, 0)
-                self._last_use.pop(name, None)
-                evicted.append(name)
-                shutil.rmtree(trash, ignore_errors=True)
+                size = self.size(name)
+                if self._remove(name):
+                    total -= size
+                    evicted.append(name)
         if evicted:
             log.info("disk cache collected", extra={"evicted": evicted, "bytes": total, "max_bytes": self.max_bytes})
         return evicted
+
+    def discard(self, name: str) -> None:
+        """Delete folder ``name`` now (it is not whole), whether in use or not: the caller makes it again."""
+        with self._lock:
+            self._remove(name)
+
+    def _remove(self, name: str) -> bool:
+        trash = self.root / f".evicted-{name}-{uuid.uuid4().hex[:8]}"
+        try:
+            (self.root / name).rename(trash)            # atomic: readers see the whole folder or none
+        except OSError:
+            return False
+        self._sizes.pop(name, None)
+        self._last_use.pop(name, None)
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
 
     @property
     def bytes(self) -> int:

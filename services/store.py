@@ -49,18 +49,19 @@ from PIL import Image, UnidentifiedImageError
 from flows import registry
 from flows.mlflow_server import find_server
 from flows.settings import Settings
-from models.cgan import CGANConfig, Generator, load_generator
+from models.cgan import CGANConfig, Generator, load_generator, read_generator_meta
 from models.data import IMAGE_FORMATS, read_image
 from models.explain import cnn_input
 from models.features import extract_features, model_output
 from models.fid import plot_fid_trace
 from models.patient_generator import PatientGenerator
-from models.pls import PLSState, load_pls
+from models.pls import PLSError, PLSState, load_pls
 from models.sequences import sweep_values
+from models.sizes import SizeError, read_json
 from models.verdict import verdict_of
 
 from . import render
-from .caches import ByteLRU, DiskCache, tensor_bytes
+from .caches import ByteLRU, DiskCache, is_whole, record_sizes, tensor_bytes
 from .work_queue import GenerationQueue
 from .contract import (RUN_ID_RE, SWEEP_LIMIT, VERSION_RE, ServiceError, check_name, check_ref,
                        check_within_published, public_detail, public_row)
@@ -411,16 +412,31 @@ class ExplanationStore:
     def _load(self, row: dict, run_id: str) -> Explanation:
         """The explanation's folder (downloaded now unless cached), then the cache kept under its disk budget."""
         dest = self.cache / run_id
-        with self.disk.in_use(run_id):
+        with self.disk.in_use(run_id), self._refused(row, run_id):
+            if dest.is_dir() and not is_whole(dest):
+                log.warning("cached explanation is not whole; downloading it again", extra={"run_id": run_id})
+                self._forget(run_id)
+                self.disk.discard(run_id)
             if not dest.is_dir():
                 self._download(row, run_id, dest)
                 self.disk.collect(self._forget)
-            meta = json.loads((dest / "gan" / "best" / "generator.json").read_text())
+            _, gen_cfg = read_generator_meta(dest / "gan" / "best")        # sizes bounded before any use
             config_path = dest / "config.json"
-            config = json.loads(config_path.read_text()).get("config", {}) if config_path.is_file() else {}
-            metrics = json.loads((dest / "metrics.json").read_text())
+            config = read_json(config_path).get("config", {}) if config_path.is_file() else {}
+            metrics = read_json(dest / "metrics.json")
         return Explanation(name=row["name"], version=row["version"], run_id=run_id, row=row, dir=dest,
-                           metrics=metrics, config=config, gen_cfg=CGANConfig.from_dict(meta["config"]))
+                           metrics=metrics, config=config, gen_cfg=gen_cfg)
+
+    @contextmanager
+    def _refused(self, row: dict, run_id: str) -> Iterator[None]:
+        """A published run whose metadata asks for more than the bounds allow (or is unreadable) is a 502 naming
+        what it asks for; nothing was allocated for it."""
+        try:
+            yield
+        except (SizeError, PLSError) as e:
+            log.warning("refused explanation", extra={"run_id": run_id, "error": str(e)[:1000]})
+            raise ServiceError(502, f"version: the explanation run {run_id} of {row['name']}/{row['version']} is "
+                                    f"refused: {public_detail(e)}", "version") from None
 
     def _download(self, row: dict, run_id: str, dest: Path) -> None:
         """What the service needs of a run, into a temporary folder renamed into place (atomic, safe with several
@@ -429,15 +445,19 @@ class ExplanationStore:
         tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=self.cache))
         try:
             registry.download_explanation(self.client, run_id, tmp)
-            metrics = json.loads((tmp / "metrics.json").read_text())
+            metrics = read_json(tmp / "metrics.json")
             fid = metrics.get("fid") or {}
             if fid.get("trace"):
                 plot_fid_trace(fid["trace"], tmp / "service" / "fid_trace.png", floor=fid.get("floor"),
                                label=fid.get("extractor") or "", best_step=fid.get("best_step"))
+            record_sizes(tmp)
             try:
                 tmp.rename(dest)
             except OSError:                 # another worker got there first
                 shutil.rmtree(tmp, ignore_errors=True)
+        except SizeError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         except (MlflowException, OSError, ValueError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
             log.warning("explanation fetch failed", extra={"run_id": run_id, "error": str(e)[:1000]})
@@ -525,14 +545,14 @@ class ExplanationStore:
     # -- models in memory (least recently used out beyond FIGAN_SERVICE_MODEL_CACHE_BYTES)
     def generator(self, expl: Explanation) -> tuple[Generator, CGANConfig]:
         def load() -> tuple[Generator, CGANConfig]:
-            with self._on_disk(expl):
-                G, gcfg, _ = load_generator(expl.dir / "gan" / "best", "cpu")
+            with self._on_disk(expl), self._refused(expl.row, expl.run_id):
+                G, gcfg, _ = load_generator(expl.dir / "gan" / "best", "cpu", self.cfg.model_cache_bytes)
             return G.to(memory_format=torch.channels_last), gcfg        # ~25 % faster on CPU
         return self.loaded.get_or_load(("generator", expl.run_id), load)
 
     def pls(self, expl: Explanation) -> PLSState:
         def load() -> PLSState:
-            with self._on_disk(expl):
+            with self._on_disk(expl), self._refused(expl.row, expl.run_id):
                 return load_pls(expl.dir / "pls")
         return self.loaded.get_or_load(("pls", expl.run_id), load)
 

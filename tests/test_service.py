@@ -9,6 +9,7 @@ import base64
 import gc
 import io
 import json
+import shutil
 import threading
 import time
 
@@ -153,6 +154,29 @@ def test_a_run_id_tag_pointing_at_another_versions_run_is_refused(http, platform
                        "the refusal (once the listing has the new tag)")
     assert "is not an explanation of this version (version, key differ)" in resp.json()["error"]
     assert http.get(f"{V}/1", headers=KEY).status_code == 200                  # the genuine pairing still serves
+
+
+def test_a_published_run_asking_for_a_huge_generator_is_refused(http, platform, served):
+    """A run whose generator.json asks for a huge network is refused with what it asks for, at once, and the
+    service's memory does not grow by anything like the network's size (nothing was allocated for it)."""
+    import psutil
+
+    v = platform.new_version()
+    tampered = platform.home / f"explanation-huge-v{v}"
+    shutil.copytree(platform.artifacts, tampered)
+    meta = json.loads((tampered / "gan" / "best" / "generator.json").read_text())
+    meta["config"]["ngf"] = 10 ** 7                                   # ~10^15 parameters
+    (tampered / "gan" / "best" / "generator.json").write_text(json.dumps(meta))
+    R.publish_explanation(platform.client, MODEL, v, tampered, platform.metrics, {"dataset": "discs"}, key=f"key-{v}")
+    service = [psutil.Process(served.proc.pid), *psutil.Process(served.proc.pid).children(recursive=True)]
+    before, t0 = sum(p.memory_info().rss for p in service), time.monotonic()
+    for path in (f"{V}/{v}", f"{V}/{v}/components/1/sequence.gif"):
+        refused = assert_4xx(http.get(path), 502, "version")
+        assert "refused: generator.json config: ngf=10000000 exceeds the maximum of 1024" in refused["error"]
+    generated = http.post("/v1/generate", headers=KEY, json={"model": MODEL, "version": v})
+    assert "ngf=10000000 exceeds" in assert_4xx(generated, 502, "version")["error"]
+    assert time.monotonic() - t0 < 10
+    assert sum(p.memory_info().rss for p in service) - before < 100 * 2 ** 20
 
 
 def test_failed_and_running_versions_answer_with_their_status(http):
@@ -432,6 +456,19 @@ def test_memory_and_disk_budgets_evict_the_least_recently_used(platform, tmp_pat
     assert store.file(again, again.dir / "metrics.json") == (platform.artifacts / "metrics.json").read_bytes()
     store.explanation(MODEL, "2")                                       # b's folder is still there: no download
     assert store.disk.collect() and folder_bytes(store.cache) <= cfg.disk_cache_bytes
+
+
+def test_a_truncated_cached_file_is_downloaded_again_not_served(platform, tmp_path):
+    """A cached explanation whose files no longer match what was downloaded (here: a GIF cut short, as a full
+    disk or a killed copy leaves it) is fetched again by the next process instead of being served."""
+    cfg = ServiceConfig(tracking_uri=platform.server.uri, cache_dir=tmp_path / "cache")
+    expl = ExplanationStore(cfg).explanation(MODEL, "1")
+    gif = expl.component_file(0, "gif")
+    published = (platform.artifacts / "sequences" / "component_1.gif").read_bytes()
+    gif.write_bytes(published[:len(published) // 2])
+    restarted = ExplanationStore(cfg)
+    again = restarted.explanation(MODEL, "1")
+    assert restarted.file(again, again.component_file(0, "gif")) == published
 
 
 def test_unreachable_mlflow_is_not_ready_and_503(monkeypatch, tmp_path):
