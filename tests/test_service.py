@@ -480,6 +480,21 @@ def test_unreachable_mlflow_is_not_ready_and_503(monkeypatch, tmp_path):
     assert err.value.code == 503 and "127.0.0.1" not in err.value.message        # no internal address
 
 
+def test_published_files_are_left_out_of_tracing_and_the_api_is_not():
+    """Immutable published files skip the per-request OpenTelemetry span (their largest CPU cost); the API's JSON,
+    generation and upload routes keep it."""
+    import re
+
+    from services.explanations import Explanations
+
+    untraced = re.compile("|".join(Explanations.config["tracing"]["excluded_urls"]))
+    for path in (f"{V}/champion/components/1/sequence.gif", f"{V}/1/components/2/eigen.png", f"{V}/1/metrics.json",
+                 f"{V}/1/components/1/sequence.json", f"{V}/1/fid_trace.png", "/viewer/viewer.js"):
+        assert untraced.search(f"http://127.0.0.1:3000{path}"), path
+    for path in ("/v1/models", f"{V}/1", "/v1/generate", f"{V}/1/explain-image", "/v1/resolve/m@1"):
+        assert not untraced.search(f"http://127.0.0.1:3000{path}"), path
+
+
 def test_error_details_carry_no_internal_urls_or_paths():
     from services.contract import public_detail
     detail = ("HTTPConnectionPool(host='10.0.0.5', port=5000): Max retries exceeded with url: "
