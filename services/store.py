@@ -64,7 +64,7 @@ from models.sizes import SizeError, read_json
 from models.verdict import verdict_of
 
 from . import render
-from .caches import ByteLRU, DiskCache, is_whole, record_sizes, tensor_bytes
+from .caches import SIZES_FILE, ByteLRU, DiskCache, is_whole, record_sizes, tensor_bytes
 from .work_queue import GenerationQueue
 from .contract import (RUN_ID_RE, SWEEP_LIMIT, VERSION_RE, ServiceError, check_name, check_ref,
                        check_within_published, public_detail, public_row)
@@ -413,14 +413,15 @@ class ExplanationStore:
         expl = self._explanations.get(run_id)
         if expl is None:
             with self._lock(run_id):
-                expl = self._explanations.get(run_id) or self._load(row, run_id)
+                expl = self._explanations.get(run_id) or self._load(row, run_id, key)
                 self._explanations[run_id] = expl
         if expl.row is not row:                 # aliases and status current; the files never change
             expl.row = row
         return expl
 
-    def _load(self, row: dict, run_id: str) -> Explanation:
-        """The explanation's folder (downloaded now unless cached), then the cache kept under its disk budget."""
+    def _load(self, row: dict, run_id: str, key: str | None) -> Explanation:
+        """The explanation's folder (downloaded now unless cached and whole), checked against its signed manifest,
+        then the cache kept under its disk budget."""
         dest = self.cache / run_id
         with self.disk.in_use(run_id), self._refused(row, run_id):
             if dest.is_dir() and not is_whole(dest):
@@ -445,7 +446,7 @@ class ExplanationStore:
         dropped so a repaired run is fetched anew."""
         where = f"{row['name']}/{row['version']}"
         try:
-            result = audit.verify_served(dest, {**row, "run_id": run_id, "key": key}, ignore=("service",))
+            result = audit.verify_served(dest, {**row, "run_id": run_id, "key": key}, ignore=("service", SIZES_FILE))
         except audit.AuditError as e:
             log.error("audit key unusable", extra={"error": str(e)})
             raise ServiceError(503, "version: this service has no usable audit key to check explanations with "

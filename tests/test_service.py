@@ -409,7 +409,7 @@ def test_a_version_being_re_explained_keeps_serving_its_last_published_run(http,
     first = platform.client.get_model_version(MODEL, "1").tags[R.TAG_RUN_ID]         # v1's genuine explanation
     platform.client.set_model_version_tag(MODEL, v, R.TAG_LAST_GOOD_RUN_ID, first)
     refused = _eventually(lambda: (r := http.get(f"{V}/{v}")).status_code == 502 and r, "the refusal")
-    assert "figan.last_good_run_id tag is not an explanation of this version (version, key differ)" in \
+    assert "figan.last_good_run_id tag is not an explanation of this version (version, key, cnn differ)" in \
         refused.json()["error"]
 
 
