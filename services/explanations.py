@@ -52,8 +52,9 @@ Design choices:
   they are queued. Revisit on a GPU, where larger batches do pay.
 * **Keys**: generation and upload always need the API key unless ``FIGAN_SERVICE_AUTH=off``; reads need it too
   unless ``FIGAN_SERVICE_PUBLIC_READ=true`` (see :class:`services.store.ServiceConfig`).
-* **Logs** are JSON lines (BentoML's handlers get a JSON formatter in the worker), access log included
-  (``FIGAN_SERVICE_ACCESS_LOG=false`` turns the access log off).
+* **Logs** are JSON lines (BentoML's handlers get a JSON formatter in the worker). The access log covers the API
+  but not the published files, whose per-request line cost half of their CPU (:mod:`services.access_log`;
+  ``FIGAN_SERVICE_ACCESS_LOG=api|all|off``).
 * **The module stays light**: torch, MLflow and the store are imported in the worker only (``__init__``), so
   `bentoml serve`'s process manager, which imports this module for its configuration, stays ~90 MB.
 """
@@ -78,6 +79,7 @@ from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
+from .access_log import ApiAccessLog, access_log_mode
 from .contract import (FRAMES_MAX, FRAMES_MIN, MAX_COMPONENTS, MEDIA_TYPES, SWEEP_LIMIT, ServiceError,
                        check_component, check_name, check_ref, check_within_published, public_row)
 
@@ -93,6 +95,9 @@ STATIC = Path(__file__).parent / "static"
 OPTIONAL_FIGURES = ("attribution", "real_cases")      # per-component PNGs an explanation may publish
 SweepValue = Annotated[float, Field(ge=-SWEEP_LIMIT, le=SWEEP_LIMIT, allow_inf_nan=False)]
 api = FastAPI(title="FIGAN explanations", version="1", docs_url=None, redoc_url=None)   # no CDN-hosted doc pages
+ACCESS_LOG = access_log_mode()
+if ACCESS_LOG == "api":
+    api.add_middleware(ApiAccessLog)
 
 
 # --------------------------------------------------------------------------------------------- request models
@@ -228,7 +233,7 @@ UNTRACED_URLS = [r"/v1/models/[^/]+/versions/[^/]+/(components/[^/]+/[a-z_]+\.(g
 # context stays alive for the whole timeout (measured: 20 objects per request; at 120 s and ~800 req/s the
 # collector's full passes grew to 250 ms and stalled every request in flight).
 @bentoml.service(name="figan-explanations", workers=1, traffic={"timeout": 30, "max_concurrency": 256},
-                 logging={"access": {"enabled": os.environ.get("FIGAN_SERVICE_ACCESS_LOG", "true").lower() != "false",
+                 logging={"access": {"enabled": ACCESS_LOG == "all",
                                      "request_content_type": False, "response_content_type": True}},
                  tracing={"excluded_urls": UNTRACED_URLS})
 class Explanations:

@@ -73,11 +73,19 @@ def test_probes_and_json_logs(http, served):
     assert http.get("/healthz").status_code == 200
     assert http.get("/readyz").status_code == 200
     assert http.get("/v1/models").status_code == 200
-    time.sleep(0.5)                                                          # let the worker flush its log
+    assert http.get(f"{V}/1/components/1/sequence.gif").status_code == 200
+    assert http.get(f"{V}/999").status_code == 404                           # our route, no such version
+
+    def access_lines() -> list[str]:        # the worker's lines reach the log through the process manager
+        return [r["message"] for r in log_records(served.log) if r.get("logger") == "figan.access"]
+
+    access = _eventually(lambda: (lines := access_lines()) and "/999" in lines[-1] and lines, "the 404's line")
     records = log_records(served.log)
     assert any(r.get("logger") == "figan.service" and r.get("message") == "service started" for r in records)
-    access = [r for r in records if r.get("logger") == "bentoml.access" and "path=/v1/models" in r["message"]]
-    assert access and access[0]["level"] == "INFO" and "status=200" in access[0]["message"]
+    assert any("(method=GET,path=/v1/models)" in m and "status=200" in m for m in access), access
+    assert any(f"path={V}/999)" in m and "status=404" in m for m in access), access
+    assert not any("sequence.gif" in m for m in access), access      # published files: counted in metrics only
+    assert not any(r.get("logger") == "bentoml.access" for r in records)
     assert "Downloading artifacts" not in served.log.read_text()
 
 
@@ -536,6 +544,17 @@ def test_published_files_are_left_out_of_tracing_and_the_api_is_not():
         assert untraced.search(f"http://127.0.0.1:3000{path}"), path
     for path in ("/v1/models", f"{V}/1", "/v1/generate", f"{V}/1/explain-image", "/v1/resolve/m@1"):
         assert not untraced.search(f"http://127.0.0.1:3000{path}"), path
+
+
+def test_access_log_mode_is_read_and_checked():
+    from services.access_log import PUBLISHED_FILE, access_log_mode
+    assert [access_log_mode(e) for e in ({}, {"FIGAN_SERVICE_ACCESS_LOG": "ALL"},
+                                         {"FIGAN_SERVICE_ACCESS_LOG": "false"})] == ["api", "all", "off"]
+    with pytest.raises(ValueError, match="FIGAN_SERVICE_ACCESS_LOG='loud'"):
+        access_log_mode({"FIGAN_SERVICE_ACCESS_LOG": "loud"})
+    assert PUBLISHED_FILE.search(f"{V}/champion/components/2/eigen.png")
+    assert PUBLISHED_FILE.search("/models/m/versions/1/metrics.json")           # the path inside the /v1 mount
+    assert not PUBLISHED_FILE.search(f"{V}/1") and not PUBLISHED_FILE.search(f"{V}/1/explain-image")
 
 
 def test_error_details_carry_no_internal_urls_or_paths():
