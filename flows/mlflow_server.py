@@ -6,7 +6,7 @@ starts one as a background process whose whole state lives in a *home* folder::
     <home>/mlflow.db            SQLite backend store (experiments, runs, registered models, tags)
     <home>/artifacts/           artifact store, served *through* the server (clients see ``mlflow-artifacts:``
                                 URIs and never touch the folder, so the same code works against a remote server)
-    <home>/mlflow-server.log    the server's stdout + stderr (appended; each start is marked)
+    <home>/mlflow-server.log    the server's stdout + stderr (appended, rotated; each start is marked)
     <home>/mlflow-server.pid    the process id (= process-group id: the server runs in its own session)
     <home>/server.json          {"uri", "pid", "host", "port", "started", ...} for other processes (CLI down/status)
     <home>/webhook.key          the Fernet key encrypting webhook secrets, generated once and reused, so webhooks
@@ -50,6 +50,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from .log_sink import popen_logged
 from .procs import (_CHILDREN, _DIRECT, _cmdline, _group_members, _holders, _log_tail, _owns_port, _proc_stat,
                     _reap, _rss_bytes, wait_group_gone)
 
@@ -263,10 +264,9 @@ def start_server(home: Path, host: str = "127.0.0.1", port: int | None = None,
         with open(log_path, "ab") as log:
             log_start = log.tell()
             log.write(f"=== {started} starting: {' '.join(cmd)}\n".encode())
-            log.flush()
-            t0 = time.monotonic()
-            proc = subprocess.Popen(cmd, cwd=home, env=_server_env(home), stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        t0 = time.monotonic()
+        proc = popen_logged(cmd, log_path, cwd=home, env=_server_env(home), stdin=subprocess.DEVNULL,
+                            start_new_session=True)               # the log rotated by flows.log_sink
         _CHILDREN[proc.pid] = proc
         server = MlflowServer(uri=f"http://{_client_host(host)}:{port}", pid=proc.pid, home=home, host=host,
                               port=port, started=started)

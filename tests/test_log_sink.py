@@ -1,0 +1,59 @@
+"""Daemon logs are rotated: flows.log_sink owns each daemon's log file and bounds it (real processes, real files)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.log_sink import limits
+from flows.procs import start_daemon
+from tests.conftest import free_ports
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_sink_rotates_at_the_size_and_keeps_the_backups(tmp_path):
+    log = tmp_path / "part.log"
+    lines = [f"line {i:05d} " + "x" * 90 for i in range(1000)]                   # ~100 KB
+    subprocess.run([sys.executable, "-m", "flows.log_sink", str(log)], input="\n".join(lines).encode(), cwd=REPO,
+                   env={"FIGAN_LOG_MAX_BYTES": "10000", "FIGAN_LOG_BACKUPS": "2", "PATH": "/usr/bin:/bin"},
+                   check=True, timeout=60)
+    files = sorted(tmp_path.iterdir())
+    assert [f.name for f in files] == ["part.log", "part.log.1", "part.log.2"]
+    assert all(f.stat().st_size <= 10000 for f in files)
+    assert log.read_text().splitlines()[-1] == lines[-1]                         # the newest line is in the log
+    kept = (tmp_path / "part.log.2").read_text() + (tmp_path / "part.log.1").read_text() + log.read_text()
+    assert kept.splitlines() == lines[-len(kept.splitlines()):]                   # in order, nothing garbled
+
+
+def test_a_daemon_writes_through_the_sink(tmp_path, monkeypatch):
+    monkeypatch.setenv("FIGAN_LOG_MAX_BYTES", "4096")
+    monkeypatch.setenv("FIGAN_LOG_BACKUPS", "1")
+    (port,) = free_ports(1)
+    chatty = [sys.executable, "-c", "import http.server, sys\n"
+              f"for i in range(400): print('hello', i, 'y' * 40)\n"
+              f"http.server.test(HandlerClass=http.server.SimpleHTTPRequestHandler, port={port}, bind='127.0.0.1')"]
+    d = start_daemon(tmp_path, "chatty", chatty, f"http://127.0.0.1:{port}", marker="http.server", health="/",
+                     timeout=60)
+    try:
+        log = tmp_path / "logs" / "chatty.log"
+        deadline = time.monotonic() + 20
+        while "hello 399" not in log.read_text(errors="replace"):
+            assert time.monotonic() < deadline, "the daemon's last line never reached its log"
+            time.sleep(0.2)
+        assert log.stat().st_size <= 4096 and (tmp_path / "logs" / "chatty.log.1").stat().st_size <= 4096
+        assert not (tmp_path / "logs" / "chatty.log.2").exists()
+    finally:
+        assert d.stop()
+
+
+def test_bad_log_limits_are_refused_before_anything_starts(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="FIGAN_LOG_BACKUPS='many' is not an integer"):
+        limits({"FIGAN_LOG_BACKUPS": "many"})
+    monkeypatch.setenv("FIGAN_LOG_MAX_BYTES", "10")
+    with pytest.raises(ValueError, match="FIGAN_LOG_MAX_BYTES must be at least 1024, got 10"):
+        start_daemon(tmp_path, "never", [sys.executable, "-c", "pass"], "http://127.0.0.1:9")
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "never.json").exists()
