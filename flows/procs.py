@@ -231,7 +231,8 @@ def find_daemon(home: Path, name: str) -> Daemon | None:
     except (FileNotFoundError, ValueError, TypeError):
         return None
     if not d.alive():
-        path.unlink(missing_ok=True)
+        if not _group_members(d.pid):           # kept while orphans of a dead daemon remain (stop_daemon)
+            path.unlink(missing_ok=True)
         return None
     return d
 
@@ -248,6 +249,7 @@ def start_daemon(home: Path, name: str, cmd: list[str], url: str, env: dict[str,
     existing = find_daemon(home, name)
     if existing is not None:
         return existing
+    stop_daemon(home, name)                      # what a dead predecessor left in its group (its children)
     port = port or urllib.parse.urlsplit(url).port
     log_path = home / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -281,5 +283,26 @@ def start_daemon(home: Path, name: str, cmd: list[str], url: str, env: dict[str,
 
 
 def stop_daemon(home: Path, name: str, timeout: float = 10) -> bool:
+    """Stop the daemon ``name`` and everything in its process group; True if anything was running.
+
+    A daemon that died (killed by the OOM killer, say) can leave children behind in its group, e.g. the worker's
+    explain processes. Its record still names the group, and POSIX does not reuse a pid while a process group of
+    that id exists, so whatever is left in the group is the dead daemon's: it is stopped too."""
     d = find_daemon(home, name)
-    return d.stop(timeout) if d is not None else False
+    if d is not None:
+        return d.stop(timeout)
+    try:
+        dead = Daemon(**json.loads(_record(Path(home), name).read_text()))
+    except (FileNotFoundError, ValueError, TypeError):
+        return False
+    orphans = _group_members(dead.pid)
+    if orphans:
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(dead.pid, sig)
+            except ProcessLookupError:
+                break
+            if wait_group_gone(dead.pid, wait):
+                break
+    _record(Path(home), name).unlink(missing_ok=True)
+    return bool(orphans)

@@ -1,15 +1,19 @@
-"""Daemon logs are rotated: flows.log_sink owns each daemon's log file and bounds it (real processes, real files)."""
+"""Background processes of the embedded platform (real processes, real files): daemon logs are rotated by
+flows.log_sink, and what a dead daemon leaves in its process group is stopped."""
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from flows.log_sink import limits
-from flows.procs import start_daemon
+from flows.procs import find_daemon, start_daemon, stop_daemon
 from tests.conftest import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,3 +61,27 @@ def test_bad_log_limits_are_refused_before_anything_starts(tmp_path, monkeypatch
     with pytest.raises(ValueError, match="FIGAN_LOG_MAX_BYTES must be at least 1024, got 10"):
         start_daemon(tmp_path, "never", [sys.executable, "-c", "pass"], "http://127.0.0.1:9")
     assert not (tmp_path / "logs").exists() and not (tmp_path / "never.json").exists()
+
+
+def test_the_children_of_a_dead_daemon_are_stopped(tmp_path):
+    """A worker killed by the OOM killer leaves its explain processes running; `figan down` (stop_daemon) and the
+    next start of that part stop them."""
+    (port,) = free_ports(1)
+    parent = [sys.executable, "-c", "import http.server, subprocess, sys\n"
+              "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+              f"http.server.test(HandlerClass=http.server.SimpleHTTPRequestHandler, port={port}, bind='127.0.0.1')"]
+    for finish in ("down", "up again"):
+        d = start_daemon(tmp_path, "worker", parent, f"http://127.0.0.1:{port}", marker="http.server", health="/",
+                         timeout=60)
+        (child,) = psutil.Process(d.pid).children()
+        os.kill(d.pid, signal.SIGKILL)                                   # the daemon dies, its child lives on
+        psutil.Process(d.pid).wait(10) if psutil.pid_exists(d.pid) else None
+        assert find_daemon(tmp_path, "worker") is None and child.is_running()
+        if finish == "down":
+            assert stop_daemon(tmp_path, "worker") is True
+        else:
+            again = start_daemon(tmp_path, "worker", parent, f"http://127.0.0.1:{port}", marker="http.server",
+                                 health="/", timeout=60)
+            assert again.stop()
+        assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+        assert stop_daemon(tmp_path, "worker") is False and not (tmp_path / "worker.json").exists()
