@@ -85,3 +85,16 @@ def test_the_children_of_a_dead_daemon_are_stopped(tmp_path):
             assert again.stop()
         assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
         assert stop_daemon(tmp_path, "worker") is False and not (tmp_path / "worker.json").exists()
+
+
+def test_the_embedded_mlflow_keeps_its_port_across_restarts(tmp_path):
+    """The worker, the service and MLflow's webhooks hold the server's URL: a restart takes the same port."""
+    from flows.mlflow_server import start_server, stop_server
+
+    first = start_server(tmp_path / "mlflow")
+    try:
+        assert stop_server(tmp_path / "mlflow")
+        second = start_server(tmp_path / "mlflow")
+        assert second.port == first.port and second.pid != first.pid
+    finally:
+        stop_server(tmp_path / "mlflow")
