@@ -126,7 +126,7 @@ __all__ = [
     "release_lease", "new_owner", "TAG_VERDICT", "verdict_tag", "parse_verdict_tag", "apply_pass_alias",
     "run_verdict", "logged_model_id", "TAG_MANIFEST", "RUN_TAG_MANIFEST", "MANIFEST_PATH", "SERVED_ARTIFACTS",
     "run_manifest_sha256", "cnn_identity", "RUN_TAG_CNN_ID", "VersionReplacedError", "TAG_LAST_GOOD_RUN_ID",
-    "TAG_LAST_GOOD_KEY",
+    "TAG_LAST_GOOD_KEY", "version_row",
 ]
 
 # --------------------------------------------------------------------------------------------- tag names
@@ -1155,7 +1155,7 @@ def download_explanation(client: MlflowClient, run_id: str, dest: Path) -> Path:
 def list_versions(client: MlflowClient, name: str | None = None) -> list[dict[str, Any]]:
     """One row per model version (of ``name``, or of every registered model): name, version, cnn_id
     (:func:`cnn_identity`), aliases, explain (opt-in), the status fields of :func:`get_status`, sorted by name and
-    version."""
+    version. Cost: one call per page of registered models, then one per page of each model's versions."""
     if name is not None:
         models = [client.get_registered_model(name)]
     else:
@@ -1168,22 +1168,27 @@ def list_versions(client: MlflowClient, name: str | None = None) -> list[dict[st
                 break
     rows = []
     for rm in models:
-        aliases: dict[str, list[str]] = {}
-        for alias, v in (rm.aliases or {}).items():
-            aliases.setdefault(str(v), []).append(alias)
         token = None
         while True:
             page = client.search_model_versions(f"name = {_quote(rm.name)}", page_token=token)
-            for mv in page:
-                tags = {**(rm.tags or {}), **(mv.tags or {})}
-                rows.append({"name": mv.name, "version": str(mv.version), "cnn_id": cnn_identity(mv),
-                             "aliases": sorted(aliases.get(str(mv.version), [])),
-                             "explain": tags.get(TAG_EXPLAIN, "").strip().lower() == "true",
-                             **_status_from_tags(mv.tags or {})})
+            rows.extend(_version_row(rm, mv) for mv in page)
             token = page.token
             if not token:
                 break
     return sorted(rows, key=lambda r: (r["name"], int(r["version"]) if r["version"].isdigit() else 0))
+
+
+def version_row(client: MlflowClient, name: str, version: str | int) -> dict[str, Any]:
+    """The :func:`list_versions` row of one version, in two calls (its registered model and the version) whatever
+    the number of versions: what a decision about one candidate reads."""
+    return _version_row(client.get_registered_model(name), client.get_model_version(name, str(version)))
+
+
+def _version_row(rm, mv: ModelVersion) -> dict[str, Any]:
+    aliases = sorted(alias for alias, v in (rm.aliases or {}).items() if str(v) == str(mv.version))
+    tags = {**(rm.tags or {}), **(mv.tags or {})}
+    return {"name": mv.name, "version": str(mv.version), "cnn_id": cnn_identity(mv), "aliases": aliases,
+            "explain": tags.get(TAG_EXPLAIN, "").strip().lower() == "true", **_status_from_tags(mv.tags or {})}
 
 
 # --------------------------------------------------------------------------------------------- drift (across releases)
