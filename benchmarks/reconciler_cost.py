@@ -18,16 +18,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import mlflow.utils.rest_utils as rest_utils
-from mlflow import MlflowClient
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
+from flows import registry as R                        # noqa: E402 (first: flows turns MLflow's telemetry off)
+from flows.mlflow_server import start_server, stop_server   # noqa: E402
 from results_file import provenance, write_results     # noqa: E402 (benchmarks/ is on sys.path)
 
-from flows import registry as R                        # noqa: E402
-from flows.mlflow_server import start_server, stop_server   # noqa: E402
+import mlflow.utils.rest_utils as rest_utils           # noqa: E402
+from mlflow import MlflowClient                        # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "reconciler_cost.json"
 MODEL = "bench-cnn"
