@@ -57,6 +57,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from . import registry as R
 from .failures import PROGRAM, program_fingerprint
@@ -282,10 +283,14 @@ class Worker:
 
     def _decide(self, name: str, version: str) -> Decision:
         from .explain import resolve_job
-        rows = [r for r in R.list_versions(self.client, name) if r["version"] == version]
-        if not rows or not self.opted_in(rows[0]):
-            return Decision(False, "not registered or not opted in")
-        status = rows[0]
+        try:
+            status = R.version_row(self.client, name, version)      # two calls, whatever the model's size
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            return Decision(False, "not registered")
+        if not self.opted_in(status):
+            return Decision(False, "not opted in")
         try:
             job, error, fingerprint = resolve_job(self.client, self.settings, name, version), None, None
             key = job.key
