@@ -4,6 +4,7 @@ their own processes, a git+DVC data store. Registrations go through the plain ML
 would make them."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -297,6 +298,11 @@ def test_registrations_are_explained_with_no_other_call(platform):
         lineage = artifact_json(p, runs[0].info.run_id, R.LINEAGE_FILE)
         assert lineage["cnn_name"] == n and lineage["cnn_version"] == v and lineage["dataset_md5"] == p.md5
     assert statuses["auto-a"]["run_id"] != statuses["auto-b"]["run_id"]
+    # the worker's log (a container's log in deploy/) says what queued each version and how its run ended
+    log = (p.home / "logs" / "worker.log").read_text()
+    for n, v in versions.items():
+        assert re.search(rf'"msg": "{n}/{v}: queued by (webhook|reconciler)', log), log[-2000:]
+        assert re.search(rf'"msg": "{n}/{v}: explain process exited 0 .* after', log), log[-2000:]
     print(f"registration → first running/done seen after {first_running:.1f} s ({running})")
 
 
