@@ -42,6 +42,7 @@ bench: setup
 	$(BIN)/python benchmarks/pipeline.py
 	$(BIN)/python benchmarks/trigger_burst.py
 	$(BIN)/python benchmarks/service_load.py
+	$(BIN)/python benchmarks/audit_verify.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -11,9 +11,11 @@ import torch
 
 
 def provenance() -> dict:
-    """{"machine": cpu, cores, torch threads and version; "date": now in UTC} for a results file."""
+    """{"machine": cpu, cores, torch threads and version, load average (1, 5, 15 min: timings on a busy machine
+    are slower); "date": now in UTC} for a results file."""
     return {"machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                        "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
+                        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+                        "load_average": [round(x, 2) for x in os.getloadavg()]},
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 

@@ -7,6 +7,8 @@
     figan register --cnn DIR --name NAME --dataset NAME [--dataset-md5 MD5]
     figan explain-version --name NAME --version N      run the explain flow for one registered version
     figan status [--name NAME]              registered versions, explanation status, verdict, headline metrics
+    figan verify MODEL VERSION              check a published explanation against its signed manifest (exit 1
+                                            naming every changed, missing or extra file)
     figan demo [--quick]                    the quick start: data → CNN → registration → explanation, twice
 
 Settings (home folder, tracking URI, DVC remote, explain config) come from `flows.settings.Settings`.
@@ -116,6 +118,32 @@ def cmd_status(args) -> int:
     return 0
 
 
+def verification_lines(name: str, version: str, run_id: str, result, seconds: float) -> list[str]:
+    """What `figan verify` prints: the run, the signature, the file counts, every problem, the verdict and time."""
+    key_id = ((result.manifest or {}).get("signature") or {}).get("key_id")
+    lines = [f"{name} version {version}: run {run_id}, manifest sha256 {result.manifest_sha256 or '-'}",
+             f"  signature  {result.signature}" + (f" (key id {key_id})" if key_id else ""),
+             f"  files      {result.checked} checked: {len(result.changed)} changed, {len(result.missing)} missing, "
+             f"{len(result.extra)} extra"]
+    lines += [f"  FAILED     {p}" for p in result.problems]
+    lines.append(f"{'VERIFIED' if result.ok else 'NOT VERIFIED'} in {seconds:.2f} s")
+    return lines
+
+
+def cmd_verify(args) -> int:
+    import time
+    from mlflow import MlflowClient
+    from .audit import signing_key, verify_version
+    from .explain import tracking_uri
+    from .settings import Settings
+    t0 = time.perf_counter()
+    settings = Settings.load()
+    run_id, result = verify_version(MlflowClient(tracking_uri(settings)), signing_key(settings), args.model,
+                                    args.version)
+    print("\n".join(verification_lines(args.model, str(args.version), run_id, result, time.perf_counter() - t0)))
+    return 0 if result.ok else 1
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
     return run_demo(Path(args.workdir), quick=args.quick, keep_server=not args.stop_server)
@@ -151,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="registered versions and their explanation status")
     s.add_argument("--name")
     s.set_defaults(fn=cmd_status)
+    a = sub.add_parser("verify", help="check a published explanation against its signed manifest")
+    a.add_argument("model")
+    a.add_argument("version")
+    a.set_defaults(fn=cmd_verify)
     d = sub.add_parser("demo", help="the quick start on the embedded default")
     d.add_argument("--workdir", default="runs/demo")
     d.add_argument("--quick", action="store_true", help="tiny sizes, for smoke tests")
@@ -160,12 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .audit import AuditError
     from .data import DataVersionError
     from .explain import PlatformError
+    from .procs import DaemonError
     from .registry import ContractError
     try:
         return core_cli.main(argv, build_parser())
-    except (DataVersionError, PlatformError, ContractError) as e:
+    except (DataVersionError, PlatformError, ContractError, AuditError, DaemonError) as e:
         print(f"figan: error: {e}", file=sys.stderr)
         return 2
 

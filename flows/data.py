@@ -9,9 +9,12 @@
   ``.dvc/config`` as is, so moving to S3/MinIO is configuration, not code.
 
 * **Versioning** (:func:`version_dataset`) validates the folder with ``models.data.ImageDataset`` (plus: every
-  file the manifest lists exists), copies it to ``<root>/datasets/<name>/`` (the working copy, replaced),
+  file the manifest lists exists) and ``models.dataset_audit.audit_dataset`` (every image's header: readable, one
+  size, no patient-identifying DICOM tags unless dataset.yaml says ``phi: allowed``), all before any DVC work,
+  copies it to ``<root>/datasets/<name>/`` (the working copy, replaced),
   ``dvc add``-s it, ``dvc push``-es the objects to the remote, git-commits ``datasets/<name>.dvc`` and tags the
-  commit ``<name>@<md5[:12]>`` with an annotated tag whose message carries the version's summary as JSON.
+  commit ``<name>@<md5[:12]>`` with an annotated tag whose message carries the version's summary as JSON
+  (counts, sizes and the audit's ``images`` facts: formats, image size, pixel spacing; never a DICOM tag value).
   The **md5 is DVC's directory hash** (the ``xxx.dir`` value of the ``.dvc`` file without ``.dir``), so the
   same bytes always get the same name: the source is hashed first and, when that version is already tagged,
   nothing is copied, pushed or committed (re-versioning an older content returns its existing version; the
@@ -51,7 +54,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -59,6 +62,7 @@ from typing import TYPE_CHECKING, Iterator
 import yaml
 
 from models.data import DatasetError, ImageDataset
+from models.dataset_audit import DatasetAudit, audit_dataset
 
 if TYPE_CHECKING:
     from dvc.repo import Repo
@@ -83,6 +87,10 @@ class DataVersionError(Exception):
     """A data store, dataset version or fetch request is not usable; the message names what is wrong."""
 
 
+class InvalidDatasetError(DataVersionError):
+    """The folder (to version, or a fetched version) is not a valid dataset: dataset.yaml, manifest or files."""
+
+
 @dataclass(frozen=True)
 class DataStore:
     """A git + DVC data registry at ``root`` whose data lives in the DVC remote ``remote`` (a URL or path)."""
@@ -101,11 +109,12 @@ class DatasetVersion:
 
     name: str
     md5: str
-    n_images: int          # rows of manifest.csv
+    n_images: int          # images: rows of manifest.csv, NIfTI volumes counted by their selected slices
     n_files: int           # files DVC tracks (images, masks, manifest.csv, dataset.yaml)
     size_bytes: int        # total size of those files
     rev: str               # the git commit the tag points to
     created: str = ""      # UTC ISO-8601 time it was versioned
+    images: dict = field(default_factory=dict, compare=False)   # the audit's summary: formats, size, spacing
 
     @property
     def tag(self) -> str:
@@ -327,21 +336,24 @@ def open_store(root: str | Path, remote: str | Path | None = None) -> DataStore:
 
 # --------------------------------------------------------------------------------------------- versioning
 
-def _validate_source(src: Path) -> ImageDataset:
+def _validate_source(src: Path) -> tuple[ImageDataset, DatasetAudit]:
     try:
         ds = ImageDataset(src)
     except DatasetError as e:
-        raise DataVersionError(f"dataset {src} is not valid: {e}") from None
+        raise InvalidDatasetError(f"dataset {src} is not valid: {e}") from None
     m = ds.manifest
     for col in ("path", "mask"):
         if col not in m.columns:
             continue
-        for rel in m[col].dropna().astype(str):
+        for rel in m[col].dropna().astype(str).unique():
             p = (src / rel)
             if not p.is_file():
-                raise DataVersionError(f"dataset {src} is not valid: manifest.csv column {col!r} lists {rel!r}, "
-                                       f"which does not exist in the folder")
-    return ds
+                raise InvalidDatasetError(f"dataset {src} is not valid: manifest.csv column {col!r} lists {rel!r}, "
+                                          f"which does not exist in the folder")
+    try:
+        return ds, audit_dataset(ds)
+    except DatasetError as e:
+        raise InvalidDatasetError(f"dataset {src} is not valid: {e}") from None
 
 
 def _read_dvc_out(path: Path) -> tuple[str, int, int]:
@@ -378,7 +390,7 @@ def version_dataset(store: DataStore, src: str | Path, name: str | None = None) 
     """
     root = _require_store(store)
     src = Path(src).expanduser().resolve()
-    ds = _validate_source(src)
+    ds, audit = _validate_source(src)
     name = _check_name(ds.name if name is None else name,
                        "dataset name" if name is not None else f"dataset name (from {src}/dataset.yaml)")
     md5 = dataset_md5(src)
@@ -389,10 +401,11 @@ def version_dataset(store: DataStore, src: str | Path, name: str | None = None) 
                     raise DataVersionError(f"tag {v.tag} already names {name} version {v.md5}, whose first "
                                            f"{SHORT_MD5} hex digits collide with the new version {md5}")
                 return v
-        return _add_version(store, root, src, name, md5, len(ds))
+        return _add_version(store, root, src, name, md5, len(ds), audit.summary())
 
 
-def _add_version(store: DataStore, root: Path, src: Path, name: str, md5: str, n_images: int) -> DatasetVersion:
+def _add_version(store: DataStore, root: Path, src: Path, name: str, md5: str, n_images: int,
+                 images: dict) -> DatasetVersion:
     from dvc.exceptions import DvcException
 
     work = root / DATASETS_DIR / name
@@ -450,11 +463,11 @@ def _add_version(store: DataStore, root: Path, src: Path, name: str, md5: str, n
     # the annotated tag is the index entry: list_versions() reads this JSON back
     tag = version_tag(name, md5)
     body = json.dumps({"name": name, "md5": md5, "n_images": n_images, "n_files": n_files, "size_bytes": size,
-                       "created": created}, sort_keys=True)
+                       "created": created, "images": images}, sort_keys=True)
     _git(root, "tag", "-a", tag, "-m", f"dataset {name} version {md5}\n\n{body}", "HEAD")
     rev = _git(root, "rev-parse", f"{tag}^{{commit}}").stdout.strip()
     return DatasetVersion(name=name, md5=md5, n_images=n_images, n_files=n_files, size_bytes=size, rev=rev,
-                          created=created)
+                          created=created, images=images)
 
 
 def list_versions(store: DataStore, name: str | None = None) -> list[DatasetVersion]:
@@ -477,7 +490,7 @@ def list_versions(store: DataStore, name: str | None = None) -> list[DatasetVers
             info = json.loads(body.strip())
             v = DatasetVersion(name=str(info["name"]), md5=str(info["md5"]), n_images=int(info["n_images"]),
                                n_files=int(info["n_files"]), size_bytes=int(info["size_bytes"]), rev=commit,
-                               created=str(info.get("created", "")))
+                               created=str(info.get("created", "")), images=dict(info.get("images") or {}))
         except (ValueError, KeyError, TypeError):
             continue                                      # an annotated tag not written by version_dataset
         if v.tag == tag:
@@ -487,6 +500,14 @@ def list_versions(store: DataStore, name: str | None = None) -> list[DatasetVers
 
 
 # --------------------------------------------------------------------------------------------- fetching
+
+def dataset_version(store: DataStore, name: str, md5: str) -> DatasetVersion:
+    """The version of dataset ``name`` whose md5 is ``md5`` (full or a unique prefix of >= 8 hex): its commit,
+    size and the date it was versioned. :class:`DataVersionError` names the known versions when there is none."""
+    _require_store(store)
+    _check_name(name)
+    return _resolve(store, name, md5)
+
 
 def _resolve(store: DataStore, name: str, md5: str) -> DatasetVersion:
     versions = list_versions(store)
@@ -513,8 +534,8 @@ def _open_fetched(path: Path, v: DatasetVersion) -> None:
     try:
         ImageDataset(path)
     except DatasetError as e:
-        raise DataVersionError(f"{v.name} version {v.md5} was fetched into {path} but does not open as a "
-                               f"dataset: {e}") from None
+        raise InvalidDatasetError(f"{v.name} version {v.md5} was fetched into {path} but does not open as a "
+                                  f"dataset: {e}") from None
 
 
 def fetch_dataset(store: DataStore, name: str, md5: str, dest: str | Path) -> Path:

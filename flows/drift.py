@@ -42,7 +42,6 @@ import logging
 import shutil
 import tempfile
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
@@ -442,11 +441,8 @@ def drift_task(client: "MlflowClient", settings: "Settings", job: "Job", run: "E
 
 
 @task(name="report", cache_policy=NO_CACHE)
-def report_task(job: "Job", run: "ExplainRun", summary: dict | None) -> Path:
-    """Write ``report.html`` (``models.report.build_report``) into the artifacts folder; returns its path."""
-    lineage = {"dataset": job.dataset, "dataset_md5": job.dataset_md5, "cnn_name": job.name,
-               "cnn_version": job.version, "cnn_format": getattr(run.model, "figan_format", None),
-               "config_hash": job.cfg.config_hash(), "key": job.key, "config": asdict(job.cfg),
-               "code_version": R.code_version()}
+def report_task(job: "Job", run: "ExplainRun", summary: dict | None, lineage: dict) -> Path:
+    """Write ``report.html`` (``models.report.build_report``, with the explanation's ``lineage``) into the
+    artifacts folder; returns its path."""
     return build_report(run.out, lineage=lineage, drift=summary, diff=(summary or {}).get("diff"),
                         title=f"FIGAN explanation — {job.name} v{job.version}")

@@ -3,17 +3,22 @@
 `explain_version(name, version)` — one flow run per model version, one task per stage:
 
     resolve (MLflow contract + CNN) → data (DVC fetch of the pinned md5) → features (cached by CNN version and
-    data md5) → pls → train (cGAN; resumes from its checkpoint after a crash) → sequences → checks → publish
+    data md5) → pls → train (cGAN; resumes from its checkpoint after a crash) → sequences → checks → drift →
+    lineage → report → publish (signed: `flows.audit`)
 
 * **Status** lives on the model version (`flows.registry`): `running` when work starts, `done` with headline
   metrics and the verdict (`figan.verdict`: pass, or fail + the failing gates) when the MLflow run holding every
   artifact is published, `failed` with the error message otherwise. `done` means published; with
   `FIGAN_PASS_ALIAS` set, that alias is also moved to the version when its verdict is pass.
-* **Idempotent by key** = (model name, version, dataset md5, explain-config hash): a key that already has a
-  published run is not explained again (the flow returns it). The working folder is keyed the same way, so a
-  re-run after a crash reuses the cached features and resumes GAN training from `gan/last.pt`.
-* **Retries**: tasks that do MLflow/DVC I/O retry on transient errors (I/O, connection, server errors); contract
-  and data errors (`ValueError` subclasses, `DataVersionError`) fail at once — retrying would not change them.
+* **Idempotent by key** = (model name, version, the CNN's identity, dataset md5, explain-config hash): a key that
+  already has a published run is not explained again (the flow returns it). The identity
+  (`flows.registry.cnn_identity`) tells a deleted and re-created model's version 1 from the old one. The working
+  folder and the cached features are keyed the same way, so a re-run after a crash reuses the cached features and
+  resumes GAN training from `gan/last.pt`, and another CNN never does.
+* **Retries** (`flows.failures`): tasks that do MLflow/DVC I/O retry on transient errors (I/O, connection, server
+  errors) at once; the flow's failure is recorded with its kind, which tells the worker when to try again:
+  transient errors after a backoff, contract errors when the contract tags change, programming errors (TypeError,
+  KeyError, ...) when the code, the explain config or the contract tags change.
 
 `version_dataset_flow(src)` validates a dataset folder, `dvc add` + `dvc push`es it into the data store and
 returns the md5 that names the version.
@@ -32,6 +37,7 @@ from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from models.audit import library_versions
 from models.data import DatasetError, ImageDataset
 from models.explain import (ExplainConfig, ExplainRun, cnn_input, prepare, stage_attribution, stage_checks,
                             stage_features, stage_pls, stage_sequences, stage_train)
@@ -40,8 +46,11 @@ from models.layer_selection import candidate_layers, chosen_layer, select_layer
 from models.verdict import verdict_of, verdict_text
 
 from . import registry as R
+from .audit import signing_key
 from .drift import drift_task, report_task          # across releases: drift + diff, auditor report
-from .data import DataVersionError, fetch_dataset, list_versions, open_store, version_dataset
+from .data import (DataVersionError, InvalidDatasetError, dataset_version, fetch_dataset, list_versions, open_store,
+                   version_dataset)
+from .failures import CONTRACT, PROGRAM, TRANSIENT, describe, failure_kind, program_fingerprint
 from .mlflow_server import find_server
 from .settings import Settings
 
@@ -61,19 +70,20 @@ def tracking_uri(settings: Settings) -> str:
     return server.uri
 
 
-def explanation_key(name: str, version: str, dataset_md5: str, config_hash: str) -> str:
-    return hashlib.sha256(f"{name}|{version}|{dataset_md5}|{config_hash}".encode()).hexdigest()[:16]
+def explanation_key(name: str, version: str, cnn_id: str, dataset_md5: str, config_hash: str) -> str:
+    """What one explanation is of: the CNN (name, version and its identity), the data version and the config."""
+    return hashlib.sha256(f"{name}|{version}|{cnn_id}|{dataset_md5}|{config_hash}".encode()).hexdigest()[:16]
 
 
 def _transient(task_, task_run, state) -> bool:
-    """Retry only what a retry can fix: I/O and server errors, not contract or data errors."""
+    """Retry only what a retry can fix (:func:`flows.failures.failure_kind`): I/O and server errors."""
     exc = state.data if isinstance(state.data, BaseException) else None
     if exc is None:
         try:
             exc = state.result(raise_on_failure=False)
-        except Exception:  # noqa: BLE001
-            return True
-    return not isinstance(exc, (ValueError, DataVersionError, PlatformError, KeyError, TypeError))
+        except Exception as e:  # noqa: BLE001 — the state's own error
+            exc = e
+    return isinstance(exc, BaseException) and failure_kind(exc) == TRANSIENT
 
 
 IO_TASK = dict(retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, cache_policy=NO_CACHE)
@@ -111,7 +121,7 @@ def resolve_job(client: MlflowClient, settings: Settings, name: str, version: st
                                    f"in the data store {settings.data_store}")
         md5 = versions[-1].md5
     md5 = md5.removesuffix(".dir")
-    key = explanation_key(name, version, md5, cfg.config_hash())
+    key = explanation_key(name, version, contract.cnn_id, md5, cfg.config_hash())
     return Job(name, version, key, contract.dataset, md5, contract, cfg, R.find_explanation(client, name, version, key))
 
 
@@ -127,9 +137,16 @@ def load_cnn(client: MlflowClient, job: Job):
 
 @task(name="data", **IO_TASK)
 def fetch_data(settings: Settings, job: Job) -> ImageDataset:
+    """The dataset version the job names, validated completely (dataset.yaml, manifest) before any training: a
+    version that does not validate (e.g. stored before a check existed) is a contract error, not retried."""
     store = open_store(settings.data_store, settings.dvc_remote)
     dest = settings.home / "datasets" / f"{job.dataset}@{job.dataset_md5[:12]}"
-    return ImageDataset(fetch_dataset(store, job.dataset, job.dataset_md5, dest))
+    try:
+        return ImageDataset(fetch_dataset(store, job.dataset, job.dataset_md5, dest))
+    except InvalidDatasetError as e:
+        raise R.ContractError(f"model version {job.name}/{job.version}: dataset {job.dataset} version "
+                              f"{job.dataset_md5} (tags {R.TAG_DATASET} / {R.TAG_DATASET_MD5}) is not valid: "
+                              f"{e}") from e
 
 
 @task(name="features", **WORK_TASK)
@@ -188,30 +205,47 @@ def checks(run: ExplainRun) -> dict:
     return stage_checks(run)
 
 
+@task(name="lineage", **IO_TASK)
+def lineage_of(client: MlflowClient, settings: Settings, job: Job, model) -> dict:
+    """What the explanation is made from, as report.html shows it and the signed manifest records it: the dataset
+    (name, DVC md5, the date that version was made), the CNN (name, version, LoggedModel id, format, digest of
+    its files), the explain config and its hash, the code version and the library versions."""
+    created = dataset_version(open_store(settings.data_store, settings.dvc_remote), job.dataset,
+                              job.dataset_md5).created
+    return {"dataset": job.dataset, "dataset_md5": job.dataset_md5, "dataset_created": created or None,
+            "cnn_name": job.name, "cnn_version": job.version, "cnn_id": job.contract.cnn_id,
+            "cnn_model_id": R.logged_model_id(client, job.name, job.version),
+            "cnn_format": getattr(model, "figan_format", None), "cnn_digest": getattr(model, "figan_digest", None),
+            "config_hash": job.cfg.config_hash(), "key": job.key, "config": asdict(job.cfg),
+            "code_version": R.code_version(), "libraries": library_versions()}
+
+
 @task(name="publish", **IO_TASK)
-def publish(client: MlflowClient, job: Job, run: ExplainRun, metrics: dict, pass_alias: str | None = None) -> str:
-    lineage = {"dataset": job.dataset, "dataset_md5": job.dataset_md5, "cnn_name": job.name,
-               "cnn_version": job.version, "cnn_format": getattr(run.model, "figan_format", None),
-               "config_hash": job.cfg.config_hash(), "key": job.key,
-               "config": asdict(job.cfg)}
+def publish(client: MlflowClient, settings: Settings, job: Job, run: ExplainRun, metrics: dict,
+            lineage: dict) -> str:
+    """The explanation run, signed with the platform's audit key (created on first use)."""
     return R.publish_explanation(client, job.name, job.version, run.out, metrics, lineage, job.key,
-                                 pass_alias=pass_alias)
+                                 signing_key=signing_key(settings, create=True), pass_alias=settings.pass_alias,
+                                 cnn_id=job.contract.cnn_id)
 
 
 # --------------------------------------------------------------------------------------------- flows
 
 def record_failure(client: MlflowClient, settings: Settings, name: str, version: str, exc: BaseException,
                    key: str | None) -> None:
-    """Mark the version failed with its message and the retry bookkeeping the reconciler reads: contract errors
-    wait for the contract tags to change; other errors are retried after ``retry_backoff`` × 2^(attempts−1)."""
+    """Mark the version failed with its message, its kind (:func:`flows.failures.failure_kind`) and what the worker
+    reads to decide when to try again: transient errors after ``retry_backoff`` × 2^(attempts−1) s, contract errors
+    when the contract tags change (their fingerprint), programming errors when the code, explain config or contract
+    tags change (:func:`flows.failures.program_fingerprint`)."""
     prev = R.get_status(client, name, version)
-    contract = isinstance(exc, R.ContractError)
+    kind = failure_kind(exc)
     attempts = (prev["attempts"] + 1) if (prev.get("key") == key and prev.get("status") in ("failed", "running")
                                           and key is not None) else 1
-    R.set_status(client, name, version, "failed", error=f"{type(exc).__name__}: {exc}", key=key,
-                 error_kind="contract" if contract else "error", attempts=attempts,
-                 retry_after=round(time.time() + settings.retry_backoff * 2 ** (attempts - 1), 1),
-                 contract_hash=R.contract_fingerprint(client, name, version) if contract else None)
+    R.set_status(client, name, version, "failed", error=describe(exc), key=key, error_kind=kind, attempts=attempts,
+                 retry_after=round(time.time() + settings.retry_backoff * 2 ** (attempts - 1), 1)
+                 if kind == TRANSIENT else None,
+                 contract_hash=R.contract_fingerprint(client, name, version) if kind == CONTRACT else None,
+                 program_hash=program_fingerprint(client, settings, name, version) if kind == PROGRAM else None)
 
 
 class Heartbeat:
@@ -263,7 +297,8 @@ def explain_version(name: str, version: str, stop_after: int | None = None) -> d
         log.info(f"{name}/{version}: explanation for key {job.key} already published (run {job.existing_run})")
         if R.get_status(client, name, version).get("status") != "done":
             R.set_status(client, name, version, "done", run_id=job.existing_run, key=job.key,
-                         verdict=R.verdict_tag(R.run_verdict(client, job.existing_run)))
+                         verdict=R.verdict_tag(R.run_verdict(client, job.existing_run)),
+                         manifest_sha256=R.run_manifest_sha256(client, job.existing_run))
         if settings.pass_alias:         # idempotent; also the retry of an alias write that failed after publishing
             R.apply_pass_alias(client, name, version, settings.pass_alias, R.get_status(client, name, version))
         return {"status": "done", "run_id": job.existing_run, "key": job.key, "new": False}
@@ -280,6 +315,7 @@ def explain_version(name: str, version: str, stop_after: int | None = None) -> d
         R.set_status(client, name, version, "running", key=job.key,
                      attempts=prev["attempts"] if prev.get("key") == job.key else None)
         try:
+            signing_key(settings, create=True)      # an unusable audit key fails now, not after the work
             res = job.cfg.resolution or "auto"       # the registration depends on the images alone: shared
             pose_cache = settings.features_cache / (f"{job.dataset}-{job.dataset_md5[:12]}-{res}-"
                                                     f"{job.cfg.max_images or 'all'}-{job.cfg.register_iters}-pose.pt")
@@ -300,7 +336,8 @@ def explain_version(name: str, version: str, stop_after: int | None = None) -> d
                           cnn_name=f"{name} v{version}")
             run.layer_selection = selection
             layer = cfg.layer or "final"
-            features(run, settings.features_cache / f"{name}-v{version}-{job.dataset_md5[:12]}-{layer}.npy")
+            features(run, settings.features_cache / (f"{name}-v{version}-{job.contract.cnn_id}-"
+                                                     f"{job.dataset_md5[:12]}-{layer}.npy"))
             pls(run)
             step = train(run, stop_after, pose_cache)
             if step < job.cfg.steps:
@@ -310,12 +347,13 @@ def explain_version(name: str, version: str, stop_after: int | None = None) -> d
             sequences(run)
             metrics = checks(run)
             drift_summary = drift_task(client, settings, job, run)    # never raises; tags figan.drift.*
-            report_task(job, run, drift_summary)                      # report.html, published with the run
+            lineage = lineage_of(client, settings, job, model)
+            report_task(job, run, drift_summary, lineage)             # report.html, published with the run
             if beat.lost or not R.renew_lease(client, name, version, owner, settings.lease_seconds):
                 beat.lost = True                 # the other holder owns the status now: record nothing
                 raise PlatformError(f"{name}/{version}: the run lease was taken over by another process while this "
                                     f"one worked; not publishing (the other run publishes key {job.key})")
-            run_id = publish(client, job, run, metrics, settings.pass_alias)
+            run_id = publish(client, settings, job, run, metrics, lineage)
         except Exception as e:
             if not beat.lost:
                 record_failure(client, settings, name, version, e, key=job.key)

@@ -25,8 +25,9 @@ Design choices:
   recorded pid only while that process is alive *and* is an MLflow server (guards against pid reuse).
 * **Idempotent start.** ``start_server`` on a home that already has a live server returns that server. A lock
   file serialises concurrent starts on one home, so two processes cannot both spawn a server.
-* **Clear failures.** If the process exits or ``GET /health`` does not answer within ``timeout`` seconds, the
-  process group is killed and :class:`MlflowServerError` carries the tail of the log.
+* **Clear failures.** If the process exits, ``GET /health`` does not answer within ``timeout`` seconds or is answered
+  by another process than the one started (its port was taken meanwhile), the process group is killed and
+  :class:`MlflowServerError` says why (with the tail of the log).
 
 Linux only (``/proc`` is read to find the server's processes and their memory).
 """
@@ -49,8 +50,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
-from .procs import (_CHILDREN, _DIRECT, _cmdline, _group_members, _log_tail, _proc_stat, _reap, _rss_bytes,
-                    wait_group_gone)
+from .procs import (_CHILDREN, _DIRECT, _cmdline, _group_members, _holders, _log_tail, _owns_port, _proc_stat,
+                    _reap, _rss_bytes, wait_group_gone)
 
 __all__ = ["MlflowServer", "MlflowServerError", "start_server", "find_server", "stop_server"]
 
@@ -292,7 +293,11 @@ def _wait_healthy(server: MlflowServer, proc: subprocess.Popen | None, timeout: 
             raise MlflowServerError(f"MLflow server pid {server.pid} for {server.home} died while starting; "
                                     f"log tail ({log_path}):\n{_log_tail(log_path, log_start)}")
         if server.healthy():
-            return
+            if proc is None or _owns_port(proc.pid, server.port):
+                return
+            raise MlflowServerError(f"MLflow server for {server.home} did not get port {server.port}: "
+                                    f"{server.uri}/health is answered by {_holders(server.port)}, not by the "
+                                    f"server started here (pid {proc.pid})")
         if time.monotonic() >= deadline:
             raise MlflowServerError(f"MLflow server for {server.home} did not answer {server.uri}/health within "
                                     f"{timeout:g} s; log tail ({log_path}):\n{_log_tail(log_path, log_start)}")

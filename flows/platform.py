@@ -13,7 +13,10 @@ worker     webhook receiver + reconciler + dispatcher (:mod:`flows.trigger`)   a
 service    the BentoML explanation service + viewer (:mod:`services.explanations`)  always
 =========  ==================================================================  ==========================
 
-With external engines configured (a team's MLflow, a Prefect server), only what is missing is started.
+With external engines configured (a team's MLflow, a Prefect server), only what is missing is started. MLflow and
+Prefect take free ports (recorded in the home); the worker's receiver and the service listen on the configured
+``FIGAN_RECEIVER_PORT`` and ``FIGAN_SERVICE_PORT``, which `figan up` checks before it starts anything: a port another
+process holds (e.g. a second platform's worker) is an error naming the port and its holder, at once.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import urllib.request
 from pathlib import Path
 
 from .mlflow_server import find_server, start_server, stop_server
-from .procs import Daemon, find_daemon, start_daemon, stop_daemon
+from .procs import Daemon, check_port_free, find_daemon, start_daemon, stop_daemon
 from .settings import Settings
 
 WORKER, PREFECT, SERVICE = "worker", "prefect", "service"
@@ -67,13 +70,13 @@ def start_worker(settings: Settings, tracking_uri: str, receiver: bool = True) -
     if api:
         env["PREFECT_API_URL"] = api
     return start_daemon(settings.home, WORKER, cmd, settings.receiver_url, env=env, marker="flows.cli worker",
-                        timeout=90)
+                        timeout=90, port=settings.receiver_port)
 
 
 def start_service(settings: Settings, tracking_uri: str) -> Daemon:
     """`bentoml serve` of the explanation service on loopback. The embedded platform serves one laptop, so the
     API key is off unless ``FIGAN_SERVICE_API_KEY`` is set (a deployment sets it; see deploy/)."""
-    port = int(os.environ.get("FIGAN_SERVICE_PORT", "3000"))
+    port = settings.service_port
     env = {"FIGAN_TRACKING_URI": tracking_uri, "BENTOML_HOME": str(settings.home / "bentoml"),
            "BENTOML_DO_NOT_TRACK": "true", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     if not os.environ.get("FIGAN_SERVICE_API_KEY"):
@@ -84,8 +87,22 @@ def start_service(settings: Settings, tracking_uri: str) -> Daemon:
                         marker="services.explanations", health="/readyz", timeout=120)
 
 
+def check_ports(settings: Settings) -> None:
+    """The configured ports of the parts this home has not started yet must be free
+    (:class:`flows.procs.PortTakenError` names the port and who holds it)."""
+    if find_daemon(settings.home, WORKER) is None:
+        check_port_free(settings.receiver_port, settings.receiver_host or "0.0.0.0",
+                        "the worker's webhook receiver, FIGAN_RECEIVER_PORT")
+    if find_daemon(settings.home, SERVICE) is None:
+        check_port_free(settings.service_port, "127.0.0.1", "the explanation service, FIGAN_SERVICE_PORT")
+
+
 def up(settings: Settings, receiver: bool = True, log=print) -> dict[str, str]:
-    """Start whatever part is not running; returns {part: url}."""
+    """Start whatever part is not running (after :func:`check_ports`); returns {part: url}. The audit key every part
+    shares is made first (when not configured), so an unusable one is reported before anything starts."""
+    check_ports(settings)
+    from .audit import signing_key          # (imports MLflow and torch: only when starting)
+    signing_key(settings, create=True)
     urls = {}
     if settings.tracking_uri:
         urls["mlflow"] = settings.tracking_uri

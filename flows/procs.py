@@ -4,21 +4,32 @@ Each daemon runs in its own session (its pid is its process-group id, so stoppin
 records ``<home>/<name>.json`` (pid, url, command, log) for other processes (`figan down`, `figan status`) and
 appends its output to ``<home>/logs/<name>.log``. A record whose process is gone, or whose pid now belongs to
 another program, is treated as absent. Linux only (``/proc``).
+
+**Ports.** A daemon is recorded only once its health URL answers *and* the socket listening on that port belongs to
+the process started here (or one of its children, by ``psutil``): another program already on the port — e.g. a
+second platform's worker — is never taken for ours. :func:`check_port_free` refuses a taken port before anything
+starts, naming the port and who holds it (process name and pid, where this user may see them).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-__all__ = ["Daemon", "DaemonError", "start_daemon", "find_daemon", "stop_daemon"]
+import psutil
+
+__all__ = ["Daemon", "DaemonError", "PortTakenError", "start_daemon", "find_daemon", "stop_daemon",
+           "check_port_free"]
 
 # Popen handles of processes started by *this* process: polled so that an exited child is reaped (a zombie
 # would still answer os.kill(pid, 0) and look alive).
@@ -30,6 +41,63 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 class DaemonError(RuntimeError):
     """A daemon could not be started or stopped; the message says why (with the log tail)."""
+
+
+class PortTakenError(DaemonError):
+    """A port the platform is configured to use is held by another process; the message names port and holder."""
+
+
+# --------------------------------------------------------------------------------------------- ports
+
+def _listening_pids(port: int) -> set[int | None]:
+    """Pids of the sockets listening on TCP ``port`` (None for one this user may not see the owner of)."""
+    try:
+        conns = psutil.net_connections(kind="inet")
+    except psutil.AccessDenied:
+        return set()
+    return {c.pid for c in conns if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port}
+
+
+def _describe(pid: int | None) -> str:
+    if pid is None:
+        return "a process of another user (its name and pid are not visible to this user)"
+    try:
+        p = psutil.Process(pid)
+        return f"{p.name()} (pid {pid}: {' '.join(p.cmdline())[:160]})"
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return f"pid {pid}"
+
+
+def _holders(port: int) -> str:
+    """Who listens on ``port``, in words."""
+    pids = sorted(_listening_pids(port), key=lambda p: (p is None, p or 0))
+    return ", ".join(_describe(p) for p in pids) if pids else "a process this user cannot see"
+
+
+def check_port_free(port: int, host: str, what: str) -> None:
+    """Raise :class:`PortTakenError` when a server could not listen on ``host:port`` now (``what`` says what the
+    platform needs the port for); a taken port's message names who holds it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)       # as servers do: TIME_WAIT is no holder
+        try:
+            s.bind((host, port))
+            return
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise PortTakenError(f"port {port} ({what}) cannot be used on {host}: {e.strerror}") from None
+    raise PortTakenError(f"port {port} ({what}) is already in use on {host} by {_holders(port)}; stop that "
+                         f"process or configure another port")
+
+
+def _owns_port(pid: int, port: int) -> bool:
+    """Whether the socket listening on ``port`` belongs to process ``pid``, one of its descendants or a member of
+    its process group (a daemon is a group leader; a child that outlived its parent stays in the group)."""
+    try:
+        family = {pid} | {c.pid for c in psutil.Process(pid).children(recursive=True)}
+    except psutil.NoSuchProcess:
+        return False
+    return bool(_listening_pids(port) & (family | set(_group_members(pid))))
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -166,13 +234,17 @@ def find_daemon(home: Path, name: str) -> Daemon | None:
 
 
 def start_daemon(home: Path, name: str, cmd: list[str], url: str, env: dict[str, str] | None = None,
-                 marker: str | None = None, health: str = "/health", timeout: float = 60) -> Daemon:
-    """Start ``cmd`` in its own session (or return the live one already recorded) and wait until ``url + health``
-    answers 200. On failure the process group is killed and :class:`DaemonError` carries the log tail."""
+                 marker: str | None = None, health: str = "/health", timeout: float = 60,
+                 port: int | None = None) -> Daemon:
+    """Start ``cmd`` in its own session (or return the live one already recorded), wait until ``url + health``
+    answers 200 from the started process itself (the socket listening on ``port``, by default the URL's, belongs to
+    it or a child of it), then record it. On failure the process group is killed and :class:`DaemonError` carries
+    the reason and the log tail."""
     home = Path(home).absolute()
     existing = find_daemon(home, name)
     if existing is not None:
         return existing
+    port = port or urllib.parse.urlsplit(url).port
     log_path = home / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -186,15 +258,23 @@ def start_daemon(home: Path, name: str, cmd: list[str], url: str, env: dict[str,
     _CHILDREN[proc.pid] = proc
     d = Daemon(name=name, home=str(home), pid=proc.pid, url=url, marker=marker or cmd[-1], log=str(log_path),
                started=started)
-    _record(home, name).write_text(json.dumps(asdict(d), indent=2))
     deadline = time.monotonic() + timeout
-    while not d.healthy(health):
-        if proc.poll() is not None or time.monotonic() >= deadline:
-            why = (f"exited with code {proc.returncode}" if proc.poll() is not None
-                   else f"did not answer {url}{health} within {timeout:g} s")
+    while True:
+        why = None
+        if proc.poll() is not None:
+            why = f"exited with code {proc.returncode}"
+        elif d.healthy(health):
+            if port is None or _owns_port(proc.pid, port):
+                break
+            why = (f"did not get port {port}: {url}{health} is answered by {_holders(port)}, not by the process "
+                   f"started here (pid {proc.pid})")
+        elif time.monotonic() >= deadline:
+            why = f"did not answer {url}{health} within {timeout:g} s"
+        if why is not None:
             d.stop(timeout=5)
             raise DaemonError(f"{name} {why}; log tail ({log_path}):\n{_log_tail(log_path, start)}")
         time.sleep(0.25)
+    _record(home, name).write_text(json.dumps(asdict(d), indent=2))
     return d
 
 

@@ -23,19 +23,28 @@ tag                    meaning                                                  
 A missing or malformed tag is a :class:`ContractError` whose message names the version and the tag, so the flow
 can mark just that version failed with a message a data scientist can act on.
 
+**The CNN's identity** (:func:`cnn_identity`): a hash of what the registry fixed when the version was created
+(its creation time, source URI, run id and MLflow 3 model id). A name and version number do not name a CNN: a
+registered model deleted and re-created starts again at version 1. The identity is part of the explanation key,
+tags every explanation run (``figan.cnn_id``) and is checked by whoever serves one, so the new version 1 is never
+served, nor resumed from, the old one's explanation.
+
 **Status** of a version's explanation is kept in version tags: ``figan.status`` (queued | running | done |
 failed), ``figan.run_id``, ``figan.error``, ``figan.key`` (the idempotency key), ``figan.updated`` (ISO time)
 and headline metrics (``figan.fid_best``, ``figan.fid_extractor``, ``figan.faithfulness`` and
 ``figan.pct_variance`` as JSON lists, one entry per PLS component) and the verdict ``figan.verdict``: ``pass``,
 or ``fail: fid, diversity`` naming the failing gates (from ``metrics.json``'s ``verdict``, see
-:func:`models.verdict.verdict_of`). ``done`` means published; the verdict says whether to trust it. Status is
+:func:`models.verdict.verdict_of`), and ``figan.manifest_sha256``, the digest of the run's signed manifest (what
+``figan verify`` and the service check the run against). ``done`` means published; the verdict says whether to trust it. Status is
 written last, so whoever sees ``done`` also sees the run id, the metrics and the verdict. With the setting
 ``pass_alias`` (``FIGAN_PASS_ALIAS``) publishing also points that registered-model alias at the version when its
 verdict is pass (and takes it off the version when a re-explanation fails), so ``models:/<name>@<alias>`` only
 ever names explanations that passed (:func:`apply_pass_alias`). A failure also records ``figan.error_kind``
-(contract | error), ``figan.attempts`` and ``figan.retry_after`` (the trigger's backoff) and, for contract errors,
-``figan.contract_hash`` (not retried until the contract tags change). ``figan.lease`` names the process explaining
-the version now (:func:`acquire_lease`), so concurrent triggers of one version run once.
+(contract | transient | program, :mod:`flows.failures`), ``figan.attempts`` and ``figan.retry_after`` (the
+trigger's backoff) and, for contract errors, ``figan.contract_hash`` (not retried until the contract tags change),
+for programming errors ``figan.program_hash`` (not retried until the code, config or contract tags change).
+``figan.lease`` names the process explaining the version now (:func:`acquire_lease`), so concurrent triggers of
+one version run once.
 
 **How a CNN is stored.** :func:`register_cnn` logs the model with ``mlflow.pytorch.log_model`` in the
 ``pt2`` (torch.export) format, chosen explicitly: pickle-free, and a standard MLflow model that MLflow itself can
@@ -52,8 +61,11 @@ register instead.
 **An explanation** is one run in the ``figan-explanations`` experiment holding the artifacts folder written by
 ``models.explain.explain`` (minus the GAN's training checkpoints and the cached features, which are large and
 only needed to resume), the flattened metrics as run metrics (the FID trace as a step series), lineage as
-``lineage.*`` run tags plus ``lineage.json``, and the DVC dataset as a run input. Images are plain artifact
-files, which the MLflow UI's artifact viewer displays.
+``lineage.*`` run tags plus ``lineage.json``, the DVC dataset and (MLflow 3) the CNN's LoggedModel as run inputs,
+the headline metrics (FID, faithfulness, % variance, the verdict as ``verdict_pass``) also against that LoggedModel
+so they show on the CNN's model page, and last a signed manifest ``audit/manifest.json`` of every file and of the inputs
+(:mod:`models.audit`), whose sha256 is the tag ``figan.manifest_sha256`` on the run and the version. Images are plain
+artifact files, which the MLflow UI's artifact viewer displays.
 """
 from __future__ import annotations
 
@@ -86,7 +98,7 @@ import numpy as np
 import torch
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import Dataset as DatasetEntity, DatasetInput, InputTag, Metric, RunStatus
+from mlflow.entities import Dataset as DatasetEntity, DatasetInput, InputTag, LoggedModelInput, Metric, Param, RunStatus
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION
 from mlflow.exceptions import MlflowException
@@ -94,6 +106,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.model_utils import _add_code_from_conf_to_system_path
 from torch import nn
 
+from models import audit
 from models.cnn import ARCHITECTURES, CNNSpec, build_cnn
 from models.exported import ExportedCNN
 from models.verdict import FAIL, PASS, verdict_of
@@ -105,9 +118,11 @@ __all__ = [
     "CNN_EXPERIMENT", "ContractError", "Contract", "DVCDatasetSource", "read_contract", "explain_requested",
     "register_cnn", "load_cnn_version", "pickle_allowed", "TAG_TRUST", "set_status", "get_status", "publish_explanation", "find_explanation",
     "download_explanation", "list_versions", "flatten_metrics", "TAG_ATTEMPTS", "TAG_RETRY_AFTER", "TAG_ERROR_KIND",
-    "TAG_CONTRACT_HASH", "TAG_LEASE", "contract_fingerprint", "Lease", "read_lease", "acquire_lease", "renew_lease",
+    "TAG_CONTRACT_HASH", "TAG_PROGRAM_HASH", "TAG_LEASE", "contract_fingerprint", "Lease", "read_lease",
+    "acquire_lease", "renew_lease",
     "release_lease", "new_owner", "TAG_VERDICT", "verdict_tag", "parse_verdict_tag", "apply_pass_alias",
-    "run_verdict",
+    "run_verdict", "logged_model_id", "TAG_MANIFEST", "RUN_TAG_MANIFEST", "MANIFEST_PATH", "SERVED_ARTIFACTS",
+    "run_manifest_sha256", "cnn_identity", "RUN_TAG_CNN_ID", "VersionReplacedError",
 ]
 
 # --------------------------------------------------------------------------------------------- tag names
@@ -134,17 +149,22 @@ TAG_FID_EXTRACTOR = "figan.fid_extractor"
 TAG_FAITHFULNESS = "figan.faithfulness"
 TAG_PCT_VARIANCE = "figan.pct_variance"
 TAG_VERDICT = "figan.verdict"              # pass | fail: <failing gates, comma-separated>
+TAG_MANIFEST = "figan.manifest_sha256"     # sha256 of the published run's signed manifest (models.audit)
 # retry bookkeeping and the run lease (model version)
 TAG_ATTEMPTS = "figan.attempts"            # failed attempts for the current key
 TAG_RETRY_AFTER = "figan.retry_after"      # epoch seconds before which a failed key is not retried
-TAG_ERROR_KIND = "figan.error_kind"        # contract | error
+TAG_ERROR_KIND = "figan.error_kind"        # contract | transient | program (flows.failures)
 TAG_CONTRACT_HASH = "figan.contract_hash"  # fingerprint of the contract tags a contract error was raised on
+TAG_PROGRAM_HASH = "figan.program_hash"    # fingerprint of the code, config and contract a programming error was
+                                           # raised on (flows.failures.program_fingerprint)
 TAG_TRUST = "figan.trust"                  # "pickle": the CNN was unpickled (its registrant's code ran)
 TAG_LEASE = "figan.lease"                  # JSON {owner, key, expires}: who is explaining this version now
 # explanation run tags
 RUN_TAG_MODEL = "figan.model"
 RUN_TAG_VERSION = "figan.version"
 RUN_TAG_KEY = "figan.key"
+RUN_TAG_MANIFEST = "figan.manifest_sha256"
+RUN_TAG_CNN_ID = "figan.cnn_id"           # cnn_identity() of the version the run explains
 LINEAGE_TAG_PREFIX = "lineage."
 
 STATUSES = ("queued", "running", "done", "failed")
@@ -156,7 +176,8 @@ CNN_EXPERIMENT = "figan-cnns"
 _STATUS_FIELDS = {"run_id": TAG_RUN_ID, "error": TAG_ERROR, "key": TAG_KEY, "fid_best": TAG_FID_BEST,
                   "fid_extractor": TAG_FID_EXTRACTOR, "faithfulness": TAG_FAITHFULNESS,
                   "pct_variance": TAG_PCT_VARIANCE, "attempts": TAG_ATTEMPTS, "retry_after": TAG_RETRY_AFTER,
-                  "error_kind": TAG_ERROR_KIND, "contract_hash": TAG_CONTRACT_HASH, "verdict": TAG_VERDICT}
+                  "error_kind": TAG_ERROR_KIND, "contract_hash": TAG_CONTRACT_HASH, "program_hash": TAG_PROGRAM_HASH,
+                  "verdict": TAG_VERDICT, "manifest_sha256": TAG_MANIFEST}
 _MAX_ERROR_CHARS = 4000
 
 # artifact layout
@@ -168,8 +189,13 @@ LINEAGE_FILE = "lineage.json"
 # what a service needs from an explanation run (required) and what it may use (optional)
 SERVICE_ARTIFACTS = ("gan/best", "pls", "sequences", "metrics.json")
 SERVICE_OPTIONAL = ("config.json", LINEAGE_FILE, "summary.txt", "fid_trace.png", "pls_variance.png", "report.html")
+MANIFEST_PATH = audit.MANIFEST_PATH         # the signed manifest, logged last
+SERVED_ARTIFACTS = SERVICE_ARTIFACTS + SERVICE_OPTIONAL     # what download_explanation fetches (and a service checks)
+# run metrics also logged against the CNN's LoggedModel (MLflow 3), so they show on the CNN's model page
+_MODEL_METRICS_RE = re.compile(r"^(fid_best|fid_floor|verdict_pass|c\d+_(faithfulness_rho_mean|pct_target_variance))$")
 
 _MD5_RE = re.compile(r"^[0-9a-f]{32}(\.dir)?$")
+_LOGGED_MODEL_SOURCE_RE = re.compile(r"models:/(m-[0-9a-f]{32})")
 _METRIC_BAD_CHARS = re.compile(r"[^\w./\- :]")
 
 
@@ -192,6 +218,7 @@ class Contract:
     input_shape: tuple[int, int, int]
     class_names: list[str] | None
     layers: str | tuple[str, ...] | None = None      # candidate layers (figan.layers): "auto" or names
+    cnn_id: str | None = None                        # cnn_identity() of the version (not a tag)
 
     def tags(self) -> dict[str, str]:
         """The contract as tags (inverse of :func:`read_contract`)."""
@@ -274,16 +301,30 @@ def _parse_contract(name: str, version: str, tags: dict[str, str]) -> Contract:
                     class_names=class_names, layers=layers)
 
 
-def _merged_tags(client: MlflowClient, name: str, version: str | int) -> dict[str, str]:
+def _merged_tags(client: MlflowClient, name: str, version: str | int,
+                 mv: ModelVersion | None = None) -> dict[str, str]:
     """Registered-model tags overridden by model-version tags."""
-    mv = client.get_model_version(name, str(version))
+    mv = mv or client.get_model_version(name, str(version))
     rm = client.get_registered_model(name)
     return {**(rm.tags or {}), **(mv.tags or {})}
 
 
+def cnn_identity(mv: ModelVersion) -> str:
+    """Which CNN a model version is: a hash of its creation time, source URI, run id and model id, all fixed when
+    the version was created. A registered model deleted and re-created restarts at version 1; its new version 1
+    has another creation time (and, registered from another training run, another source, run and model id), so
+    it gets another identity even when everything else about it is the same."""
+    blob = json.dumps([mv.creation_timestamp, mv.source, mv.run_id, getattr(mv, "model_id", None)])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def read_contract(client: MlflowClient, name: str, version: str | int) -> Contract:
-    """The contract of a registered CNN version; :class:`ContractError` names a missing/invalid tag."""
-    return _parse_contract(name, str(version), _merged_tags(client, name, version))
+    """The contract of a registered CNN version, with its :func:`cnn_identity`; :class:`ContractError` names a
+    missing/invalid tag."""
+    mv = client.get_model_version(name, str(version))
+    contract = _parse_contract(name, str(version), _merged_tags(client, name, version, mv))
+    contract.cnn_id = cnn_identity(mv)
+    return contract
 
 
 def explain_requested(client: MlflowClient, name: str, version: str | int) -> bool:
@@ -547,7 +588,8 @@ def pickle_allowed(name: str) -> bool:
 
 def load_cnn_version(client: MlflowClient, name: str, version: str | int) -> tuple[nn.Module, CNNSpec | None]:
     """The registered CNN as an ``nn.Module`` in eval mode, and its spec when it has one. Its format is recorded
-    on the module as ``figan_format`` (state-dict | pt2 | pickle).
+    on the module as ``figan_format`` (state-dict | pt2 | pickle), and the sha256 of the model files it was loaded
+    from (:func:`models.audit.tree_digest` of MLmodel and what it read) as ``figan_digest``.
 
     Reads the version's ``MLmodel`` first (a non-PyTorch version is refused without downloading it), then, by
     what the model holds, without running any code it ships unless the pickle policy allows it:
@@ -590,6 +632,7 @@ def load_cnn_version(client: MlflowClient, name: str, version: str | int) -> tup
                                                  weights_only=True))
             except (MlflowException, OSError, ValueError, TypeError, KeyError, RuntimeError) as e:
                 raise ContractError(f"{where}: its {SPEC_FILE}/{WEIGHTS_FILE} do not rebuild a CNN ({e})") from e
+            model.figan_digest = audit.tree_digest(Path(tmp) / "model")
             return _with_format(model.eval(), "state-dict"), spec
         data_dir = flavor.get("model_data", "data")
         try:
@@ -618,8 +661,10 @@ def load_cnn_version(client: MlflowClient, name: str, version: str | int) -> tup
             client.set_model_version_tag(name, str(version), TAG_TRUST, "pickle")
         else:
             raise ContractError(f"{where}: its PyTorch flavor holds neither model.pt2 nor model.pth in {data_dir}/")
+        digest = audit.tree_digest(Path(tmp) / "model")
     if not isinstance(model, nn.Module):
         raise ContractError(f"{where} is not a PyTorch CNN: loading gave {type(model).__name__}")
+    model.figan_digest = digest
     return model.eval(), None
 
 
@@ -704,8 +749,8 @@ def set_status(client: MlflowClient, name: str, version: str | int, status: str,
         if len(err) > _MAX_ERROR_CHARS:
             fields["error"] = err[:_MAX_ERROR_CHARS - 40] + f" ... [{len(err)} chars, truncated]"
     else:                   # a new state clears what only a failure means; done also resets the attempt count
-        for cleared in ("error", "error_kind", "retry_after", "contract_hash") + (("attempts",) if status == "done"
-                                                                                 else ()):
+        for cleared in ("error", "error_kind", "retry_after", "contract_hash", "program_hash") + (
+                ("attempts",) if status == "done" else ()):
             fields.setdefault(cleared, None)
     version = str(version)
     _write_tags(client, name, version, {_STATUS_FIELDS[f]: None if v is None else _tag_value(v)
@@ -739,14 +784,16 @@ def _status_from_tags(tags: dict[str, str]) -> dict[str, Any]:
             "pct_variance": _json_or_none(tags.get(TAG_PCT_VARIANCE)),
             "attempts": int(_float_or_none(tags.get(TAG_ATTEMPTS)) or 0),
             "retry_after": _float_or_none(tags.get(TAG_RETRY_AFTER)), "error_kind": tags.get(TAG_ERROR_KIND),
-            "contract_hash": tags.get(TAG_CONTRACT_HASH), "lease": _json_or_none(tags.get(TAG_LEASE)),
-            "verdict": verdict and verdict["verdict"], "failing_gates": verdict and verdict["failing"]}
+            "contract_hash": tags.get(TAG_CONTRACT_HASH), "program_hash": tags.get(TAG_PROGRAM_HASH),
+            "lease": _json_or_none(tags.get(TAG_LEASE)),
+            "verdict": verdict and verdict["verdict"], "failing_gates": verdict and verdict["failing"],
+            "manifest_sha256": tags.get(TAG_MANIFEST)}
 
 
 def get_status(client: MlflowClient, name: str, version: str | int) -> dict[str, Any]:
     """The explanation status of a version: status, run_id, error, key, updated, fid_best (float),
-    fid_extractor, faithfulness and pct_variance (lists), verdict (pass | fail) and failing_gates (list); None for
-    whatever is not set."""
+    fid_extractor, faithfulness and pct_variance (lists), verdict (pass | fail), failing_gates (list) and
+    manifest_sha256; None for whatever is not set."""
     return _status_from_tags(client.get_model_version(name, str(version)).tags or {})
 
 
@@ -852,10 +899,11 @@ def release_lease(client: MlflowClient, name: str, version: str | int, owner: st
 
 def _published(rel: Path) -> bool:
     """Whether an artifacts-folder file goes into the explanation run: everything except the cached features,
-    the GAN's training checkpoints (``gan/*.pt``; ``gan/best/`` is kept) and hidden files."""
+    the GAN's training checkpoints (``gan/*.pt``; ``gan/best/`` is kept), hidden files and a manifest left from
+    an earlier publication (each run gets its own)."""
     if any(part.startswith(".") for part in rel.parts):
         return False
-    if rel.as_posix() == "features.npy":
+    if rel.as_posix() in ("features.npy", MANIFEST_PATH):
         return False
     if len(rel.parts) == 2 and rel.parts[0] == "gan" and rel.suffix == ".pt":
         return False
@@ -870,70 +918,145 @@ def _stage(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+class VersionReplacedError(RuntimeError):
+    """The model version was deleted and re-created (another CNN) while its explanation was being made."""
+
+
 def publish_explanation(client: MlflowClient, name: str, version: str | int, artifacts_dir: Path, metrics: dict,
-                        lineage: dict, key: str, pass_alias: str | None = None) -> str:
+                        lineage: dict, key: str, signing_key: bytes, pass_alias: str | None = None,
+                        cnn_id: str | None = None) -> str:
     """Publish an explanation's artifacts folder as one finished run and mark the version ``done`` with its
-    headline metrics and verdict (``figan.verdict``); with ``pass_alias``, then :func:`apply_pass_alias`.
+    headline metrics, verdict (``figan.verdict``) and manifest digest; with ``pass_alias``, then
+    :func:`apply_pass_alias`.
 
     The run (experiment ``figan-explanations``) gets every file of ``artifacts_dir`` except ``features.npy`` and
     ``gan/*.pt`` (``gan/best/`` is kept), ``metrics`` flattened into run metrics and the FID trace as the step
-    series ``fid``, the tags ``figan.model``/``figan.version``/``figan.key``, lineage as ``lineage.<k>`` tags and
-    ``lineage.json`` (the code version, ``git rev-parse HEAD``, is added when missing), and the DVC dataset as an
-    input when lineage names it. If anything fails the run is marked FAILED (so :func:`find_explanation` ignores
+    series ``fid``, the verdict as the param ``verdict`` and the metric ``verdict_pass``, the tags
+    ``figan.model``/``figan.version``/``figan.key`` and ``figan.cnn_id`` (the version's :func:`cnn_identity`),
+    lineage as ``lineage.<k>`` tags and ``lineage.json`` (the code version, library versions and the CNN's
+    LoggedModel id are added when missing), the DVC dataset as an input when lineage names it and the CNN's
+    LoggedModel as an input when the version has one (its headline metrics are logged against it too). Last, the
+    signed manifest of every file and of the inputs (``audit/manifest.json``, signed with ``signing_key``; its sha256
+    is the run tag and the version tag ``figan.manifest_sha256``). ``cnn_id`` is the identity of the CNN that was
+    explained: when the version now is another CNN (deleted and re-created meanwhile) nothing is published
+    (:class:`VersionReplacedError`). If anything fails the run is marked FAILED (so :func:`find_explanation` ignores
     it) and the error is raised; the version's status is left to the caller. Returns the run id."""
     artifacts_dir = Path(artifacts_dir)
     if not artifacts_dir.is_dir():
         raise FileNotFoundError(f"explanation artifacts folder {artifacts_dir} does not exist")
     version = str(version)
-    lineage = dict(lineage)
-    lineage.setdefault("cnn_name", name)
-    lineage.setdefault("cnn_version", version)
-    if metrics.get("config_hash"):
-        lineage.setdefault("config_hash", metrics["config_hash"])
-    if "code_version" not in lineage:
-        lineage["code_version"] = _code_version() or "unknown"
-    lineage["key"] = key
+    current = cnn_identity(client.get_model_version(name, version))
+    if cnn_id is not None and cnn_id != current:
+        raise VersionReplacedError(f"model version {name}/{version} is another CNN now (identity {current}, "
+                                   f"explained {cnn_id}): it was deleted and re-created; not publishing")
+    model_id = logged_model_id(client, name, version)
+    lineage = _complete_lineage(lineage, name, version, metrics, key, model_id)
+    lineage["cnn_id"] = current
 
     experiment_id = _experiment_id(client, EXPLANATIONS_EXPERIMENT)
-    run_tags = {RUN_TAG_MODEL: name, RUN_TAG_VERSION: version, RUN_TAG_KEY: key}
+    run_tags = {RUN_TAG_MODEL: name, RUN_TAG_VERSION: version, RUN_TAG_KEY: key, RUN_TAG_CNN_ID: current}
     for k, v in lineage.items():
         value = _tag_value(v)
         if len(value) <= 5000:
             run_tags[_metric_key([LINEAGE_TAG_PREFIX + str(k)])] = value
     run = client.create_run(experiment_id, run_name=f"{name}-v{version}", tags=run_tags)
     run_id = run.info.run_id
+    headline = _headline(metrics)
     try:
         with tempfile.TemporaryDirectory(prefix="figan-publish-") as tmp:
-            stage = Path(tmp)
+            stage = Path(tmp) / "artifacts"
             for path in sorted(artifacts_dir.rglob("*")):
                 rel = path.relative_to(artifacts_dir)
                 if path.is_file() and _published(rel):
                     _stage(path, stage / rel)
             (stage / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2, default=str))
             client.log_artifacts(run_id, str(stage))
-        flat = flatten_metrics(metrics)
-        ts = int(datetime.now(timezone.utc).timestamp() * 1000)
-        batch = [Metric(k, v, ts, 0) for k, v in flat.items()]
-        for point in (metrics.get("fid") or {}).get("trace") or []:
-            v = _finite(point.get("fid"))
-            if v is not None:
-                batch.append(Metric("fid", v, ts, int(point.get("step", 0))))
-        for i in range(0, len(batch), 1000):
-            client.log_batch(run_id, metrics=batch[i:i + 1000])
-        if lineage.get("dataset") and lineage.get("dataset_md5"):
-            ds = _dvc_dataset(str(lineage["dataset"]), str(lineage["dataset_md5"]))
-            entity = DatasetEntity(name=ds.name, digest=ds.digest, source_type="dvc", source=ds.source.to_json())
-            client.log_inputs(run_id, datasets=[DatasetInput(entity, [InputTag("mlflow.data.context",
-                                                                               "explanation")])])
+            _log_metrics(client, run_id, metrics, headline["verdict"], model_id)
+            _log_inputs(client, run_id, lineage, model_id)
+            manifest = audit.sign(audit.build_manifest(
+                audit.folder_digests(stage), inputs={k: v for k, v in lineage.items() if k not in ("config", "key")},
+                subject={"model": name, "version": version, "key": key, "run_id": run_id}), signing_key)
+            manifest_path, manifest_sha256 = audit.write_manifest(Path(tmp) / "signed", manifest)
+            client.set_tag(run_id, RUN_TAG_MANIFEST, manifest_sha256)
+            client.log_artifact(run_id, str(manifest_path), artifact_path=Path(MANIFEST_PATH).parent.as_posix())
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
     except BaseException:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
-    headline = _headline(metrics)
-    set_status(client, name, version, "done", run_id=run_id, key=key, **headline)
+    set_status(client, name, version, "done", run_id=run_id, key=key, manifest_sha256=manifest_sha256, **headline)
     if pass_alias:
         apply_pass_alias(client, name, version, pass_alias, parse_verdict_tag(headline["verdict"]))
     return run_id
+
+
+def _complete_lineage(lineage: dict, name: str, version: str, metrics: dict, key: str,
+                      model_id: str | None) -> dict:
+    """The caller's lineage plus what the registry knows: CNN name, version and LoggedModel id, config hash, code
+    version (git commit, else the installed package), library versions and the explanation key."""
+    lineage = dict(lineage)
+    lineage.setdefault("cnn_name", name)
+    lineage.setdefault("cnn_version", version)
+    if model_id:
+        lineage.setdefault("cnn_model_id", model_id)
+    if metrics.get("config_hash"):
+        lineage.setdefault("config_hash", metrics["config_hash"])
+    if "code_version" not in lineage:
+        lineage["code_version"] = code_version()
+    lineage.setdefault("libraries", audit.library_versions())
+    lineage["key"] = key
+    return lineage
+
+
+def _log_metrics(client: MlflowClient, run_id: str, metrics: dict, verdict: str | None,
+                 model_id: str | None) -> None:
+    """metrics.json flattened into run metrics, the FID trace as the step series ``fid``, the verdict as the
+    param ``verdict`` and the metric ``verdict_pass`` (1/0); the headline ones also against ``model_id``."""
+    flat = flatten_metrics(metrics)
+    if verdict:
+        flat["verdict_pass"] = float(verdict == PASS)
+    ts = int(datetime.now(timezone.utc).timestamp() * 1000)
+    batch = [Metric(k, v, ts, 0, model_id=model_id if model_id and _MODEL_METRICS_RE.match(k) else None)
+             for k, v in flat.items()]
+    for point in (metrics.get("fid") or {}).get("trace") or []:
+        v = _finite(point.get("fid"))
+        if v is not None:
+            batch.append(Metric("fid", v, ts, int(point.get("step", 0))))
+    for i in range(0, len(batch), 1000):
+        client.log_batch(run_id, metrics=batch[i:i + 1000])
+    if verdict:
+        client.log_batch(run_id, params=[Param("verdict", verdict)])
+
+
+def _log_inputs(client: MlflowClient, run_id: str, lineage: dict, model_id: str | None) -> None:
+    """The DVC dataset version (when lineage names it) and the CNN's LoggedModel (when there is one) as inputs."""
+    datasets = []
+    if lineage.get("dataset") and lineage.get("dataset_md5"):
+        ds = _dvc_dataset(str(lineage["dataset"]), str(lineage["dataset_md5"]))
+        entity = DatasetEntity(name=ds.name, digest=ds.digest, source_type="dvc", source=ds.source.to_json())
+        datasets.append(DatasetInput(entity, [InputTag("mlflow.data.context", "explanation")]))
+    models = [LoggedModelInput(model_id)] if model_id else []
+    if datasets or models:
+        client.log_inputs(run_id, datasets=datasets or None, models=models or None)
+
+
+def logged_model_id(client: MlflowClient, name: str, version: str | int) -> str | None:
+    """The id of the MLflow 3 LoggedModel a registered version was made from: the version's ``model_id``, else the
+    one its ``models:/m-…`` source names (the registry does not always return ``model_id``); None for a version
+    registered the older way (a ``runs:/`` or storage source) or whose LoggedModel is gone."""
+    mv = client.get_model_version(name, str(version))
+    found = _LOGGED_MODEL_SOURCE_RE.fullmatch(mv.source or "")
+    model_id = mv.model_id or (found and found.group(1))
+    if not model_id:
+        return None
+    try:
+        return client.get_logged_model(model_id).model_id
+    except MlflowException:
+        return None
+
+
+def run_manifest_sha256(client: MlflowClient, run_id: str) -> str | None:
+    """The manifest digest a published run was tagged with (None for a run published without one)."""
+    return client.get_run(run_id).data.tags.get(RUN_TAG_MANIFEST)
 
 
 def apply_pass_alias(client: MlflowClient, name: str, version: str | int, alias: str, verdict: dict | None) -> bool:
@@ -985,15 +1108,17 @@ def find_explanation(client: MlflowClient, name: str, version: str | int, key: s
 
 def download_explanation(client: MlflowClient, run_id: str, dest: Path) -> Path:
     """Download what a service needs from an explanation run (gan/best, pls, sequences, metrics.json, plus
-    config.json, lineage.json, summary.txt when present) into ``dest``; returns ``dest``."""
+    config.json, lineage.json, summary.txt, the figures, report.html and the signed manifest when present) into
+    ``dest``; returns ``dest``."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     present = {a.path for a in client.list_artifacts(run_id)}
     present |= {a.path for a in client.list_artifacts(run_id, "gan")} if "gan" in present else set()
+    present |= {a.path for a in client.list_artifacts(run_id, "audit")} if "audit" in present else set()
     missing = [p for p in SERVICE_ARTIFACTS if p not in present]
     if missing:
         raise FileNotFoundError(f"explanation run {run_id} lacks {missing} (has {sorted(present)})")
-    for p in SERVICE_ARTIFACTS + tuple(p for p in SERVICE_OPTIONAL if p in present):
+    for p in SERVICE_ARTIFACTS + tuple(p for p in SERVICE_OPTIONAL + (MANIFEST_PATH,) if p in present):
         parent = (dest / p).parent                  # download_artifacts puts <path>'s basename into dst_path
         parent.mkdir(parents=True, exist_ok=True)
         client.download_artifacts(run_id, p, dst_path=str(parent))
@@ -1003,8 +1128,9 @@ def download_explanation(client: MlflowClient, run_id: str, dest: Path) -> Path:
 # --------------------------------------------------------------------------------------------- listing
 
 def list_versions(client: MlflowClient, name: str | None = None) -> list[dict[str, Any]]:
-    """One row per model version (of ``name``, or of every registered model): name, version, aliases, explain
-    (opt-in), the status fields of :func:`get_status`, sorted by name and version."""
+    """One row per model version (of ``name``, or of every registered model): name, version, cnn_id
+    (:func:`cnn_identity`), aliases, explain (opt-in), the status fields of :func:`get_status`, sorted by name and
+    version."""
     if name is not None:
         models = [client.get_registered_model(name)]
     else:
@@ -1025,7 +1151,7 @@ def list_versions(client: MlflowClient, name: str | None = None) -> list[dict[st
             page = client.search_model_versions(f"name = {_quote(rm.name)}", page_token=token)
             for mv in page:
                 tags = {**(rm.tags or {}), **(mv.tags or {})}
-                rows.append({"name": mv.name, "version": str(mv.version),
+                rows.append({"name": mv.name, "version": str(mv.version), "cnn_id": cnn_identity(mv),
                              "aliases": sorted(aliases.get(str(mv.version), [])),
                              "explain": tags.get(TAG_EXPLAIN, "").strip().lower() == "true",
                              **_status_from_tags(mv.tags or {})})
@@ -1060,5 +1186,7 @@ def get_drift_tags(client: MlflowClient, name: str, version: str | int) -> dict[
 
 
 def code_version() -> str:
-    """``git rev-parse HEAD`` of this checkout, or ``"unknown"`` (the lineage's code version)."""
-    return _code_version() or "unknown"
+    """The lineage's code version: ``git rev-parse HEAD`` of this checkout, else the installed package's version
+    (``figan-platform <version>``, e.g. in a container without .git), else ``"unknown"``."""
+    package = audit.library_versions(("figan-platform",)).get("figan-platform")
+    return _code_version() or (f"figan-platform {package}" if package else "unknown")

@@ -13,6 +13,7 @@ Precedence: environment variable > settings file (``FIGAN_SETTINGS`` or ``./figa
 | device           | FIGAN_DEVICE           | auto                             | cpu / cuda / auto                              |
 | model_allowlist  | FIGAN_MODELS           | (all opted-in models)            | comma-separated registered model names         |
 | receiver_port    | FIGAN_RECEIVER_PORT    | 5081                             | webhook receiver (loopback unless host set)    |
+| service_port     | FIGAN_SERVICE_PORT     | 3000                             | explanation service started by `figan up`      |
 | receiver_host    | FIGAN_RECEIVER_HOST    | 127.0.0.1                        | address the receiver binds                     |
 | public_receiver_url | FIGAN_RECEIVER_URL  | http://<host>:<port>             | URL MLflow delivers webhooks to (containers)   |
 | explain_deployment | FIGAN_EXPLAIN_DEPLOYMENT | (local `figan explain-version` process) | Prefect deployment to submit to instead |
@@ -23,6 +24,8 @@ Precedence: environment variable > settings file (``FIGAN_SETTINGS`` or ``./figa
 | retry_backoff    | FIGAN_RETRY_BACKOFF    | 60                               | seconds before the first retry, doubling       |
 | pass_alias       | FIGAN_PASS_ALIAS       | (none)                           | registered-model alias moved to a version when |
 |                  |                        |                                  | its explanation's verdict is pass              |
+| audit_key        | FIGAN_AUDIT_KEY        | (home/audit.key, made on first   | HMAC-SHA256 key signing explanation manifests  |
+|                  |                        | use, mode 0600)                  | (flows.audit); ≥ 16 characters                 |
 
 Loading refuses to start while a setting, or any ``FIGAN_*``, ``MLFLOW_*``, ``PREFECT_*`` or ``AWS_*`` environment
 variable (the secrets deploy/ hands the worker, the service and the explanation Jobs), still holds the ``CHANGE-ME``
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
@@ -43,16 +46,17 @@ from models.explain import ExplainConfig
 _ENV = {"home": "FIGAN_HOME", "tracking_uri": "FIGAN_TRACKING_URI", "data_store": "FIGAN_DATA_STORE",
         "dvc_remote": "FIGAN_DVC_REMOTE", "work_dir": "FIGAN_WORK_DIR", "explain_config": "FIGAN_EXPLAIN_CONFIG",
         "device": "FIGAN_DEVICE", "model_allowlist": "FIGAN_MODELS", "receiver_port": "FIGAN_RECEIVER_PORT",
+        "service_port": "FIGAN_SERVICE_PORT",
         "receiver_host": "FIGAN_RECEIVER_HOST", "reconcile_seconds": "FIGAN_RECONCILE_SECONDS",
         "max_concurrent": "FIGAN_MAX_CONCURRENT", "lease_seconds": "FIGAN_LEASE_SECONDS",
         "max_attempts": "FIGAN_MAX_ATTEMPTS", "retry_backoff": "FIGAN_RETRY_BACKOFF",
         "public_receiver_url": "FIGAN_RECEIVER_URL", "explain_deployment": "FIGAN_EXPLAIN_DEPLOYMENT",
-        "pass_alias": "FIGAN_PASS_ALIAS"}
+        "pass_alias": "FIGAN_PASS_ALIAS", "audit_key": "FIGAN_AUDIT_KEY"}
 _ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 _RESERVED_ALIAS_RE = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)       # MLflow refuses these
 PLACEHOLDER = "CHANGE-ME"
 CHECKED_ENV_PREFIXES = ("FIGAN_", "MLFLOW_", "PREFECT_", "AWS_")
-_NUMBERS = {"receiver_port": int, "reconcile_seconds": float, "max_concurrent": int, "lease_seconds": float,
+_NUMBERS = {"receiver_port": int, "service_port": int, "reconcile_seconds": float, "max_concurrent": int, "lease_seconds": float,
             "max_attempts": int, "retry_backoff": float}
 
 
@@ -67,6 +71,7 @@ class Settings:
     device: str = "auto"
     model_allowlist: tuple[str, ...] = ()
     receiver_port: int = 5081
+    service_port: int = 3000
     receiver_host: str = "127.0.0.1"
     reconcile_seconds: float = 30.0
     max_concurrent: int = 1
@@ -76,6 +81,7 @@ class Settings:
     public_receiver_url: str | None = None
     explain_deployment: str | None = None
     pass_alias: str | None = None
+    audit_key: str | None = field(default=None, repr=False)      # a secret: never in a repr or log
 
     def __post_init__(self):
         home = Path(self.home).absolute()
@@ -93,6 +99,9 @@ class Settings:
             if value <= 0 and name != "retry_backoff" or value < 0:
                 raise ValueError(f"settings: {name} must be positive, got {value}")
             object.__setattr__(self, name, value)
+        for name in ("receiver_port", "service_port"):
+            if getattr(self, name) > 65535:
+                raise ValueError(f"settings: {name} must be a TCP port (1-65535), got {getattr(self, name)}")
         if self.pass_alias is not None and not (_ALIAS_RE.match(str(self.pass_alias))
                                                 and not _RESERVED_ALIAS_RE.match(str(self.pass_alias))):
             raise ValueError(f"settings: pass_alias must be an MLflow alias (a letter or _, then letters, digits, _ "
@@ -114,6 +123,10 @@ class Settings:
             return self.public_receiver_url.rstrip("/")
         host = "127.0.0.1" if self.receiver_host in ("", "0.0.0.0") else self.receiver_host
         return f"http://{host}:{self.receiver_port}"
+
+    @property
+    def audit_key_file(self) -> Path:
+        return self.home / "audit.key"
 
     @property
     def features_cache(self) -> Path:

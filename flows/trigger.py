@@ -28,8 +28,11 @@ embedded default has no Prefect server (each process runs its own ephemeral API)
 store every trigger already shares; the lease is visible to auditors on the version and expires when its holder
 dies (at once on the holder's host, where its pid is gone).
 
-**Failures.** A failed key is retried after ``retry_backoff`` × 2^(attempts−1) seconds, up to ``max_attempts``,
-then left failed with its message; a contract error is not retried until the version's contract tags change.
+**Failures** (kinds: :mod:`flows.failures`). A transient failure (I/O, connection, MLflow 5xx) of a key is retried
+after ``retry_backoff`` × 2^(attempts−1) seconds, up to ``max_attempts``, then left failed with its message; a
+contract error is not retried until the version's contract tags change; a programming error (TypeError, KeyError,
+...: the same code on the same inputs fails the same way) not until the code, the explain config or the contract
+tags change.
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ from fastapi.responses import JSONResponse
 from mlflow import MlflowClient
 
 from . import registry as R
+from .failures import PROGRAM, program_fingerprint
 from .settings import Settings
 
 log = logging.getLogger("figan.worker")
@@ -140,11 +144,12 @@ class Decision:
 
 
 def decide(status: dict, key: str | None, error: Exception | None, fingerprint: str | None, max_attempts: int,
-           now: float | None = None) -> Decision:
+           now: float | None = None, program_hash: str | None = None) -> Decision:
     """Whether a version needs an explain run now, from its status tags and its current key.
 
     ``key`` is None when the version cannot be resolved (``error`` says why; ``fingerprint`` is its contract's hash
-    then). Pure, so the reconciler's policy is tested without any server."""
+    then). ``program_hash`` is :func:`flows.failures.program_fingerprint` as things are now (needed when the
+    version failed with a programming error). Pure, so the reconciler's policy is tested without any server."""
     now = time.time() if now is None else now
     try:
         lease = R.Lease(**status["lease"]) if status.get("lease") else None
@@ -159,6 +164,11 @@ def decide(status: dict, key: str | None, error: Exception | None, fingerprint: 
         return Decision(True, f"contract error to record: {error}")
     if status.get("status") == "done" and status.get("key") == key:
         return Decision(False, "done")
+    if failed and status.get("key") == key and status.get("error_kind") == PROGRAM:
+        if status.get("program_hash") == program_hash:
+            return Decision(False, "programming error; waiting for the code, the explain config or the contract "
+                                   "tags to change")
+        return Decision(True, "programming error, and the code, the explain config or the contract tags changed")
     if failed and status.get("key") == key:
         if status.get("attempts", 0) >= max_attempts:
             return Decision(False, f"failed {status['attempts']} times; left failed")
@@ -283,7 +293,9 @@ class Worker:
             key, error, fingerprint = None, e, R.contract_fingerprint(self.client, name, version)
         except Exception as e:  # noqa: BLE001 — e.g. no data version yet: the flow records it, with backoff
             key, error, fingerprint = None, e, None
-        return decide(status, key, error, fingerprint, self.settings.max_attempts)
+        program_hash = (program_fingerprint(self.client, self.settings, name, version)
+                        if status.get("error_kind") == PROGRAM else None)
+        return decide(status, key, error, fingerprint, self.settings.max_attempts, program_hash=program_hash)
 
     def _run(self, name: str, version: str, reason: str) -> None:
         with self._lock:

@@ -66,7 +66,8 @@ def cmd_data(args) -> int:
         from .phantom import PhantomConfig, write_phantom
         cfg = PhantomConfig(n=args.n or 3000, size=args.size or 64, seed=args.seed, task=args.task or "regression",
                             shortcut=args.shortcut, masks=args.masks, name=args.name or "phantom")
-        ds = write_phantom(args.out, cfg, overwrite=args.overwrite)
+        ds = write_phantom(args.out, cfg, overwrite=args.overwrite, image_format=args.image_format,
+                           bits=16 if args.image_format == "dicom" else args.bits)
     else:
         from .fashion import write_fashion_mnist
         ds = write_fashion_mnist(args.out, task=args.task or "shirt_vs_tshirt", n=args.n, size=args.size or 28,
@@ -150,6 +151,9 @@ def add_core_commands(sub) -> None:
     d.add_argument("--name")
     d.add_argument("--shortcut", action="store_true", help="phantom: plant a marker correlated with the label")
     d.add_argument("--masks", action="store_true", help="phantom: write heart/lung masks")
+    d.add_argument("--image-format", choices=["png", "dicom"], default="png",
+                   help="phantom: PNG files, or 16-bit DICOM files (the same stored values as 16-bit PNGs)")
+    d.add_argument("--bits", type=int, choices=[8, 16], default=8, help="phantom: PNG bit depth")
     d.add_argument("--overwrite", action="store_true")
     d.set_defaults(fn=cmd_data)
 

@@ -6,11 +6,19 @@ generator keeps everything a patient has that the scores do not predict, and mov
 
 1. **Registration.** Every image is aligned to the mean image by a similarity transform (scale, rotation,
    shift) fitted by gradient descent on the squared difference at a small size (``register_size``), in three
-   rounds that re-estimate the template. Pose = (log scale, angle, tx, ty), see :mod:`models.warp`.
+   rounds that re-estimate the template. Pose = (log scale, angle, tx, ty), see :mod:`models.warp`. Then the
+   poses are refined on the pixels the scores do *not* predict (:func:`refine_pose_on_unexplained`): a heart
+   that grows with c would otherwise pull the pose along with it, and the edit would move the whole body when
+   only the heart should change.
 2. **Linear conditional means given the PLS scores** (least squares on ``[1, c]``, one fit per part):
    the aligned appearance (template-frame patterns ``B_t``), the image-frame residual the template model leaves
    (``B_i``: structures fixed to the image, such as a burned-in marker), the pose (``B_p``) and the noise level
    (``B_s``, robust SD of the high-pass residual). These are E[part | c]: what the data say moves with c.
+   The nuisance parts — each pose parameter and the noise level — follow a component only where they change
+   *materially* with it: by at least ``material_sd`` of their spread over the component's published range
+   (2.5–97.5 % of its scores). Below that the data show a weak correlation that registration and noise
+   estimation cannot tell apart from the appearance change, and a sweep that moves the body or the noise with
+   it would present a nuisance as what the CNN learned; a component that truly goes with body size keeps it.
 3. **Editing a patient** from its own scores c₀ to c: the smooth part S (Gaussian blur) gains the appearance
    change (template pattern placed at the patient's pose, plus the image-frame pattern), the high-pass residual
    is rescaled to the predicted noise level, and the whole image is moved by the pose change with band-limited
@@ -48,6 +56,9 @@ class PatientGeneratorConfig:
     register_lr: float = 0.02
     blur_sigma: float = 0.8        # px at the working resolution: splits smooth anatomy from noise texture
     max_noise_gain: float = 3.0
+    refine_rounds: int = 3         # pose refinements on the pixels the scores do not predict (0: none)
+    unexplained_power: float = 4.0  # weight = (unexplained share of a pixel's variance) ** power
+    material_sd: float = 0.25      # a pose/noise slope is kept when it moves ≥ this many SD over the sweep range
 
 
 def _log(msg: str) -> None:
@@ -87,12 +98,14 @@ def _registration_image(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def fit_pose(small: torch.Tensor, template: torch.Tensor, iters: int, lr: float,
-             pose: torch.Tensor | None = None, centre: bool = False) -> torch.Tensor:
-    """Adam on the (N, 4) poses minimising each image's squared difference to the template in its frame."""
+             pose: torch.Tensor | None = None, centre: bool = False, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Adam on the (N, 4) poses minimising each image's (pixel-weighted) squared difference to the template in
+    its frame."""
     p = (torch.zeros(len(small), 4) if pose is None else pose.clone()).requires_grad_(True)
+    w = torch.ones_like(template) if weight is None else weight
     opt = torch.optim.Adam([p], lr=lr)
     for _ in range(iters):
-        loss = ((_sample(small, p) - template) ** 2).mean(dim=(1, 2, 3)).sum()
+        loss = (w * (_sample(small, p) - template) ** 2).mean(dim=(1, 2, 3)).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -102,10 +115,12 @@ def fit_pose(small: torch.Tensor, template: torch.Tensor, iters: int, lr: float,
     return p.detach()
 
 
-def registration_residual(small: torch.Tensor, template: torch.Tensor, pose: torch.Tensor) -> torch.Tensor:
-    """(N,) mean squared difference between each registered image and the template."""
+def registration_residual(small: torch.Tensor, template: torch.Tensor, pose: torch.Tensor,
+                          weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(N,) mean (pixel-weighted) squared difference between each registered image and the template."""
+    w = torch.ones_like(template) if weight is None else weight
     with torch.no_grad():
-        return ((_sample(small, pose) - template) ** 2).mean(dim=(1, 2, 3))
+        return (w * (_sample(small, pose) - template) ** 2).mean(dim=(1, 2, 3))
 
 
 def register(x: torch.Tensor, cfg: PatientGeneratorConfig, progress: bool = True) -> torch.Tensor:
@@ -128,6 +143,50 @@ def register(x: torch.Tensor, cfg: PatientGeneratorConfig, progress: bool = True
 
 def _lstsq(X1: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.lstsq(X1.double(), Y.double()).solution.float()
+
+
+def unexplained_weight(aligned: torch.Tensor, scores: torch.Tensor, power: float) -> torch.Tensor:
+    """Per-pixel weight (1, 1, r, r), mean 1: the share of each template pixel's variance across images that the
+    scores' linear model leaves unexplained, raised to ``power``. Near 0 where the scores predict the pixel
+    (the parts the CNN's features see change), near 1 where they do not (body outline, background)."""
+    X1 = torch.cat([torch.ones(len(scores), 1), scores.float()], 1)
+    flat = aligned.flatten(1)
+    fitted = X1 @ _lstsq(X1, flat)
+    explained = (fitted - fitted.mean(0)).pow(2).mean(0)
+    unexplained = (flat - fitted).pow(2).mean(0)
+    w = (unexplained / (unexplained + explained).clamp_min(1e-12)) ** power
+    return (w / w.mean().clamp_min(1e-12)).view(1, *aligned.shape[1:])
+
+
+def material_slopes(slopes: torch.Tensor, spread: torch.Tensor, span: torch.Tensor, material_sd: float) -> torch.Tensor:
+    """Zero each slope (k, p) whose move over its component's range ``span`` (k,) is below ``material_sd`` of the
+    part's ``spread`` (p,): a weak correlation with a nuisance is not shown as part of the component."""
+    move = slopes.abs() * span[:, None] / spread.clamp_min(1e-12)[None, :]
+    return torch.where(move >= material_sd, slopes, torch.zeros_like(slopes))
+
+
+def refine_pose_on_unexplained(x: torch.Tensor, scores: torch.Tensor, pose: torch.Tensor,
+                               cfg: PatientGeneratorConfig, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refine the poses of :func:`register` on the pixels the scores do not predict; returns (pose, weight).
+
+    Why: a plain registration matches every pixel, so when a component grows the heart the fit shifts and
+    scales the whole image a little to meet the mean template halfway. That pull becomes part of the pose's
+    dependence on c, and an edit along c then moves the body (on the 64² phantom, 5× the vertical shift that
+    truly goes with the component). Weighting the loss by :func:`unexplained_weight` leaves the pose to the
+    pixels that only pose and patient explain. Each round re-estimates the template and the weight."""
+    t0 = time.time()
+    small = _registration_image(x, cfg.register_size)
+    weight = torch.ones(1, 1, *small.shape[-2:])
+    for r in range(cfg.refine_rounds):
+        aligned = torch.cat([_sample(small[i:i + 1024], pose[i:i + 1024]) for i in range(0, len(small), 1024)])
+        weight = unexplained_weight(aligned, scores, cfg.unexplained_power)
+        template = aligned.mean(0, keepdim=True)
+        pose = fit_pose(small, template, max(1, cfg.register_iters // 2), cfg.register_lr, pose, centre=True,
+                        weight=weight)
+        if progress:
+            _log(f"pose refinement {r + 1}/{cfg.refine_rounds} on the pixels the scores do not predict "
+                 f"(weight {float(weight.min()):.2f}–{float(weight.max()):.2f}; {time.time() - t0:.0f} s)")
+    return pose, weight
 
 
 # --------------------------------------------------------------------------------------------- the generator
@@ -154,6 +213,7 @@ class PatientGenerator(nn.Module):
         self.register_buffer("noise_slopes", torch.zeros(k))            # B_s
         # placing a new image (an upload): the registration template and the residual real images stay under
         self.register_buffer("registration_template", torch.zeros(1, 1, register_size, register_size))
+        self.register_buffer("registration_weight", torch.ones(1, 1, register_size, register_size))
         self.register_buffer("residual_threshold", torch.tensor(float("inf")))
 
     # -- fitting
@@ -170,6 +230,9 @@ class PatientGenerator(nn.Module):
         n, k = len(x), c.shape[1]
         if pose is None:
             pose = register(x, cfg, progress)
+        weight = None
+        if cfg.refine_rounds > 0:
+            pose, weight = refine_pose_on_unexplained(x, c, pose, cfg, progress)
         X1 = torch.cat([torch.ones(n, 1), c], 1)
         aligned = torch.cat([_sample(x[i:i + 512], pose[i:i + 512]) for i in range(0, n, 512)])
         fit_t = _lstsq(X1, aligned.flatten(1))
@@ -180,7 +243,12 @@ class PatientGenerator(nn.Module):
         G = cls(k, tuple(x.shape[1:]), len(pool), cfg.blur_sigma, cfg.max_noise_gain, cfg.register_size)
         small = _registration_image(x, G.register_size)
         template = _sample(small, pose).mean(0, keepdim=True)
-        residual = registration_residual(small, template, pose)
+        weight = torch.ones_like(template) if weight is None else weight
+        residual = registration_residual(small, template, pose, weight)
+        span = torch.quantile(c, 0.975, dim=0) - torch.quantile(c, 0.025, dim=0)              # (k,)
+        pixel = 2.0 / x.shape[-1]          # one pixel at the image's edge, in pose units: the least spread counted
+        pose_slopes = material_slopes(_lstsq(X1, pose)[1:], pose.std(0).clamp_min(pixel), span, cfg.material_sd)
+        noise_slopes = material_slopes(_lstsq(X1, sig[:, None])[1:], sig.std().view(1), span, cfg.material_sd)
         pool_t = torch.as_tensor(np.asarray(pool), dtype=torch.long)
         with torch.no_grad():
             G.pool_images.copy_((x[pool_t] * 255).round().clamp(0, 255).to(torch.uint8))
@@ -189,9 +257,10 @@ class PatientGenerator(nn.Module):
             G.pool_noise.copy_(sig[pool_t].clamp_min(1e-6))
             G.template_patterns.copy_(fit_t[1:])
             G.image_patterns.copy_(fit_i[1:])
-            G.pose_slopes.copy_(_lstsq(X1, pose)[1:])
-            G.noise_slopes.copy_(_lstsq(X1, sig[:, None])[1:, 0])
+            G.pose_slopes.copy_(pose_slopes)
+            G.noise_slopes.copy_(noise_slopes[:, 0])
             G.registration_template.copy_(template)
+            G.registration_weight.copy_(weight)
             G.residual_threshold.fill_(float(torch.quantile(residual, 0.99)))
         return G
 
@@ -214,8 +283,8 @@ class PatientGenerator(nn.Module):
             raise ValueError("this patient generator was saved without its registration template; re-run the "
                              "explanation to place new images")
         small = _registration_image(x.float(), self.register_size)
-        pose = fit_pose(small, self.registration_template, iters, lr)
-        residual = registration_residual(small, self.registration_template, pose)
+        pose = fit_pose(small, self.registration_template, iters, lr, weight=self.registration_weight)
+        residual = registration_residual(small, self.registration_template, pose, self.registration_weight)
         return pose, residual, residual <= self.residual_threshold
 
     def edit_image(self, x: torch.Tensor, pose: torch.Tensor, c0: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -285,6 +354,6 @@ def load_patient_generator(out_dir: str | Path, device="cpu") -> PatientGenerato
     G = PatientGenerator(meta["k"], tuple(meta["image_shape"]), meta["n_pool"], meta["blur_sigma"],
                          meta["max_noise_gain"], meta.get("register_size", 32))
     state = torch.load(d / "generator.pt", map_location="cpu", weights_only=True)
-    placing = {"registration_template", "residual_threshold"}      # absent from the first saved generators
+    placing = {"registration_template", "residual_threshold", "registration_weight"}   # absent from older files
     G.load_state_dict(state, strict=not (set(G.state_dict()) - set(state)) <= placing)
     return G.to(device).eval()

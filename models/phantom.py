@@ -393,12 +393,17 @@ def _stream(cfg: PhantomConfig, plan: list) -> Iterator[tuple[np.ndarray, np.nda
         del imgs, masks  # free this block before the next one is rendered
 
 
-def write_phantom(root: str | Path, cfg: PhantomConfig, overwrite: bool = False) -> ImageDataset:
-    """Write a phantom dataset folder (8-bit PNGs, streamed block by block) and return it opened.
+def write_phantom(root: str | Path, cfg: PhantomConfig, overwrite: bool = False, image_format: str = "png",
+                  bits: int = 8) -> ImageDataset:
+    """Write a phantom dataset folder (streamed block by block) and return it opened: ``bits``-bit PNGs (8, the
+    default, or 16), or with ``image_format="dicom"`` 16-bit DICOM files holding the same stored values as the
+    16-bit PNGs (the two load to identical arrays).
 
     The manifest holds target, label, every factor (marker too with ``shortcut``) and split; dataset.yaml names
     the target column (``target`` or ``label``) and the factor groups.
     """
+    if bits not in (8, 16):
+        raise ValueError(f"write_phantom: bits must be 8 or 16, got {bits!r}")
     validate_config(cfg)
     root = Path(root)
     if root.exists() and any(root.iterdir()) and not overwrite:  # fail before rendering anything
@@ -416,7 +421,8 @@ def write_phantom(root: str | Path, cfg: PhantomConfig, overwrite: bool = False)
                      + (f"; shortcut marker with strength {cfg.shortcut_strength}" if cfg.shortcut else "")),
     )
     return write_dataset(root, meta, (im for im, _ in a), table,
-                         masks=(mk for _, mk in b) if cfg.masks else None, overwrite=overwrite)
+                         masks=(mk for _, mk in b) if cfg.masks else None, overwrite=overwrite, bits=bits,
+                         image_format=image_format)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------- ruler

@@ -187,8 +187,10 @@ def build_report(artifacts_dir: str | Path, lineage: dict | None = None, drift: 
                  out: str | Path | None = None) -> Path:
     """Write the self-contained ``report.html`` of an explanation artifacts folder; returns its path.
 
-    ``lineage``: dataset, dataset_md5, cnn_name, cnn_version, code_version, config_hash, key (whatever is known;
-    ``config.json`` fills the rest). ``drift``: the summary dict of ``flows.drift`` (parts ``data``,
+    ``lineage``: dataset, dataset_md5, dataset_created, cnn_name, cnn_version, cnn_model_id, cnn_format,
+    cnn_digest, code_version, config_hash, key, libraries (whatever is known; ``config.json`` fills the rest). The
+    page itself is one of the files the run's signed manifest covers, so it names where that manifest is and how
+    to check it rather than its digest. ``drift``: the summary dict of ``flows.drift`` (parts ``data``,
     ``features``, ``previous``). ``diff``: a ``models.diff.explanation_diff`` dict; ``diff_image`` its picture
     (default ``diff/matched_components.png`` in the folder when present). ``out`` defaults to
     ``<artifacts_dir>/report.html``."""
@@ -212,9 +214,13 @@ def build_report(artifacts_dir: str | Path, lineage: dict | None = None, drift: 
                                                                                        lineage.get("cnn_format"))),
         ("dataset", lineage.get("dataset") or config.get("dataset") or ds.get("name")),
         ("dataset version (DVC md5)", lineage.get("dataset_md5")),
+        ("dataset version date", lineage.get("dataset_created")),
         ("images / task / target", f"{ds.get('n_images')} / {ds.get('task')} / {ds.get('target')}"),
         ("explained layer", f"{cnn.get('layer')} ({cnn.get('n_features')} features)"),
-        ("code version (git)", lineage.get("code_version")),
+        ("CNN files (sha256)", lineage.get("cnn_digest")),
+        ("CNN LoggedModel (MLflow)", lineage.get("cnn_model_id")),
+        ("code version", lineage.get("code_version")),
+        ("libraries", {k: v for k, v in (lineage.get("libraries") or {}).items() if v} or None),
         ("explain config hash", lineage.get("config_hash") or config.get("config_hash")
          or metrics.get("config_hash")),
         ("explanation key", lineage.get("key")),
@@ -233,6 +239,7 @@ def build_report(artifacts_dir: str | Path, lineage: dict | None = None, drift: 
         "verdict": (verdict or {}).get("verdict"), "verdict_text": verdict_text(verdict),
         "cautions": cautions(metrics, drift, diff, thresholds, min_variance_pct),
         "lineage": [(k, _fmt(v)) for k, v in lineage_rows if v is not None],
+        "verify_target": f"{lineage.get('cnn_name') or 'MODEL'} {lineage.get('cnn_version') or 'VERSION'}",
         "attribution_caption": ATTRIBUTION_CAPTION,
         "layer_selection": metrics.get("layer_selection"),
         "config": [(k, _fmt(v)) for k, v in sorted(cfg.items())],
@@ -315,6 +322,10 @@ target variance, and no drift or unmatched top component was found.</div>{% endi
 <section id="lineage">
 <h2>Lineage</h2>
 <table>{% for k, v in lineage %}<tr><th>{{ k }}</th><td>{{ v }}</td></tr>{% endfor %}</table>
+<p id="audit"><b>Tamper evidence.</b> This page and every other file of the explanation are listed with their
+sha256, next to the inputs above, in the signed manifest <code>audit/manifest.json</code> of the same MLflow run;
+its own sha256 is the run's and the model version's tag <code>figan.manifest_sha256</code>.
+<code>figan verify {{ verify_target }}</code> downloads the run and checks every file, the signature and the tag.</p>
 {% if config %}<details><summary>Explain configuration ({{ config|length }} settings)</summary>
 <table>{% for k, v in config %}<tr><th>{{ k }}</th><td>{{ v }}</td></tr>{% endfor %}</table></details>{% endif %}
 </section>

@@ -86,5 +86,5 @@ def check_within_published(lo, hi, components: list[int], ranges, field: str | N
 def public_row(row: dict) -> dict[str, Any]:
     """A listing row (``flows.registry.list_versions``) as the API shows it."""
     keys = ("name", "version", "aliases", "status", "verdict", "failing_gates", "error", "updated", "fid_best",
-            "fid_extractor", "faithfulness", "pct_variance")
+            "fid_extractor", "faithfulness", "pct_variance", "manifest_sha256")
     return {k: row.get(k) for k in keys}

@@ -15,8 +15,11 @@ the artifact layout) or from its own cache folder:
   into a temporary folder and renamed into place (atomic, safe with several workers). Run ids are 32 hex digits
   and every file name is built here from a validated component number, so reads never leave the cache.
   Published runs never change, so cached files are kept (and their bytes memoised) for the process lifetime.
-* **Models in memory**: the published generator and PLS state per run, the CNN (+ contract) per version, each
-  loaded once; generation runs under a semaphore so CPU-bound requests cannot pile up threads.
+* **Signed**: a run is served only when the cached files match its signed manifest and the manifest's digest is
+  the version's ``figan.manifest_sha256`` (:func:`flows.audit.verify_served`), checked once per run when it is
+  loaded (also when the cache folder was left by an earlier process); otherwise 502, and the folder is dropped.
+* **Models in memory**: the published generator and PLS state per run, the CNN (+ contract) per version and CNN
+  identity, each loaded once; generation runs under a semaphore so CPU-bound requests cannot pile up threads.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -41,7 +44,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image, UnidentifiedImageError
 
-from flows import registry
+from flows import audit, registry
 from flows.mlflow_server import find_server
 from flows.settings import Settings
 from models.cgan import CGANConfig, Generator, load_generator
@@ -131,6 +134,7 @@ class Explanation:
     metrics: dict
     config: dict
     gen_cfg: CGANConfig
+    lineage: dict = field(default_factory=dict)     # from the verified manifest
 
     @property
     def run_id(self) -> str:
@@ -180,7 +184,7 @@ class Explanation:
                 "image_channels": self.gen_cfg.image_channels, "sweep": sweep, "fid": fid,
                 "diversity": self.metrics.get("diversity"), "gates": self.metrics.get("gates"),
                 "dataset": self.metrics.get("dataset"), "cnn": self.metrics.get("cnn"), "components": comps,
-                "layer_selection": self.metrics.get("layer_selection")}
+                "layer_selection": self.metrics.get("layer_selection"), "lineage": self.lineage}
 
 
 @lru_cache(maxsize=1024)
@@ -205,6 +209,11 @@ def _frames_json(npz: Path, root: Path, component: int) -> bytes:
 
 # --------------------------------------------------------------------------------------------- the store
 
+def _pairing(row: dict) -> tuple:
+    """What a served run was checked against: the run, and the version's model, number, key and CNN identity."""
+    return row["run_id"], row["name"], str(row["version"]), row.get("key"), row.get("cnn_id")
+
+
 @dataclass
 class _Loaded:
     generator: tuple[Generator, CGANConfig] | None = None
@@ -227,9 +236,9 @@ class ExplanationStore:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
         self._explanations: dict[str, Explanation] = {}
-        self._verified: set[tuple] = set()              # (run id, model, version, key) pairings checked
+        self._verified: set[tuple] = set()              # (run id, model, version, key, cnn id) pairings checked
         self._loaded: dict[str, _Loaded] = {}
-        self._cnns: dict[tuple[str, str], tuple[torch.nn.Module, registry.Contract]] = {}
+        self._cnns: dict[tuple[str, str, str], tuple[torch.nn.Module, registry.Contract]] = {}
         self.generation = threading.BoundedSemaphore(cfg.gen_concurrency)
 
     # -- MLflow
@@ -344,8 +353,7 @@ class ExplanationStore:
         if self._rows is None:
             return None
         row = self._match(self.listing(), check_name(model), check_ref(ref))
-        if not (row and row["status"] == "done" and row["run_id"]
-                and (row["run_id"], row["name"], str(row["version"]), row.get("key")) in self._verified):
+        if not (row and row["status"] == "done" and row["run_id"] and _pairing(row) in self._verified):
             return None                         # not checked yet for this version: the slow path checks it
         expl = self._explanations.get(row["run_id"])
         if expl is not None and expl.row is not row:
@@ -365,8 +373,8 @@ class ExplanationStore:
         run_id = row["run_id"]
         if not RUN_ID_RE.match(run_id):
             raise ServiceError(502, f"version: {model}/{row['version']} names a malformed run id {run_id!r}")
-        pairing = (run_id, row["name"], str(row["version"]), row.get("key"))
-        if pairing not in self._verified:       # once per (run, version, key): one MLflow call
+        pairing = _pairing(row)
+        if pairing not in self._verified:       # once per (run, version, key, CNN): one MLflow call
             self._check_run_is_the_explanation(row)
             self._verified.add(pairing)
         expl = self._explanations.get(run_id)
@@ -402,16 +410,44 @@ class ExplanationStore:
                                         f"could not be fetched from MLflow ({public_detail(e)})", "version") from e
             log.info("explanation cached", extra={"model": row["name"], "version": row["version"],
                                                   "run_id": run_id, "ms": round(1000 * (time.monotonic() - t0))})
+        lineage = self._check_manifest(row, dest)
         meta = json.loads((dest / "gan" / "best" / "generator.json").read_text())
         config_path = dest / "config.json"
         config = json.loads(config_path.read_text()).get("config", {}) if config_path.is_file() else {}
         return Explanation(name=row["name"], version=row["version"], row=row, dir=dest,
                            metrics=json.loads((dest / "metrics.json").read_text()), config=config,
-                           gen_cfg=CGANConfig.from_dict(meta["config"]))
+                           gen_cfg=CGANConfig.from_dict(meta["config"]), lineage=lineage)
+
+    def _check_manifest(self, row: dict, dest: Path) -> dict:
+        """Serve only what the platform signed: the cached files of the run must match its signed manifest, whose
+        digest is the version's ``figan.manifest_sha256``. Returns the lineage the version JSON shows (dataset,
+        md5, version date, CNN digest, manifest digest); 502 naming what failed otherwise, and the cache folder is
+        dropped so a repaired run is fetched anew."""
+        where = f"{row['name']}/{row['version']}"
+        try:
+            result = audit.verify_served(dest, row, ignore=("service",))
+        except audit.AuditError as e:
+            log.error("audit key unusable", extra={"error": str(e)})
+            raise ServiceError(503, "version: this service has no usable audit key to check explanations with "
+                                    "(FIGAN_AUDIT_KEY; see the service log)", "version") from e
+        if not result.ok:
+            log.warning("refused run: manifest does not verify",
+                        extra={"model": row["name"], "version": row["version"], "run_id": row["run_id"],
+                               "problems": result.problems[:50]})
+            shutil.rmtree(dest, ignore_errors=True)
+            raise ServiceError(502, f"version: the explanation of {where} does not match its signed manifest "
+                                    f"({result.headline()}); refused, check it with `figan verify {row['name']} "
+                                    f"{row['version']}`", "version", audit="failed")
+        i = result.inputs
+        return {"dataset": i.get("dataset"), "dataset_md5": i.get("dataset_md5"),
+                "dataset_created": i.get("dataset_created"), "cnn_digest": i.get("cnn_digest"),
+                "cnn_model_id": i.get("cnn_model_id"), "code_version": i.get("code_version"),
+                "manifest_sha256": result.manifest_sha256}
 
     def _check_run_is_the_explanation(self, row: dict) -> None:
         """Any MLflow user can write a version's ``figan.run_id`` tag: serve the run only if it lives in the
-        explanations experiment and its own tags name this model, version and explanation key."""
+        explanations experiment and its own tags name this model, version, explanation key and CNN (the version's
+        identity as the registry has it now: a deleted and re-created model's version 1 is another CNN)."""
         try:
             run = self.client.get_run(row["run_id"])
             exp = self.client.get_experiment(run.info.experiment_id)
@@ -423,7 +459,9 @@ class ExplanationStore:
             ("experiment", exp.name == registry.EXPLANATIONS_EXPERIMENT),
             ("model", tags.get(registry.RUN_TAG_MODEL) == row["name"]),
             ("version", tags.get(registry.RUN_TAG_VERSION) == str(row["version"])),
-            ("key", row.get("key") is not None and tags.get(registry.RUN_TAG_KEY) == row.get("key"))) if not ok]
+            ("key", row.get("key") is not None and tags.get(registry.RUN_TAG_KEY) == row.get("key")),
+            ("cnn", row.get("cnn_id") is not None and tags.get(registry.RUN_TAG_CNN_ID) == row.get("cnn_id")))
+            if not ok]
         if mismatch:
             log.warning("refused run", extra={"model": row["name"], "version": row["version"],
                                               "run_id": row["run_id"], "mismatch": mismatch})
@@ -459,8 +497,8 @@ class ExplanationStore:
         return loaded.pls
 
     def cnn(self, expl: Explanation) -> tuple[torch.nn.Module, registry.Contract]:
-        """The explained CNN version (eager module, eval mode) and its contract, loaded once."""
-        key = (expl.name, expl.version)
+        """The explained CNN version (eager module, eval mode) and its contract, loaded once per CNN identity."""
+        key = (expl.name, expl.version, expl.row.get("cnn_id"))
         if key not in self._cnns:
             with self._lock(f"cnn:{expl.name}/{expl.version}"):
                 if key not in self._cnns:

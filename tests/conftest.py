@@ -14,6 +14,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")     # offline: no telemetry attempts
 
+import socket
+from contextlib import ExitStack
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -33,6 +36,31 @@ def disc_images(radius: np.ndarray, size: int = 16, shift: np.ndarray | None = N
     return (0.1 + 0.8 * img)[:, None].astype(np.float32)
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports nobody listens on now (held together while chosen, so they differ)."""
+    with ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+@pytest.fixture
+def platform_env(tmp_path, monkeypatch):
+    """An embedded platform of the test's own: its home under ``tmp_path`` and free ports for the worker's receiver
+    and the service, never the defaults (5081, 3000) that a platform left running by `make demo` holds; nothing
+    of the caller's environment points it at other engines. Returns the home."""
+    home = tmp_path / "platform"
+    receiver, service = free_ports(2)
+    monkeypatch.setenv("FIGAN_HOME", str(home))
+    monkeypatch.setenv("FIGAN_RECEIVER_PORT", str(receiver))
+    monkeypatch.setenv("FIGAN_SERVICE_PORT", str(service))
+    for var in ("FIGAN_TRACKING_URI", "FIGAN_RECEIVER_URL", "FIGAN_RECEIVER_HOST", "FIGAN_EXPLAIN_CONFIG",
+                "FIGAN_SETTINGS", "PREFECT_API_URL"):
+        monkeypatch.delenv(var, raising=False)
+    return home
+
+
 @pytest.fixture
 def disc_dataset(tmp_path):
     """A 120-image regression dataset: target = disc radius."""
@@ -49,7 +77,8 @@ def disc_dataset(tmp_path):
 PLATFORM_MODULES = {"test_service", "test_service_patient", "test_trigger", "test_platform_demo", "test_team_config",
                     "test_viewer_browser", "test_report_browser", "test_flows_explain", "test_flows_registry",
                     "test_flows_data", "test_fanout", "test_drift", "test_cnn_formats", "test_gpu_bench",
-                    "test_ablation_demo", "test_gates_discs"}
+                    "test_ablation_demo", "test_gates_discs", "test_recreated_model",
+                    "test_failures"}
 
 
 def pytest_collection_modifyitems(config, items):

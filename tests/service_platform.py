@@ -26,7 +26,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flows import registry as R
+from flows.audit import signing_key
+from flows.data import dataset_md5
 from flows.mlflow_server import MlflowServer, start_server
+from flows.settings import Settings
 from models.cnn import TrainConfig, train_cnn
 from models.data import DatasetMeta, write_dataset
 from models.explain import ExplainConfig, explain
@@ -106,6 +109,12 @@ class Platform:
     metrics: dict
     served: list[Served] = field(default_factory=list)
     verdicts: dict[str, dict | None] = field(default_factory=dict)     # version → verdict, where tests set one
+    lineage: dict = field(default_factory=dict)                        # what each publication records
+
+    @property
+    def signing_key(self) -> bytes:
+        """The platform's audit key (``<home>/audit.key``, which the spawned services share through FIGAN_HOME)."""
+        return signing_key(Settings(home=self.home), create=True)
 
     @classmethod
     def start(cls, home: Path, cfg: ExplainConfig = TINY, size: int = 16, serve: tuple[dict, ...] = ({},)
@@ -125,6 +134,9 @@ class Platform:
             platform.metrics = explain(ds, model, platform.artifacts, cfg, task=spec.task,
                                        input_shape=tuple(spec.input_shape), cnn_name=MODEL)
             R.register_cnn(model, spec, MODEL, "discs", None, tracking_uri=server.uri)
+            platform.lineage = {"dataset": "discs", "dataset_md5": dataset_md5(ds.root),
+                                "dataset_created": "2026-11-29T00:00:00+00:00",     # (not versioned with DVC here)
+                                "cnn_digest": R.load_cnn_version(platform.client, MODEL, "1")[0].figan_digest}
             platform.publish("1")
             platform.client.set_registered_model_alias(MODEL, "champion", "1")
             print(f"[service_platform] explanation published after {time.monotonic() - t0:.1f} s", flush=True)
@@ -141,9 +153,15 @@ class Platform:
         return self.client.create_model_version(MODEL, first.source, first.run_id, tags=tags,
                                                 model_id=model_id).version
 
-    def publish(self, version: str) -> str:
-        return R.publish_explanation(self.client, MODEL, version, self.artifacts, self.metrics,
-                                     {"dataset": "discs"}, key=f"key-{version}")
+    def publish(self, version: str, key: bytes | None = None) -> str:
+        """Publish the explanation on ``version``, signed with the platform's key (or ``key``)."""
+        return R.publish_explanation(self.client, MODEL, version, self.artifacts, self.metrics, self.lineage,
+                                     key=f"key-{version}", signing_key=key or self.signing_key)
+
+    def stored_artifact(self, run_id: str, rel: str) -> Path:
+        """Where the MLflow server keeps a run's artifact on disk: what someone with storage access would edit."""
+        uri = self.client.get_run(run_id).info.artifact_uri        # mlflow-artifacts:/<experiment>/<run>/artifacts
+        return self.server.home / "artifacts" / uri.partition(":")[2].lstrip("/") / rel
 
     def publish_opposite_verdict(self, version: str) -> dict:
         """Publish the explanation on ``version`` with the opposite verdict of version 1's (a copy of the artifacts
@@ -156,7 +174,8 @@ class Platform:
         art = self.home / f"explanation-v{version}"
         shutil.copytree(self.artifacts, art)
         (art / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        R.publish_explanation(self.client, MODEL, version, art, metrics, {"dataset": "discs"}, key=f"key-{version}")
+        R.publish_explanation(self.client, MODEL, version, art, metrics, self.lineage, key=f"key-{version}",
+                              signing_key=self.signing_key)
         return metrics
 
     def serve(self, **env: str) -> Served:

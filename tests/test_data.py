@@ -132,3 +132,50 @@ def test_other_formats_and_decompression_bombs_are_refused_by_name(tmp_path, mon
 def test_splits_reproducible():
     a, b = assign_splits(100, 3), assign_splits(100, 3)
     assert (a == b).all() and set(a) == {"train", "val", "test"}
+
+
+# --------------------------------------------------------------------------------------------- dataset.yaml
+
+GOOD_META = {"name": "b", "target": "y", "task": "regression", "description": "tiny",
+             "factors": {"driving": ["r"], "nuisance": ["cx"]}}
+
+
+@pytest.mark.parametrize("change, field, why", [
+    ({"factors": ["r", "cx"]}, "factors", "must be a mapping of driving/nuisance/shortcut"),
+    ({"factors": {"driving": ["r"], "confounders": ["cx"]}}, "factors", r"has unknown group\(s\) \['confounders'\]"),
+    ({"factors": {"driving": "r"}}, "factors", r"group\(s\) \['driving'\] must be non-empty lists"),
+    ({"factors": {"driving": [1]}}, "factors", r"group\(s\) \['driving'\]"),
+    ({"target": 5}, "target", "must be a column name or a non-empty list of column names"),
+    ({"target": ["y", 2]}, "target", "must be a column name"),
+    ({"target": []}, "target", "must be a column name"),
+    ({"name": ["b"]}, "name", "must be a non-empty string"),
+    ({"task": "ordinal"}, "task", "must be 'regression' or 'classification'"),
+    ({"class_names": "ab"}, "class_names", "must be a non-empty list of class names"),
+    ({"class_names": ["a", "a"]}, "class_names", "must not repeat a class name"),
+    ({"description": 3}, "description", "must be a string"),
+])
+def test_every_dataset_yaml_field_is_type_checked(tmp_path, change, field, why):
+    rows = [{"path": f"images/{i}.png", "y": float(i), "r": i, "cx": -i} for i in range(3)]
+    assert ImageDataset(_make(tmp_path / "ok", rows, GOOD_META)).meta.factors == GOOD_META["factors"]
+    with pytest.raises(DatasetError, match=rf"dataset.yaml: {field} {why}.*got "):
+        ImageDataset(_make(tmp_path, rows, {**GOOD_META, **change}))
+
+
+def test_unknown_and_missing_dataset_yaml_fields_are_named(tmp_path):
+    rows = [{"path": "images/0.png", "y": 1.0}]
+    with pytest.raises(DatasetError, match=r"unknown field\(s\) \['factor'\]; dataset.yaml has \['name', 'target'"):
+        ImageDataset(_make(tmp_path / "a", rows, {"name": "b", "target": "y", "task": "regression",
+                                                    "factor": {"driving": ["y"]}}))
+    with pytest.raises(DatasetError, match=r"missing field\(s\) \['task'\]"):
+        ImageDataset(_make(tmp_path / "b", rows, {"name": "b", "target": "y"}))
+    meta = ImageDataset(_make(tmp_path / "c", rows, {"name": "b", "target": "y", "task": "regression",
+                                                     "class_names": None})).meta
+    assert meta.class_names is None                                  # an optional field may be null
+
+
+def test_factors_must_be_numeric_manifest_columns(tmp_path):
+    rows = [{"path": f"images/{i}.png", "y": float(i), "r": i, "cx": "left"} for i in range(3)]
+    with pytest.raises(DatasetError, match=r"factors name column\(s\) \['shift'\] that the manifest lacks"):
+        ImageDataset(_make(tmp_path / "a", rows, {**GOOD_META, "factors": {"nuisance": ["shift"]}}))
+    with pytest.raises(DatasetError, match="factor column 'cx' must hold finite numbers"):
+        ImageDataset(_make(tmp_path / "b", rows, GOOD_META))

@@ -294,6 +294,7 @@ COMPOSE_SECRET_HOLDERS = {
     "PREFECT_API_AUTH_STRING": {"prefect-server", "worker"},
     "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": {"mlflow"},
     "FIGAN_SERVICE_API_KEY": {"service"},
+    "FIGAN_AUDIT_KEY": {"worker", "service"},
 }
 
 
@@ -656,7 +657,7 @@ K8S_SECRET_ACCESS = {
     "prefect-register-deployments": {("prefect-secrets", "PREFECT_API_AUTH_STRING")},
     "figan-worker": {("worker-secrets", "*"), ("prefect-secrets", "PREFECT_API_AUTH_STRING")},
     "figan-explanation": {("worker-secrets", "*"), ("prefect-secrets", "PREFECT_API_AUTH_STRING")},
-    "figan-service": {("service-secrets", "*")},
+    "figan-service": {("service-secrets", "*"), ("worker-secrets", "FIGAN_AUDIT_KEY")},   # checks what the worker signs
 }
 
 

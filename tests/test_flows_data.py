@@ -6,12 +6,16 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from PIL import Image
+from pydicom.data import get_testdata_file
 
 from flows.data import (DataStore, DataVersionError, DatasetVersion, dataset_md5, fetch_dataset, list_versions,
                         open_store, version_dataset)
+from models.data import ImageDataset
+from models.medical_images import write_dicom
 from models.phantom import PhantomConfig, write_phantom
 
 # pygtrie deprecation noise from inside DVC 3.67 (dvc/repo/trie.py, graph.py), not from this code
@@ -182,6 +186,15 @@ def test_invalid_dataset_changes_nothing(store, src, tmp_path):
     with pytest.raises(DataVersionError, match="missing column.*no_such_column"):
         version_dataset(store, bad_target)
 
+    for field, value, why in (("factors", ["heart_size", "shift_x"], "factors must be a mapping of driving/"),
+                              ("factor", {"driving": ["heart_size"]}, r"unknown field\(s\) \['factor'\]"),
+                              ("target", 3, "target must be a column name")):
+        bad_meta = tmp_path / f"bad_yaml_{field}"
+        shutil.copytree(src, bad_meta)
+        (bad_meta / "dataset.yaml").write_text(yaml.safe_dump({**meta, field: value}))
+        with pytest.raises(DataVersionError, match=f"is not valid: .*dataset.yaml: {why}"):
+            version_dataset(store, bad_meta)
+
     with pytest.raises(DataVersionError, match="dataset name 'Bad Name' is not allowed"):
         version_dataset(store, src, name="Bad Name")
 
@@ -216,3 +229,48 @@ def test_unknown_name_or_md5_lists_what_is_known(store, src, tmp_path):
 def test_dataset_md5_of_a_missing_folder_is_an_error(tmp_path):
     with pytest.raises(DataVersionError, match="not a folder"):
         dataset_md5(tmp_path / "nope")
+
+
+# --------------------------------------------------------------------------------------------- DICOM / NIfTI
+
+def test_a_dicom_dataset_versions_with_its_image_summary_and_fetches_identical(store, tmp_path):
+    cfg = PhantomConfig(n=16, size=16, seed=2)
+    src = write_phantom(tmp_path / "dcm", cfg, image_format="dicom").root
+    v = version_dataset(store, src)
+    assert v.n_images == 16 and v.images == {"formats": {"DICOM": 16}, "image_size": [16, 16],
+                                             "pixel_spacing": None}
+    assert list_versions(store)[0].images == v.images                      # read back from the tag
+    out = ImageDataset(fetch_dataset(store, "phantom", v.md5, tmp_path / "out"))
+    np.testing.assert_array_equal(out.load(range(16)), ImageDataset(src).load(range(16)))
+
+    other = tmp_path / "other_size"                                          # one DICOM of another size
+    shutil.copytree(src, other)
+    write_dicom(other / "images/000007.dcm", np.zeros((20, 24), np.float32), uid_seed="odd")
+    with pytest.raises(DataVersionError, match=r"'images/000007.dcm' is 24x20 but the dataset's images are 16x16"):
+        version_dataset(store, other)
+
+
+def test_patient_identifying_dicom_is_refused_before_dvc_unless_allowed(store, src, tmp_path):
+    version_dataset(store, src)
+    before = snapshot(store)
+    phi = tmp_path / "phi"
+    (phi / "images").mkdir(parents=True)
+    for i in range(3):
+        shutil.copy(get_testdata_file("CT_small.dcm"), phi / f"images/{i}.dcm")
+    pd.DataFrame({"path": [f"images/{i}.dcm" for i in range(3)], "y": [1.0, 2.0, 3.0]}).to_csv(
+        phi / "manifest.csv", index=False)
+    meta = {"name": "ct", "target": "y", "task": "regression"}
+    (phi / "dataset.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(DataVersionError, match=r"3 DICOM files carry patient-identifying tags: PatientName \(3 "
+                                               r"files\), PatientID \(3 files\).*e.g. 'images/0.dcm'") as e:
+        version_dataset(store, phi)
+    assert "CompressedSamples" not in str(e.value) and "1CT1" not in str(e.value)     # no tag values
+    assert snapshot(store) == before and not (store.datasets_dir / "ct").exists()
+
+    (phi / "dataset.yaml").write_text(yaml.safe_dump({**meta, "phi": "allowed"}))
+    v = version_dataset(store, phi)
+    assert v.images["phi"] == {"allowed": True, "tags": {"OtherPatientIDsSequence": 3, "PatientID": 3,
+                                                         "PatientName": 3}}
+    assert v.images["pixel_spacing"] == {"images": 3, "row_mm": [0.661468] * 3, "col_mm": [0.661468] * 3}
+    note = git(store.root, "tag", "-l", "--format=%(contents)", v.tag)
+    assert "PatientName" in note and "CompressedSamples" not in note and "1CT1" not in note

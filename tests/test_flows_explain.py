@@ -1,16 +1,21 @@
 """The explain flow on real components: an MLflow server (SQLite, loopback), a git+DVC data store with a local
 remote, and real Prefect flow runs."""
 import json
+import shutil
 import types
 
 import pytest
 import yaml
 from mlflow import MlflowClient
 
+from flows.audit import signing_key, verify_version
+from flows.cli import main
+from flows.data import _add_version, _store_lock, dataset_md5, list_versions, open_store
 from flows.explain import explain_version, version_dataset_flow
 from flows.mlflow_server import start_server
-from flows.registry import (download_explanation, get_status, register_cnn, TAG_INPUT_SHAPE, TAG_KEY, TAG_TASK,
-                            EXPLANATIONS_EXPERIMENT)
+from flows.registry import (ContractError, download_explanation, get_status, register_cnn, TAG_INPUT_SHAPE, TAG_KEY,
+                            TAG_TASK, EXPLANATIONS_EXPERIMENT)
+from flows.settings import Settings
 from models.cgan import load_generator
 from models.cnn import TrainConfig, train_cnn
 from models.phantom import PhantomConfig, write_phantom
@@ -72,6 +77,17 @@ def test_explain_publishes_and_is_idempotent(platform, tmp_path):
     assert not (got / "gan/last.pt").exists() and not (got / "features.npy").exists()
     G, cfg, step = load_generator(got / "gan/best")
     assert cfg.k == 2 and load_pls(got / "pls").n_components == 2
+    # signed with the key made on first use (mode 0600): the run verifies, with the inputs it was made from
+    assert (p.home / "audit.key").stat().st_mode & 0o777 == 0o600
+    _, check = verify_version(p.client, signing_key(Settings.load()), "cnn-a", v)
+    assert check.ok and st["manifest_sha256"] == check.manifest_sha256, check.problems
+    assert {"report.html", "metrics.json", "lineage.json", "sequences/component_1.gif"} <= set(check.manifest["files"])
+    inputs = check.inputs
+    assert inputs["dataset_md5"] == p.md5.removesuffix(".dir") and inputs["dataset_created"].startswith("20")
+    assert len(inputs["cnn_digest"]) == 64 and inputs["cnn_model_id"].startswith("m-")
+    report = (got / "report.html").read_text()
+    assert inputs["cnn_digest"] in report and inputs["dataset_created"] in report
+    assert f"figan verify cnn-a {v}" in report
     # same key again: nothing new, same run
     again = explain_version("cnn-a", v)
     assert again == {"status": "done", "run_id": res["run_id"], "key": res["key"], "new": False}
@@ -140,3 +156,32 @@ def test_contract_errors_fail_that_version_only(platform, tmp_path):
         st = get_status(p.client, "cnn-c", version)
         assert st["status"] == "failed" and needle in st["error"], (version, st)
     assert get_status(p.client, "cnn-c", ok)["status"] == "done"      # other versions untouched
+
+
+def test_invalid_dataset_yaml_is_refused_at_version_data_and_before_training(platform, tmp_path, capsys):
+    """factors given as a list instead of {driving: [...], nuisance: [...]}: refused by `figan version-data`; a
+    version stored before that check existed fails the flow as a contract error before any features or training."""
+    p = platform
+    bad = tmp_path / "phantom-bad"
+    shutil.copytree(p.ds.root, bad)
+    meta = yaml.safe_load((bad / "dataset.yaml").read_text())
+    meta.update(name="phantom-bad", factors=meta["factors"]["driving"] + meta["factors"]["nuisance"])
+    (bad / "dataset.yaml").write_text(yaml.safe_dump(meta))
+    settings = Settings.load()
+    store = open_store(settings.data_store, settings.dvc_remote)
+
+    assert main(["version-data", "--src", str(bad)]) == 2
+    assert "dataset.yaml: factors must be a mapping of driving/nuisance/shortcut" in capsys.readouterr().err
+    assert list_versions(store, "phantom-bad") == []
+
+    md5 = dataset_md5(bad)
+    with _store_lock(store.root):               # stored as version-data did before it checked every field
+        _add_version(store, store.root, bad, "phantom-bad", md5, len(p.ds))
+    v = register_cnn(p.model, p.spec, "cnn-d", "phantom-bad", md5, tracking_uri=p.server.uri).version
+    with pytest.raises(ContractError, match="factors must be a mapping"):
+        explain_version("cnn-d", v)
+    st = get_status(p.client, "cnn-d", v)
+    assert st["status"] == "failed" and st["error_kind"] == "contract"
+    assert f"dataset phantom-bad version {md5}" in st["error"] and "factors must be a mapping" in st["error"]
+    assert not list((p.home / "work").glob("cnn-d-*"))                       # no working folder: nothing trained
+    assert not list(settings.features_cache.glob("cnn-d-*"))                 # no features computed

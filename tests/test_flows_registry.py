@@ -1,8 +1,10 @@
 """The MLflow layer against a real `mlflow server` (SQLite, loopback, free port): one server for the module.
 
-Covers flows.mlflow_server (start, idempotent start, find, stop leaves no process) and flows.registry (register a
+Covers flows.mlflow_server (start, idempotent start, find, stop leaves no process), flows.registry (register a
 tiny trained CNN with its contract, load it back as a hookable nn.Module, contract errors name the tag, status
-tags, publishing/finding/downloading an explanation run, the verdict tag and the pass alias, the status table).
+tags, publishing/finding/downloading an explanation run, the verdict tag and the pass alias, the status table,
+the CNN's LoggedModel as the run's input with the headline metrics on it) and the audit trail (`figan verify`
+on the signed manifest: an edited byte, a missing and an extra file, another key).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from models.phantom import PhantomConfig, write_phantom
 from models.verdict import verdict_of, verdict_text
 
 MD5 = "0123456789abcdef0123456789abcdef.dir"
+SIGNING_KEY = b"registry-test-audit-key-0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -180,14 +183,14 @@ def test_publish_find_download(client, registered, fake_explanation, tmp_path):
     v = registered.version
     assert R.find_explanation(client, "cnn", v, "key-1") is None
     run_id = R.publish_explanation(client, "cnn", v, d, metrics, {"dataset": "phantom", "dataset_md5": MD5},
-                                   key="key-1")
+                                   key="key-1", signing_key=SIGNING_KEY)
     files = {f.relative_to(d).as_posix() for f in d.rglob("*") if f.is_file()}
     art: set[str] = set()
     stack = [None]
     while stack:
         for a in client.list_artifacts(run_id, stack.pop()):
             (stack.append(a.path) if a.is_dir else art.add(a.path))
-    assert art == files - {"gan/last.pt", "features.npy"} | {"lineage.json"}
+    assert art == files - {"gan/last.pt", "features.npy"} | {"lineage.json", "audit/manifest.json"}
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     m = run.data.metrics
@@ -215,6 +218,7 @@ def test_publish_find_download(client, registered, fake_explanation, tmp_path):
     assert torch.equal(torch.load(out / "gan" / "best" / "generator.pt")["w"], torch.ones(3))
     assert json.loads((out / "metrics.json").read_text()) == json.loads((d / "metrics.json").read_text())
     assert (out / "pls" / "pls.json").is_file() and (out / "sequences" / "component_1.gif").is_file()
+    assert (out / "audit" / "manifest.json").is_file()
     assert json.loads((out / "lineage.json").read_text())["cnn_version"] == v
 
     rows = R.list_versions(client, "cnn")
@@ -259,7 +263,8 @@ def test_verdict_tag_status_column_and_pass_alias(client, registered, fake_expla
     def publish(version: str, key: str, gates: dict) -> str:
         m = {**metrics, "gates": gates}
         (d / "metrics.json").write_text(json.dumps(m))
-        return R.publish_explanation(client, "cnn", version, d, m, {}, key=key, pass_alias="trusted")
+        return R.publish_explanation(client, "cnn", version, d, m, {}, key=key, signing_key=SIGNING_KEY,
+                                     pass_alias="trusted")
 
     run_pass = publish(v_pass, "key-pass", _gates())
     run_fail = publish(v_fail, "key-fail", _gates("fid", "diversity"))
@@ -289,6 +294,123 @@ def test_verdict_tag_status_column_and_pass_alias(client, registered, fake_expla
     assert client.get_registered_model("cnn").aliases["trusted"] == v_fail
     assert not R.apply_pass_alias(client, "cnn", v_fail, "trusted", failed_again)   # fails again: taken off
     assert "trusted" not in (client.get_registered_model("cnn").aliases or {})
+
+
+# --------------------------------------------------------------------------------------------- audit trail
+
+def stored_artifact(server, client, run_id: str, rel: str) -> Path:
+    """Where the server keeps a run's artifact on disk: what someone with access to the artifact store edits."""
+    uri = client.get_run(run_id).info.artifact_uri            # mlflow-artifacts:/<experiment>/<run>/artifacts
+    return server.home / "artifacts" / uri.partition(":")[2].lstrip("/") / rel
+
+
+def flip_one_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def verify(client, monkeypatch, capsys, tmp_path):
+    """`figan verify cnn VERSION` in-process against this server, with the signing key (or ``key``); returns the
+    exit code and what it printed."""
+    from flows.cli import main
+
+    monkeypatch.setenv("FIGAN_TRACKING_URI", client.tracking_uri)
+    monkeypatch.setenv("FIGAN_HOME", str(tmp_path / "home"))
+
+    def run(version: str, key: bytes = SIGNING_KEY) -> tuple[int, str]:
+        monkeypatch.setenv("FIGAN_AUDIT_KEY", key.decode())
+        code = main(["verify", "cnn", version])
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+    return run
+
+
+def _publish_new_version(client, registered, d: Path, metrics: dict, key: str, source: str | None = None,
+                         **lineage) -> tuple[str, str]:
+    """A new version of the registered CNN (from its LoggedModel, or ``source``) with the explanation published."""
+    model_id = None if source else registered.source.removeprefix("models:/")
+    version = client.create_model_version("cnn", source or registered.source, registered.run_id,
+                                          model_id=model_id).version
+    run_id = R.publish_explanation(client, "cnn", version, d, metrics, {"dataset": "phantom", "dataset_md5": MD5,
+                                                                         **lineage},
+                                   key=key, signing_key=SIGNING_KEY)
+    return version, run_id
+
+
+def test_published_explanation_is_signed_and_linked_to_the_cnn(client, registered, fake_explanation, verify,
+                                                               tmp_path):
+    d, metrics = fake_explanation
+    v, run_id = _publish_new_version(client, registered, d, metrics, "key-audit", dataset_created="2026-11-29",
+                                     cnn_digest="c" * 64)
+    code, out = verify(v)
+    assert code == 0 and "VERIFIED in " in out and "signature  valid" in out, out
+    digest = client.get_model_version("cnn", v).tags[R.TAG_MANIFEST]
+    run = client.get_run(run_id)
+    assert run.data.tags[R.RUN_TAG_MANIFEST] == digest and f"manifest sha256 {digest}" in out
+    assert R.list_versions(client, "cnn")[int(v) - 1]["manifest_sha256"] == digest
+
+    manifest = json.loads(Path(client.download_artifacts(run_id, R.MANIFEST_PATH, str(tmp_path))).read_text())
+    published = {f.relative_to(d).as_posix() for f in d.rglob("*") if f.is_file()} - {"gan/last.pt", "features.npy"}
+    assert set(manifest["files"]) == published | {"lineage.json"}              # every artifact but the manifest
+    assert manifest["subject"] == {"model": "cnn", "version": v, "key": "key-audit", "run_id": run_id}
+    model_id = registered.source.removeprefix("models:/")
+    inputs = manifest["inputs"]
+    assert (inputs["dataset"], inputs["dataset_md5"], inputs["dataset_created"]) == ("phantom", MD5, "2026-11-29")
+    assert inputs["cnn_digest"] == "c" * 64 and inputs["cnn_model_id"] == model_id
+    assert inputs["config_hash"] == "abc123def456" and inputs["code_version"]
+    assert inputs["libraries"]["torch"] == torch.__version__ and inputs["libraries"]["mlflow"]
+
+    # MLflow 3: the CNN's LoggedModel is the run's input, and the headline metrics show on the CNN's model page
+    assert [m.model_id for m in run.inputs.model_inputs] == [model_id]
+    linked = {m.key: m.value for m in client.get_logged_model(model_id).metrics if m.run_id == run_id}
+    assert linked == {"fid_best": 12.5, "fid_floor": 1.0, "verdict_pass": 1.0, "c1_faithfulness_rho_mean": 0.9,
+                      "c2_faithfulness_rho_mean": 0.5, "c1_pct_target_variance": 60.5, "c2_pct_target_variance": 20.25}
+    assert run.data.params["verdict"] == "pass" and run.data.metrics["verdict_pass"] == 1.0
+
+
+def test_a_version_registered_without_a_logged_model_still_publishes_and_verifies(client, registered,
+                                                                                  fake_explanation, verify):
+    d, metrics = fake_explanation
+    v, run_id = _publish_new_version(client, registered, d, metrics, "key-old-way",
+                                     source=f"runs:/{registered.run_id}/{R.MODEL_NAME_IN_RUN}")
+    assert R.logged_model_id(client, "cnn", v) is None
+    run = client.get_run(run_id)
+    assert not run.inputs.model_inputs and "lineage.cnn_model_id" not in run.data.tags
+    assert run.inputs.dataset_inputs[0].dataset.digest == MD5
+    code, out = verify(v)
+    assert code == 0 and "VERIFIED" in out, out
+
+
+def test_verify_names_every_edited_missing_and_extra_file(server, client, registered, fake_explanation, verify):
+    d, metrics = fake_explanation
+    v, run_id = _publish_new_version(client, registered, d, metrics, "key-tampered")
+    flip_one_byte(stored_artifact(server, client, run_id, "sequences/component_1.gif"))
+    stored_artifact(server, client, run_id, "pls/pls.json").unlink()
+    stored_artifact(server, client, run_id, "sequences/component_9.gif").write_bytes(b"GIF89a")
+    code, out = verify(v)
+    assert code == 1 and "NOT VERIFIED in " in out, out
+    assert "signature  valid" in out and "1 changed, 1 missing, 1 extra" in out
+    for line in ("FAILED     changed: sequences/component_1.gif", "FAILED     missing: pls/pls.json",
+                 "FAILED     extra: sequences/component_9.gif"):
+        assert line in out, out
+
+
+def test_verify_fails_on_another_key_a_rewritten_tag_and_nothing_published(client, registered, fake_explanation,
+                                                                          verify):
+    d, metrics = fake_explanation
+    v, run_id = _publish_new_version(client, registered, d, metrics, "key-other")
+    code, out = verify(v, key=b"not-the-platform-key-0123456789")
+    assert code == 1 and "signature  other key" in out and "made with another key" in out, out
+    assert "0 changed, 0 missing, 0 extra" in out
+    client.set_model_version_tag("cnn", v, R.TAG_MANIFEST, "0" * 64)       # a tag pointing at another manifest
+    code, out = verify(v)
+    assert code == 1 and f"is not the published {'0' * 64}" in out, out
+    nothing = client.create_model_version("cnn", f"runs:/{registered.run_id}/{R.MODEL_NAME_IN_RUN}",
+                                          registered.run_id).version
+    code, out = verify(nothing)
+    assert code == 2 and f"model version cnn/{nothing} has no published explanation" in out, out
 
 
 def test_stop_server_leaves_no_process(server):

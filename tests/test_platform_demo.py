@@ -11,9 +11,8 @@ from flows.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_platform_demo_quick(tmp_path, capsys, monkeypatch):
-    for var in ("FIGAN_HOME", "FIGAN_EXPLAIN_CONFIG", "FIGAN_TRACKING_URI"):
-        monkeypatch.setenv(var, "")                      # restored after the test; the demo sets its own
+def test_platform_demo_quick(tmp_path, capsys, platform_env):
+    """On its own free ports (platform_env): a platform left running by `make demo` holds the default ones."""
     assert main(["demo", "--quick", "--workdir", str(tmp_path), "--stop-server"]) == 0
     out = capsys.readouterr().out
     assert "versioned with DVC: md5" in out

@@ -23,7 +23,8 @@ TINY = dict(fid_samples=32, fid_extractor="randconv", frames=4, seeds=(0, 1), n_
             reader_epochs=2, register_iters=30)
 SECTIONS = {"cautions", "lineage", "variance", "components", "fid", "checks", "drift", "diff"}
 LINEAGE = {"cnn_name": "phantom-cnn", "cnn_version": "3", "dataset": "phantom", "dataset_md5": "d" * 32,
-           "code_version": "0123abcd" * 5, "key": "k" * 16}
+           "dataset_created": "2026-11-29T10:00:00+00:00", "cnn_digest": "c" * 64, "cnn_model_id": "m-" + "e" * 32,
+           "code_version": "0123abcd" * 5, "key": "k" * 16, "libraries": {"torch": "2.13.0", "mlflow": "3.17.2"}}
 
 
 class Page(HTMLParser):
@@ -124,7 +125,9 @@ def test_report_is_self_contained_with_every_section(artifacts):
     formats = [_decode(src).format for src in imgs]
     assert formats.count("GIF") == k and formats.count("PNG") == len(imgs) - k
     text = " ".join(page.text)
-    for needle in (LINEAGE["dataset_md5"], LINEAGE["code_version"], metrics["config_hash"], "randconv",
+    for needle in (LINEAGE["dataset_md5"], LINEAGE["dataset_created"], LINEAGE["cnn_digest"],
+                   LINEAGE["cnn_model_id"], "torch: 2.13.0", "figan verify phantom-cnn 3", "audit/manifest.json",
+                   LINEAGE["code_version"], metrics["config_hash"], "randconv",
                    "real-vs-real floor", "Faithfulness", "Conditioning fidelity", "Ground truth", "heart_size",
                    "real cases", "Where the CNN looks"):
         assert needle in text, needle

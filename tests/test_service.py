@@ -2,7 +2,8 @@
 loopback) against a real MLflow server holding a real tiny published explanation (tests/service_platform.py).
 
 Happy path of every endpoint, every bad input → 4xx naming its field, status answers for failed/running
-versions, API keys on and off, and an explanation published after the start picked up without a restart."""
+versions, API keys on and off, an explanation published after the start picked up without a restart, lineage in
+the version JSON, and a run whose signed manifest does not verify refused."""
 from __future__ import annotations
 
 import base64
@@ -149,8 +150,48 @@ def test_a_run_id_tag_pointing_at_another_versions_run_is_refused(http, platform
     platform.client.set_model_version_tag(MODEL, v, "figan.run_id", first)     # v1's genuine explanation
     resp = _eventually(lambda: (r := http.get(f"{V}/{v}", headers=KEY)).status_code == 502 and r,
                        "the refusal (once the listing has the new tag)")
-    assert "is not an explanation of this version (version, key differ)" in resp.json()["error"]
+    assert "is not an explanation of this version (version, key, cnn differ)" in resp.json()["error"]
     assert http.get(f"{V}/1", headers=KEY).status_code == 200                  # the genuine pairing still serves
+
+
+def test_lineage_in_the_version_json(http, platform):
+    """Dataset name, DVC md5 and version date, the CNN's digest and LoggedModel, and the manifest digest (the
+    version's figan.manifest_sha256 tag) come with every explanation, from its verified manifest."""
+    lineage = http.get(f"{V}/1").json()["lineage"]
+    tags = platform.client.get_model_version(MODEL, "1").tags
+    want = platform.lineage
+    assert (lineage["dataset"], lineage["dataset_md5"], lineage["dataset_created"]) == \
+        (want["dataset"], want["dataset_md5"], want["dataset_created"])
+    assert len(want["dataset_md5"]) == 32 and len(want["cnn_digest"]) == 64
+    assert lineage["cnn_digest"] == want["cnn_digest"] and lineage["cnn_model_id"].startswith("m-")
+    assert lineage["manifest_sha256"] == tags["figan.manifest_sha256"] and lineage["code_version"]
+    (row,) = [r for m in http.get("/v1/models").json()["models"] for r in m["versions"] if r["version"] == "1"]
+    assert row["manifest_sha256"] == tags["figan.manifest_sha256"]
+
+
+def test_a_run_that_does_not_match_its_signed_manifest_is_refused(http, platform):
+    """One edited byte in the artifact store, or a run signed with another key: 502 naming what failed, with no
+    internal path; once the artifact is restored, the run is fetched anew and served."""
+    v = platform.new_version()
+    run_id = platform.publish(v)
+    gif = platform.stored_artifact(run_id, "sequences/component_2.gif")
+    original = gif.read_bytes()
+    edited = bytearray(original)
+    edited[len(edited) // 2] ^= 0x01
+    gif.write_bytes(bytes(edited))
+    resp = _eventually(lambda: (r := http.get(f"{V}/{v}")).status_code != 404 and r, "the new version")
+    body = assert_4xx(resp, 502, "version")
+    assert "does not match its signed manifest (1 changed: sequences/component_2.gif)" in body["error"], body
+    assert f"figan verify {MODEL} {v}" in body["error"] and body["audit"] == "failed"
+    assert str(platform.home) not in resp.text and "/tmp" not in resp.text
+    assert assert_4xx(http.get(f"{V}/{v}/components/1/sequence.gif"), 502, "version")["audit"] == "failed"
+    gif.write_bytes(original)
+    assert http.get(f"{V}/{v}/components/2/sequence.gif").content == original
+
+    other = platform.new_version()
+    platform.publish(other, key=b"someone-elses-key-0123456789")
+    resp = _eventually(lambda: (r := http.get(f"{V}/{other}")).status_code != 404 and r, "the other version")
+    assert "(signature other key)" in assert_4xx(resp, 502, "version")["error"]
 
 
 def test_failed_and_running_versions_answer_with_their_status(http):
@@ -322,6 +363,7 @@ def test_auth_off_in_process(platform, monkeypatch, tmp_path):
     for var, value in MLFLOW_ENV.items():
         monkeypatch.setenv(var, value)
     monkeypatch.setenv("FIGAN_HOME", str(tmp_path))
+    monkeypatch.setenv("FIGAN_AUDIT_KEY", platform.signing_key.decode())      # this home has no key file
     monkeypatch.setenv("FIGAN_SERVICE_AUTH", "off")
     monkeypatch.delenv("FIGAN_SERVICE_API_KEY", raising=False)
     monkeypatch.setenv("FIGAN_TRACKING_URI", platform.server.uri)

@@ -96,6 +96,12 @@ def test_viewer_renders_and_compares_versions(served, browser, platform):
     want = platform.verdicts["1"]
     assert any(label.startswith("v1 (") and label.endswith(f"— done · checks {want['verdict']}")
                for label in labels), labels
+    lineage = panel_a.find_element(By.CSS_SELECTOR, "p.lineage")                      # under the title
+    manifest = platform.client.get_model_version(MODEL, "1").tags["figan.manifest_sha256"]
+    assert lineage.get_attribute("data-manifest") == manifest
+    assert lineage.get_attribute("data-dataset-md5") == platform.lineage["dataset_md5"]
+    assert lineage.get_attribute("data-cnn-digest") == platform.lineage["cnn_digest"]
+    assert f"manifest sha256 {manifest[:12]}" in lineage.text and "(2026-11-29)" in lineage.text
     verdict_a, text_a, colour_a = banner(browser, "panel-a")
     assert (verdict_a, text_a) == (want["verdict"], f"Explanation checks: {verdict_text(want)}")
 

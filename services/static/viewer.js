@@ -136,6 +136,26 @@ function verdictBanner(s) {
   return el("div", { class: `verdict ${kind}`, role: "status", "data-verdict": kind }, verdictText(s));
 }
 
+// The lineage line under a version's title: which data (name, DVC md5, version date) and which CNN (digest of its
+// files) the explanation was made from, and the digest of its signed manifest (`figan verify` checks the run
+// against it). The service only serves runs whose manifest verified, so these come from a verified manifest.
+function lineageLine(s) {
+  const l = s.lineage || {};
+  const short = (h) => (h ? String(h).slice(0, 12) : "–");
+  const date = l.dataset_created ? ` (${String(l.dataset_created).slice(0, 10)})` : "";
+  const parts = [`data ${l.dataset || "–"} md5 ${short(l.dataset_md5)}${date}`, `CNN sha256 ${short(l.cnn_digest)}`,
+                 `manifest sha256 ${short(l.manifest_sha256)}`];
+  const full = `dataset md5 ${l.dataset_md5 || "–"}\nCNN sha256 ${l.cnn_digest || "–"}\n` +
+               `manifest sha256 ${l.manifest_sha256 || "–"}`;
+  const p = el("p", { class: "lineage", title: full }, `Signed · ${parts.join(" · ")}`);
+  const data = { dataset: l.dataset, datasetMd5: l.dataset_md5, datasetCreated: l.dataset_created,
+                 cnnDigest: l.cnn_digest, manifest: l.manifest_sha256 };
+  for (const [k, v] of Object.entries(data)) {
+    if (v) p.dataset[k] = v;
+  }
+  return p;
+}
+
 async function showVersion(panel, model, version) {
   const token = `${model}/${version}/${Date.now()}/${Math.random()}`;
   panel.dataset.showing = token;                  // a later selection wins over a slower earlier answer
@@ -174,7 +194,7 @@ async function showVersion(panel, model, version) {
   const overview = el("div", { class: "overview" });
   overview.append(table);
   if (s.urls.fid_trace) overview.append(fidImg);
-  panel.replaceChildren(verdictBanner(s), head, overview, comps, uploadForm(model, version));
+  panel.replaceChildren(verdictBanner(s), head, lineageLine(s), overview, comps, uploadForm(model, version));
 }
 
 // "Explain your own image": the upload goes to explain-image (needs the API key); the answer's sweeps are the
