@@ -20,6 +20,8 @@ Python, which registers the CNN from the host):
 7. gif: fetches a component's sequence.gif from the service's published port;
 8. down: `podman-compose … down -v`, also on failure, timeout, Ctrl-C or SIGTERM (--keep leaves the stack up).
 
+On PASS the figures go to benchmarks/results/compose_smoke.json (compose_smoke_restart.json with --restart-worker).
+
 Each step prints its time; the last line is the verdict. Peak RSS: the process trees of the stack's containers,
 sampled every few seconds. Podman runs with runc, cgroupfs, the vfs storage driver and file events (a
 containers.conf and storage.conf written to the work folder and named by CONTAINERS_CONF /
@@ -59,6 +61,8 @@ IMAGES = {                                    # image → scripts/podman_build.s
     "localhost/figan-s3:smoke": "s3",
 }
 MODEL = "smoke-cnn"
+RESULTS = {False: ROOT / "benchmarks" / "results" / "compose_smoke.json",           # written on PASS
+           True: ROOT / "benchmarks" / "results" / "compose_smoke_restart.json"}  # with --restart-worker
 EXPLAIN_CONFIGS = {False: "/etc/figan/explain/tiny.yaml", True: "/etc/figan/explain/cgan-resume.yaml"}
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))     # published ports: never via a proxy
 
@@ -522,6 +526,33 @@ def fetch_gif(service_url: str, api_key: str, version: str, out: Path, timeout: 
         time.sleep(2)                      # the service's listing refreshes every few seconds
 
 
+def results_document(facts: dict, a: argparse.Namespace) -> dict:
+    """benchmarks/results/compose_smoke[_restart].json: provenance (machine, load average, date), the run's configuration,
+    the headline figures, and every step's time."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.results_file import provenance
+
+    builds = {k.removeprefix("image "): v for k, v in TIMES.items()            # the images this run built
+              if k.startswith("image ") and not k.endswith("(present)")}
+    figures = {**{f"build {image} s": s for image, s in builds.items()},
+               "start-up to healthy s": facts["start-up to healthy s"],
+               "registration → done s": facts["registration → done s"],
+               "gif s": facts["gif s"], "gif bytes": facts["gif bytes"],
+               "down -v s": TIMES.get("down -v"),
+               "peak RSS MiB (sum of containers)": facts["peak RSS MiB (sum of containers)"]}
+    if "resumed from step" in facts:
+        figures["resumed from step"] = facts["resumed from step"]
+    return {**provenance(),
+            "config": {"engine": "rootful podman (runc, cgroupfs, vfs) + podman-compose",
+                       "compose files": [str(f.relative_to(ROOT)) for f in COMPOSE_FILES],
+                       "phantom": a.phantom, "explain config": EXPLAIN_CONFIGS[a.restart_worker],
+                       "restart worker": a.restart_worker},
+            "figures": figures,
+            "explanation verdict": facts.get("verdict tag"), "queued by": facts.get("queued by"),
+            "peak RSS MiB by service": facts["peak RSS MiB by service"], "image sizes": facts["image sizes"],
+            "step times s": facts["step times s"]}
+
+
 # --------------------------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
@@ -615,6 +646,9 @@ def main(argv: list[str] | None = None) -> int:
     facts["step times s"] = TIMES
     (a.work / "result.json").write_text(json.dumps(facts, indent=2))
     print(json.dumps(facts, indent=2))
+    if verdict == "PASS":
+        from benchmarks.results_file import write_results
+        write_results(RESULTS[a.restart_worker], results_document(facts, a))
     head = (f"healthy in {facts.get('start-up to healthy s', '-')} s, registration → done in "
             f"{facts.get('registration → done s', '-')} s, GIF {facts.get('gif bytes', '-')} B, peak RSS "
             f"{facts['peak RSS MiB (sum of containers)']} MiB")
