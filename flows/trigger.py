@@ -447,12 +447,24 @@ def subscribe(client: MlflowClient, url: str, secret: str) -> str:
                                  description="FIGAN: explain every registered CNN version").webhook_id
 
 
+def log_to_stderr() -> logging.Handler:
+    """Send the worker's own lines (INFO and up, one JSON object each: what queued a version, how each run ended)
+    to stderr, a container's log. Its own handler on the ``figan.worker`` logger: importing Prefect has already
+    configured the root logger (its console handler, WARNING), which makes ``logging.basicConfig`` a no-op."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter('{"t": "%(asctime)s", "level": "%(levelname)s", "part": "%(threadName)s", '
+                                           '"msg": "%(message)s"}'))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return handler
+
+
 def serve(settings: Settings, tracking_uri: str, receiver: bool = True) -> None:
     """Run the worker (dispatcher + reconciler + its HTTP app) until SIGTERM/SIGINT; with ``receiver`` the webhook
     route is served and the MLflow webhook (re)subscribed to it first."""
     import uvicorn
-    logging.basicConfig(level=logging.INFO, format='{"t": "%(asctime)s", "level": "%(levelname)s", '
-                                                   '"part": "%(threadName)s", "msg": "%(message)s"}')
+    log_to_stderr()
     worker = Worker(settings, tracking_uri).start()
     try:
         verifier, secret = None, webhook_secret(settings)
