@@ -6,9 +6,10 @@ starts one as a background process whose whole state lives in a *home* folder::
     <home>/mlflow.db            SQLite backend store (experiments, runs, registered models, tags)
     <home>/artifacts/           artifact store, served *through* the server (clients see ``mlflow-artifacts:``
                                 URIs and never touch the folder, so the same code works against a remote server)
-    <home>/mlflow-server.log    the server's stdout + stderr (appended; each start is marked)
+    <home>/mlflow-server.log    the server's stdout + stderr (appended, rotated; each start is marked)
     <home>/mlflow-server.pid    the process id (= process-group id: the server runs in its own session)
     <home>/server.json          {"uri", "pid", "host", "port", "started", ...} for other processes (CLI down/status)
+    <home>/last-port            the port of the last start, taken again at the next start when it is free
     <home>/webhook.key          the Fernet key encrypting webhook secrets, generated once and reused, so webhooks
                                 registered before a restart stay usable
 
@@ -23,6 +24,8 @@ Design choices:
 * **Findable and stoppable from any process.** The server runs in a new session (its pid is its process-group
   id); ``stop()`` signals the whole group: SIGTERM, then SIGKILL after ``timeout``. ``find_server`` trusts the
   recorded pid only while that process is alive *and* is an MLflow server (guards against pid reuse).
+* **A stable address.** A restarted server takes the port it had before (when still free), so the worker, the
+  service and webhooks registered with its URL keep reaching it; a first start picks a free port.
 * **Idempotent start.** ``start_server`` on a home that already has a live server returns that server. A lock
   file serialises concurrent starts on one home, so two processes cannot both spawn a server.
 * **Clear failures.** If the process exits, ``GET /health`` does not answer within ``timeout`` seconds or is answered
@@ -50,6 +53,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from .log_sink import popen_logged
 from .procs import (_CHILDREN, _DIRECT, _cmdline, _group_members, _holders, _log_tail, _owns_port, _proc_stat,
                     _reap, _rss_bytes, wait_group_gone)
 
@@ -60,6 +64,7 @@ ARTIFACTS_DIR = "artifacts"
 LOG_FILE = "mlflow-server.log"
 PID_FILE = "mlflow-server.pid"
 INFO_FILE = "server.json"
+LAST_PORT_FILE = "last-port"
 KEY_FILE = "webhook.key"
 LOCK_FILE = ".server.lock"
 
@@ -156,11 +161,26 @@ def _read_info(home: Path) -> dict | None:
         return None
 
 
-def _free_port(host: str) -> int:
+def _free_port(host: str, wanted: int = 0) -> int:
+    """``wanted`` when it can be bound on ``host`` now, else a free port the system picks."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if wanted:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.bind((host, wanted))
+                return wanted
+        except OSError:
+            pass
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _last_port(home: Path) -> int:
+    try:
+        return int((home / LAST_PORT_FILE).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return 0
 
 
 def _client_host(host: str) -> str:
@@ -241,7 +261,7 @@ def start_server(home: Path, host: str = "127.0.0.1", port: int | None = None,
                  timeout: float = 60) -> MlflowServer:
     """Start (or return the already running) MLflow tracking server of ``home``; waits for ``GET /health``.
 
-    ``port=None`` picks a free port. Raises :class:`MlflowServerError` with the log tail when the server exits
+    ``port=None`` takes the port of the last start when it is free, else a free port. Raises :class:`MlflowServerError` with the log tail when the server exits
     or is not healthy within ``timeout`` seconds (it is then killed)."""
     home = Path(home).resolve()
     home.mkdir(parents=True, exist_ok=True)
@@ -252,7 +272,7 @@ def start_server(home: Path, host: str = "127.0.0.1", port: int | None = None,
             return existing
 
         (home / ARTIFACTS_DIR).mkdir(exist_ok=True)
-        port = port if port is not None else _free_port(host)
+        port = port if port is not None else _free_port(host, wanted=_last_port(home))
         log_path = home / LOG_FILE
         cmd = _mlflow_executable() + [
             "server",
@@ -263,15 +283,15 @@ def start_server(home: Path, host: str = "127.0.0.1", port: int | None = None,
         with open(log_path, "ab") as log:
             log_start = log.tell()
             log.write(f"=== {started} starting: {' '.join(cmd)}\n".encode())
-            log.flush()
-            t0 = time.monotonic()
-            proc = subprocess.Popen(cmd, cwd=home, env=_server_env(home), stdin=subprocess.DEVNULL,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        t0 = time.monotonic()
+        proc = popen_logged(cmd, log_path, cwd=home, env=_server_env(home), stdin=subprocess.DEVNULL,
+                            start_new_session=True)               # the log rotated by flows.log_sink
         _CHILDREN[proc.pid] = proc
         server = MlflowServer(uri=f"http://{_client_host(host)}:{port}", pid=proc.pid, home=home, host=host,
                               port=port, started=started)
         (home / PID_FILE).write_text(f"{proc.pid}\n")
         (home / INFO_FILE).write_text(json.dumps(server.to_dict(), indent=2))
+        (home / LAST_PORT_FILE).write_text(f"{port}\n")
         try:
             _wait_healthy(server, proc, timeout, log_start)
         except BaseException:

@@ -2,7 +2,7 @@
 
 Each daemon runs in its own session (its pid is its process-group id, so stopping it stops its children too),
 records ``<home>/<name>.json`` (pid, url, command, log) for other processes (`figan down`, `figan status`) and
-appends its output to ``<home>/logs/<name>.log``. A record whose process is gone, or whose pid now belongs to
+appends its output to ``<home>/logs/<name>.log``, rotated by :mod:`flows.log_sink`. A record whose process is gone, or whose pid now belongs to
 another program, is treated as absent. Linux only (``/proc``).
 
 **Ports.** A daemon is recorded only once its health URL answers *and* the socket listening on that port belongs to
@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -27,6 +28,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
+
+from .log_sink import limits as log_limits, popen_logged
 
 __all__ = ["Daemon", "DaemonError", "PortTakenError", "start_daemon", "find_daemon", "stop_daemon",
            "check_port_free"]
@@ -228,7 +231,8 @@ def find_daemon(home: Path, name: str) -> Daemon | None:
     except (FileNotFoundError, ValueError, TypeError):
         return None
     if not d.alive():
-        path.unlink(missing_ok=True)
+        if not _group_members(d.pid):           # kept while orphans of a dead daemon remain (stop_daemon)
+            path.unlink(missing_ok=True)
         return None
     return d
 
@@ -240,10 +244,12 @@ def start_daemon(home: Path, name: str, cmd: list[str], url: str, env: dict[str,
     answers 200 from the started process itself (the socket listening on ``port``, by default the URL's, belongs to
     it or a child of it), then record it. On failure the process group is killed and :class:`DaemonError` carries
     the reason and the log tail."""
+    log_limits()                                 # a bad FIGAN_LOG_* setting fails here, before anything starts
     home = Path(home).absolute()
     existing = find_daemon(home, name)
     if existing is not None:
         return existing
+    stop_daemon(home, name)                      # what a dead predecessor left in its group (its children)
     port = port or urllib.parse.urlsplit(url).port
     log_path = home / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,10 +257,8 @@ def start_daemon(home: Path, name: str, cmd: list[str], url: str, env: dict[str,
     with open(log_path, "ab") as log:
         start = log.tell()
         log.write(f"=== {started} starting: {' '.join(cmd)}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    proc = popen_logged(cmd, log_path, env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+                        stdin=subprocess.DEVNULL, start_new_session=True)
     _CHILDREN[proc.pid] = proc
     d = Daemon(name=name, home=str(home), pid=proc.pid, url=url, marker=marker or cmd[-1], log=str(log_path),
                started=started)
@@ -279,5 +283,26 @@ def start_daemon(home: Path, name: str, cmd: list[str], url: str, env: dict[str,
 
 
 def stop_daemon(home: Path, name: str, timeout: float = 10) -> bool:
+    """Stop the daemon ``name`` and everything in its process group; True if anything was running.
+
+    A daemon that died (killed by the OOM killer, say) can leave children behind in its group, e.g. the worker's
+    explain processes. Its record still names the group, and POSIX does not reuse a pid while a process group of
+    that id exists, so whatever is left in the group is the dead daemon's: it is stopped too."""
     d = find_daemon(home, name)
-    return d.stop(timeout) if d is not None else False
+    if d is not None:
+        return d.stop(timeout)
+    try:
+        dead = Daemon(**json.loads(_record(Path(home), name).read_text()))
+    except (FileNotFoundError, ValueError, TypeError):
+        return False
+    orphans = _group_members(dead.pid)
+    if orphans:
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(dead.pid, sig)
+            except ProcessLookupError:
+                break
+            if wait_group_gone(dead.pid, wait):
+                break
+    _record(Path(home), name).unlink(missing_ok=True)
+    return bool(orphans)

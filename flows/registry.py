@@ -45,6 +45,9 @@ trigger's backoff) and, for contract errors, ``figan.contract_hash`` (not retrie
 for programming errors ``figan.program_hash`` (not retried until the code, config or contract tags change).
 ``figan.progress`` says where the version's explain run is (stage, GAN step, when; :func:`write_progress`): the
 worker names it when that run crashes and cancels the run when it stops moving.
+``figan.last_good_run_id`` and ``figan.last_good_key`` name the version's last published run and its key: set
+whenever the status becomes ``done`` and left alone by every other status, so while a version is re-explained
+(queued, running) or its re-run failed the service keeps serving that run.
 
 **How a CNN is stored.** :func:`register_cnn` logs the model with ``mlflow.pytorch.log_model`` in the
 ``pt2`` (torch.export) format, chosen explicitly: pickle-free, and a standard MLflow model that MLflow itself can
@@ -119,7 +122,8 @@ __all__ = [
     "TAG_CONTRACT_HASH", "TAG_PROGRAM_HASH", "TAG_PROGRESS", "contract_fingerprint", "write_progress",
     "TAG_VERDICT", "verdict_tag", "parse_verdict_tag", "apply_pass_alias",
     "run_verdict", "logged_model_id", "TAG_MANIFEST", "RUN_TAG_MANIFEST", "MANIFEST_PATH", "SERVED_ARTIFACTS",
-    "run_manifest_sha256", "cnn_identity", "RUN_TAG_CNN_ID", "VersionReplacedError",
+    "run_manifest_sha256", "cnn_identity", "RUN_TAG_CNN_ID", "VersionReplacedError", "TAG_LAST_GOOD_RUN_ID",
+    "TAG_LAST_GOOD_KEY", "version_row",
 ]
 
 # --------------------------------------------------------------------------------------------- tag names
@@ -156,6 +160,8 @@ TAG_PROGRAM_HASH = "figan.program_hash"    # fingerprint of the code, config and
                                            # raised on (flows.failures.program_fingerprint)
 TAG_TRUST = "figan.trust"                  # "pickle": the CNN was unpickled (its registrant's code ran)
 TAG_PROGRESS = "figan.progress"            # JSON {flow_run, stage, step, at}: where the explain run is now
+TAG_LAST_GOOD_RUN_ID = "figan.last_good_run_id"   # the version's last published (done) run, kept while it is
+TAG_LAST_GOOD_KEY = "figan.last_good_key"         # re-explained or a re-run failed: what the service serves then
 # explanation run tags
 RUN_TAG_MODEL = "figan.model"
 RUN_TAG_VERSION = "figan.version"
@@ -717,9 +723,11 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _write_tags(client: MlflowClient, name: str, version: str, tags: dict[str, str | None]) -> None:
-    """Set version tags; a None value deletes that tag (if present)."""
-    current = client.get_model_version(name, version).tags or {}
+def _write_tags(client: MlflowClient, name: str, version: str, tags: dict[str, str | None],
+                current: dict[str, str] | None = None) -> None:
+    """Set version tags; a None value deletes that tag (if present). ``current``: the version's tags when the
+    caller has just read them."""
+    current = (client.get_model_version(name, version).tags or {}) if current is None else current
     for tag, value in tags.items():
         if value is None:
             if tag in current:
@@ -750,10 +758,25 @@ def set_status(client: MlflowClient, name: str, version: str | int, status: str,
                 ("attempts",) if status == "done" else ()):
             fields.setdefault(cleared, None)
     version = str(version)
-    _write_tags(client, name, version, {_STATUS_FIELDS[f]: None if v is None else _tag_value(v)
-                                        for f, v in fields.items()})
+    current = client.get_model_version(name, version).tags or {}
+    tags = {_STATUS_FIELDS[f]: None if v is None else _tag_value(v) for f, v in fields.items()}
+    tags.update(_last_good(status, fields, current))
+    _write_tags(client, name, version, tags, current)
     client.set_model_version_tag(name, version, TAG_UPDATED, _now())
     client.set_model_version_tag(name, version, TAG_STATUS, status)
+
+
+def _last_good(status: str, fields: dict[str, Any], current: dict[str, str]) -> dict[str, str | None]:
+    """The last-good tags a status change writes: the new run when it is ``done``; for any other status, the run
+    the version was ``done`` with until now when no last-good run is recorded yet (versions published before these
+    tags existed), else nothing."""
+    if status == "done" and fields.get("run_id"):
+        key = fields.get("key")
+        return {TAG_LAST_GOOD_RUN_ID: str(fields["run_id"]), TAG_LAST_GOOD_KEY: None if key is None else str(key)}
+    if (status != "done" and current.get(TAG_STATUS) == "done" and current.get(TAG_RUN_ID)
+            and current.get(TAG_KEY) and not current.get(TAG_LAST_GOOD_RUN_ID)):
+        return {TAG_LAST_GOOD_RUN_ID: current[TAG_RUN_ID], TAG_LAST_GOOD_KEY: current[TAG_KEY]}
+    return {}
 
 
 def _json_or_none(raw: str | None) -> Any:
@@ -784,13 +807,15 @@ def _status_from_tags(tags: dict[str, str]) -> dict[str, Any]:
             "contract_hash": tags.get(TAG_CONTRACT_HASH), "program_hash": tags.get(TAG_PROGRAM_HASH),
             "progress": _json_or_none(tags.get(TAG_PROGRESS)),
             "verdict": verdict and verdict["verdict"], "failing_gates": verdict and verdict["failing"],
-            "manifest_sha256": tags.get(TAG_MANIFEST)}
+            "manifest_sha256": tags.get(TAG_MANIFEST),
+            "last_good_run_id": tags.get(TAG_LAST_GOOD_RUN_ID), "last_good_key": tags.get(TAG_LAST_GOOD_KEY)}
 
 
 def get_status(client: MlflowClient, name: str, version: str | int) -> dict[str, Any]:
     """The explanation status of a version: status, run_id, error, key, updated, fid_best (float),
-    fid_extractor, faithfulness and pct_variance (lists), verdict (pass | fail), failing_gates (list) and
-    manifest_sha256; None for whatever is not set."""
+    fid_extractor, faithfulness and pct_variance (lists), verdict (pass | fail), failing_gates (list),
+    manifest_sha256, last_good_run_id and last_good_key (the last published run, see the module docstring); None for
+    whatever is not set."""
     return _status_from_tags(client.get_model_version(name, str(version)).tags or {})
 
 
@@ -1051,7 +1076,7 @@ def download_explanation(client: MlflowClient, run_id: str, dest: Path) -> Path:
 def list_versions(client: MlflowClient, name: str | None = None) -> list[dict[str, Any]]:
     """One row per model version (of ``name``, or of every registered model): name, version, cnn_id
     (:func:`cnn_identity`), aliases, explain (opt-in), the status fields of :func:`get_status`, sorted by name and
-    version."""
+    version. Cost: one call per page of registered models, then one per page of each model's versions."""
     if name is not None:
         models = [client.get_registered_model(name)]
     else:
@@ -1064,22 +1089,27 @@ def list_versions(client: MlflowClient, name: str | None = None) -> list[dict[st
                 break
     rows = []
     for rm in models:
-        aliases: dict[str, list[str]] = {}
-        for alias, v in (rm.aliases or {}).items():
-            aliases.setdefault(str(v), []).append(alias)
         token = None
         while True:
             page = client.search_model_versions(f"name = {_quote(rm.name)}", page_token=token)
-            for mv in page:
-                tags = {**(rm.tags or {}), **(mv.tags or {})}
-                rows.append({"name": mv.name, "version": str(mv.version), "cnn_id": cnn_identity(mv),
-                             "aliases": sorted(aliases.get(str(mv.version), [])),
-                             "explain": tags.get(TAG_EXPLAIN, "").strip().lower() == "true",
-                             **_status_from_tags(mv.tags or {})})
+            rows.extend(_version_row(rm, mv) for mv in page)
             token = page.token
             if not token:
                 break
     return sorted(rows, key=lambda r: (r["name"], int(r["version"]) if r["version"].isdigit() else 0))
+
+
+def version_row(client: MlflowClient, name: str, version: str | int) -> dict[str, Any]:
+    """The :func:`list_versions` row of one version, in two calls (its registered model and the version) whatever
+    the number of versions: what a decision about one candidate reads."""
+    return _version_row(client.get_registered_model(name), client.get_model_version(name, str(version)))
+
+
+def _version_row(rm, mv: ModelVersion) -> dict[str, Any]:
+    aliases = sorted(alias for alias, v in (rm.aliases or {}).items() if str(v) == str(mv.version))
+    tags = {**(rm.tags or {}), **(mv.tags or {})}
+    return {"name": mv.name, "version": str(mv.version), "cnn_id": cnn_identity(mv), "aliases": aliases,
+            "explain": tags.get(TAG_EXPLAIN, "").strip().lower() == "true", **_status_from_tags(mv.tags or {})}
 
 
 # --------------------------------------------------------------------------------------------- drift (across releases)

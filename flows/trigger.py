@@ -60,6 +60,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from . import registry as R
 from . import runs
@@ -326,10 +327,14 @@ class Worker:
 
     def _decide(self, name: str, version: str) -> Decision:
         from .explain import resolve_job
-        rows = [r for r in R.list_versions(self.client, name) if r["version"] == version]
-        if not rows or not self.opted_in(rows[0]):
-            return Decision(False, "not registered or not opted in")
-        status = rows[0]
+        try:
+            status = R.version_row(self.client, name, version)      # two calls, whatever the model's size
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            return Decision(False, "not registered")
+        if not self.opted_in(status):
+            return Decision(False, "not opted in")
         try:
             job, error, fingerprint = resolve_job(self.client, self.settings, name, version), None, None
             key = job.key
@@ -339,29 +344,33 @@ class Worker:
             key, error, fingerprint = None, e, None
         live = None
         if key is not None and not (status.get("status") == "done" and status.get("key") == key):
-            live = self.watch(name, version, key)
-            status = R.get_status(self.client, name, version)          # what watch() counted, included
+            live, status = self.watch(name, version, key)               # what watch() counted, included
         with self._lock:
-            if live is None:
-                self.inflight.pop((name, version), None)
-            else:
+            ended = self.inflight.pop((name, version), None) if live is None else None
+            if live is not None:
                 self.inflight[(name, version)] = f"flow run {live}"
+        if ended is not None:               # the log says how each run it submitted or saw ended
+            outcome = (f"run {status.get('run_id')}" if status.get("status") == "done"
+                       else f"error: {status.get('error')}" if status.get("status") == "failed" else "")
+            log.info("%s/%s: %s has ended; version %s%s", name, version, ended, status.get("status"),
+                     f" ({outcome})" if outcome else "")
         program_hash = (program_fingerprint(self.client, self.settings, name, version)
                         if status.get("error_kind") == PROGRAM else None)
         decision = decide(status, key, error, fingerprint, self.settings.max_attempts, program_hash=program_hash,
                           live_run=live)
         return dataclasses.replace(decision, run_key=run_key(name, version, key, status, fingerprint))
 
-    def watch(self, name: str, version: str, key: str) -> str | None:
+    def watch(self, name: str, version: str, key: str) -> tuple[str | None, dict]:
         """The key's flow runs on Prefect (called while the key is not published): count the latest attempt when it
-        ended without publishing and without recording its failure (crashed, cancelled) or hangs (cancelled here);
-        returns the name and state of a live run, None when there is none."""
+        ended without publishing and without recording its failure (crashed, cancelled) or hangs (cancelled here).
+        Returns the name and state of a live run (None when there is none) and the version's status as it is now,
+        with whatever was counted."""
         key_runs = runs.key_runs(key)
         # the version's status read after the flow runs: a run publishes before it ends, so one seen ended here is
         # seen published here (a status read before could still say running)
         status = R.get_status(self.client, name, version)
         if status.get("status") == "done" and status.get("key") == key:
-            return None
+            return None, status
         now = time.time()
         progress = status.get("progress")
         counted = status.get("attempts", 0) if status.get("key") == key else 0
@@ -374,13 +383,14 @@ class Worker:
                 log.warning("%s/%s: %s; cancelling it", name, version, why)
                 runs.cancel(run.id, why)
                 self.count(name, version, key, runs.attempt_of(run), f"{why}; cancelled")
-                return None
+                return None, R.get_status(self.client, name, version)
         if live:
-            return f"{live[-1].name} ({live[-1].state.type.value})"
+            return f"{live[-1].name} ({live[-1].state.type.value})", status
         ended = [r for r in key_runs if runs.attempt_of(r) > counted]     # final, not yet counted on the version
         if ended:
             self.count(name, version, key, runs.attempt_of(ended[-1]), run_fate(ended[-1], progress))
-        return None
+            return None, R.get_status(self.client, name, version)
+        return None, status
 
     def count(self, name: str, version: str, key: str, attempt: int, error: str) -> None:
         """Record attempt ``attempt`` of ``key`` as failed (a crash: retried after the backoff)."""
@@ -482,14 +492,24 @@ def subscribe(client: MlflowClient, url: str, secret: str) -> str:
                                  description="FIGAN: explain every registered CNN version").webhook_id
 
 
+def log_to_stderr() -> logging.Handler:
+    """Send the worker's own lines (INFO and up, one JSON object each: what queued a version, how each run ended)
+    to stderr, a container's log. Its own handler on the ``figan.worker`` logger: importing Prefect has already
+    configured the root logger (its console handler, WARNING), which makes ``logging.basicConfig`` a no-op."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter('{"t": "%(asctime)s", "level": "%(levelname)s", "part": "%(threadName)s", '
+                                           '"msg": "%(message)s"}'))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return handler
+
+
 def serve(settings: Settings, tracking_uri: str, receiver: bool = True) -> None:
     """Run the worker (dispatcher + reconciler + its HTTP app) until SIGTERM/SIGINT; with ``receiver`` the webhook
     route is served and the MLflow webhook (re)subscribed to it first."""
     import uvicorn
-    logging.basicConfig(level=logging.INFO, format='{"t": "%(asctime)s", "level": "%(levelname)s", '
-                                                   '"part": "%(threadName)s", "msg": "%(message)s"}',
-                        force=True)     # importing Prefect configured the root logger already
-    logging.getLogger("httpx").setLevel(logging.WARNING)       # one line per Prefect API call otherwise
+    log_to_stderr()
     worker = Worker(settings, tracking_uri).start()
     try:
         verifier, secret = None, webhook_secret(settings)

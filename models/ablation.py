@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from .cnn import load_cnn
 from .data import ImageDataset
 from .explain import ExplainConfig, compute_features, explain, resolve_device
+from .files import load_npy, save_npy
 
 
 def cell_name(size: int | None, res: int | None, masks: bool) -> str:
@@ -49,15 +48,17 @@ def run_grid(data: str | Path, cnn: str | Path, out: str | Path, base: ExplainCo
     if any(masks) and not ds.has_masks:
         raise ValueError(f"--masks on needs a dataset with masks; {ds.name} has none")
     shared = out / "features.npy"
-    if not shared.exists():
-        np.save(shared, compute_features(model, ds, base.layer, resolve_device(base.device)))
+    features = load_npy(shared, rows=len(ds))
+    if features is None:
+        features = compute_features(model, ds, base.layer, resolve_device(base.device))
+        save_npy(shared, features)
     rows = []
     for size, res, m in itertools.product(sizes, resolutions, masks):
         name = cell_name(size, res, m)
         cell = out / name
         cell.mkdir(exist_ok=True)
-        if not (cell / "features.npy").exists():
-            shutil.copy(shared, cell / "features.npy")
+        if load_npy(cell / "features.npy", rows=len(ds)) is None:
+            save_npy(cell / "features.npy", features)
         cfg = replace(base, max_images=size, resolution=res, use_masks=m)
         metrics = explain(ds, model, cell, cfg, task=spec.task, input_shape=tuple(spec.input_shape),
                           cnn_name=spec.arch)

@@ -54,6 +54,7 @@ import copy
 import json
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
@@ -67,6 +68,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 from tqdm.auto import tqdm
+
+from .files import write_atomic, write_text_atomic
+from .sizes import (MAX_MODEL_BYTES, SizeError, check_file_fits, check_model_bytes, check_sizes,
+                    module_bytes_on_meta, read_json)
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -507,12 +512,8 @@ class CGAN:
         self.step, self.fid_trace, self.losses = s["step"], list(s["fid_trace"]), list(s["losses"])
 
     def save_checkpoint(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)          # atomic: a kill mid-write never corrupts the last good checkpoint
-        return path
+        # atomic: a kill mid-write never corrupts the last good checkpoint
+        return write_atomic(path, lambda f: torch.save(self.state_dict(), f))
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device="cpu", **kw) -> "CGAN":
@@ -692,7 +693,14 @@ class CGAN:
             raise ValueError("conditions contain NaN/inf")
         out = Path(out_dir) if out_dir is not None else None
         if out is not None and (out / "last.pt").exists():
-            self.load_state_dict(torch.load(out / "last.pt", map_location=self.device, weights_only=False))
+            try:                        # our own checkpoint (optimiser state, RNG): not weights-only
+                state = torch.load(out / "last.pt", map_location=self.device, weights_only=False)
+            except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+                warnings.warn(f"{out / 'last.pt'} is not a whole checkpoint ({str(e)[:200]}); training from the "
+                              f"start")
+                state = None
+            if state is not None:
+                self.load_state_dict(state)
         if self.cuda:
             data_u8 = data_u8.to(self.device)      # GPU-resident dataset: no loader to keep up with
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
@@ -799,24 +807,39 @@ def generate_with(G: nn.Module, z: torch.Tensor, c: torch.Tensor, device="cpu", 
 def save_generator(gan: CGAN, out_dir: str | Path) -> Path:
     """The EMA generator alone (what sequences and the service need): generator.pt + generator.json."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "generator.pt.tmp"
     evaluated = getattr(gan, "_G_eval", None)
     G = evaluated[1] if evaluated and evaluated[0] == gan.step else gan.inference_generator(getattr(gan, "_bn_cond", None))
-    torch.save(G.state_dict(), tmp)
-    os.replace(tmp, out / "generator.pt")
-    (out / "generator.json").write_text(json.dumps({"config": gan.cfg.to_dict(), "step": gan.step}, indent=2))
+    write_atomic(out / "generator.pt", lambda f: torch.save(G.state_dict(), f))
+    write_text_atomic(out / "generator.json", json.dumps({"config": gan.cfg.to_dict(), "step": gan.step}, indent=2))
     return out
 
 
-def load_generator(out_dir: str | Path, device="cpu") -> tuple[nn.Module, CGANConfig, int]:
-    """The kept generator of an explanation (a cGAN's EMA generator or the patient generator) + its config."""
+def read_generator_meta(out_dir: str | Path) -> tuple[dict, CGANConfig]:
+    """``generator.json`` of a kept generator and its config, every size field within :mod:`models.sizes`' bounds
+    (checked before anything is built; :class:`~models.sizes.SizeError` names the field otherwise)."""
+    meta = read_json(Path(out_dir) / "generator.json")
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise SizeError("generator.json: not an object with a 'config' object")
+    check_sizes(meta["config"], "generator.json config")
+    if meta.get("kind") == "patient":
+        from .patient_generator import check_patient_meta
+        check_patient_meta(meta.get("patient"))
+    return meta, CGANConfig.from_dict(meta["config"])
+
+
+def load_generator(out_dir: str | Path, device="cpu", max_bytes: int = MAX_MODEL_BYTES
+                   ) -> tuple[nn.Module, CGANConfig, int]:
+    """The kept generator of an explanation (a cGAN's EMA generator or the patient generator) + its config. Sizes
+    are checked first (:func:`read_generator_meta`), then the bytes the generator would hold (counted without
+    allocating, at most ``max_bytes``) and that ``generator.pt`` is no larger than those."""
     d = Path(out_dir)
-    meta = json.loads((d / "generator.json").read_text())
-    cfg = CGANConfig.from_dict(meta["config"])
+    meta, cfg = read_generator_meta(d)
     if meta.get("kind") == "patient":       # the patient generator keeps the same G(z, c) → [-1, 1] contract
         from .patient_generator import load_patient_generator
-        return load_patient_generator(d, device), cfg, int(meta["step"])
+        return load_patient_generator(d, device, max_bytes), cfg, int(meta["step"])
+    nbytes = module_bytes_on_meta(lambda: Generator(cfg))
+    check_model_bytes(nbytes, "generator.json", max_bytes)
+    check_file_fits(d / "generator.pt", nbytes)
     G = Generator(cfg)
     G.load_state_dict(torch.load(d / "generator.pt", map_location="cpu", weights_only=True))
     return G.to(device).eval(), cfg, int(meta["step"])

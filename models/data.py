@@ -267,24 +267,15 @@ def read_image(path: Path, size: tuple[int, int] | None = None, name: str | None
             arr = read_dicom(path, name, frame, dicom or DicomOptions()) if kind == "dicom" else \
                 read_nifti(path, name, slice_index, nifti or NiftiOptions())  # type: ignore[arg-type]
         return arr if size is None or arr.shape[1:] == tuple(size) else _resize(arr, size)
-    try:
-        with Image.open(path, formats=IMAGE_FORMATS) as img:
-            img.load()
-            if size is not None and img.size != (size[1], size[0]):
-                if img.mode.startswith("I"):
-                    img = Image.fromarray(np.asarray(img, dtype=np.float32), mode="F")
-                    arr = np.asarray(img.resize((size[1], size[0]), Image.BILINEAR), dtype=np.float32)
-                    return np.clip(arr / 65535.0, 0, 1)[None]
-                img = img.resize((size[1], size[0]), Image.BILINEAR)
-            return _to_float(img, name)
-    except FileNotFoundError:
-        raise DatasetError(f"image {name!r} listed in the manifest does not exist") from None
-    except Image.DecompressionBombError as e:
-        raise DatasetError(f"image {name!r} is refused as a decompression bomb: {e}") from None
-    except UnidentifiedImageError:
-        raise DatasetError(f"image {name!r} is not a {'/'.join(IMAGE_FORMATS)} image (or is corrupt)") from None
-    except (OSError, SyntaxError) as e:
-        raise DatasetError(f"image {name!r} is unreadable or corrupt: {e}") from None
+    with _pil_errors(name), Image.open(path, formats=IMAGE_FORMATS) as img:
+        img.load()
+        if size is not None and img.size != (size[1], size[0]):
+            if img.mode.startswith("I"):
+                img = Image.fromarray(np.asarray(img, dtype=np.float32), mode="F")
+                arr = np.asarray(img.resize((size[1], size[0]), Image.BILINEAR), dtype=np.float32)
+                return np.clip(arr / 65535.0, 0, 1)[None]
+            img = img.resize((size[1], size[0]), Image.BILINEAR)
+        return _to_float(img, name)
 
 
 def read_header(path: Path, name: str | None = None, *, frame: int | None = None, slice_index: int | None = None,
@@ -298,10 +289,16 @@ def read_header(path: Path, name: str | None = None, *, frame: int | None = None
         with _as_dataset_error():
             return dicom_header(path, name, frame) if kind == "dicom" else \
                 nifti_header(path, name, slice_index, nifti or NiftiOptions())
+    with _pil_errors(name), Image.open(path, formats=IMAGE_FORMATS) as img:
+        channels = 1 if img.mode in ("L", "I", "I;16", "I;16B", "I;16L", "F", "1") else 3
+        return ImageHeader(format=str(img.format), height=img.size[1], width=img.size[0], channels=channels)
+
+
+@contextlib.contextmanager
+def _pil_errors(name: str):
+    """PIL's errors on opening or decoding image ``name`` as the :class:`DatasetError` that names the file."""
     try:
-        with Image.open(path, formats=IMAGE_FORMATS) as img:
-            channels = 1 if img.mode in ("L", "I", "I;16", "I;16B", "I;16L", "F", "1") else 3
-            return ImageHeader(format=str(img.format), height=img.size[1], width=img.size[0], channels=channels)
+        yield
     except FileNotFoundError:
         raise DatasetError(f"image {name!r} listed in the manifest does not exist") from None
     except Image.DecompressionBombError as e:

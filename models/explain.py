@@ -34,6 +34,7 @@ from . import attribution as A
 from . import checks as C
 from .cgan import CGAN, CGANConfig, generate_with, images_to_u8, load_generator
 from .features import model_output
+from .files import load_npy, load_torch, save_npy, write_atomic
 from .patient_generator import PatientGenerator, PatientGeneratorConfig, register, save_patient_generator
 from .reader import train_reader
 from .real_cases import write_real_cases
@@ -293,22 +294,21 @@ def prepare(ds: ImageDataset, model: torch.nn.Module, out_dir: str | Path, cfg: 
 
 
 def stage_features(run: ExplainRun, cache: Path | None = None) -> np.ndarray:
-    """Features of every image, reused from the folder (or from ``cache``, e.g. keyed by CNN version + data md5)."""
+    """Features of every image, reused from the folder (or from ``cache``, e.g. keyed by CNN version + data md5)
+    when the file is whole and has one row per image (:func:`models.files.load_npy`), else computed and written
+    atomically to both."""
     t = time.time()
     fpath = run.out / "features.npy"
-    for src in (fpath, cache):
-        if src is not None and Path(src).exists():
-            run.features = np.load(src)
-            _log(f"features: reused {src} {run.features.shape}")
-            break
+    found = {src: load_npy(src, rows=len(run.ds)) for src in (fpath, cache) if src is not None}
+    src, run.features = next(((src, f) for src, f in found.items() if f is not None), (None, None))
+    if run.features is not None:
+        _log(f"features: reused {src} {run.features.shape}")
     else:
         _log(f"features: {len(run.ds)} images through {run.cnn_name} ({run.cfg.layer or 'input of the final Linear'})")
         run.features = compute_features(run.model, run.ds, run.cfg.layer, run.device)
-        if cache is not None:
-            Path(cache).parent.mkdir(parents=True, exist_ok=True)
-            np.save(cache, run.features)
-    if not fpath.exists():
-        np.save(fpath, run.features)
+    for dst, had in found.items():
+        if had is None:
+            save_npy(dst, run.features)
     run.timings["features"] = time.time() - t
     return run.features
 
@@ -374,14 +374,14 @@ def stage_train(run: ExplainRun, stop_after: int | None = None, progress: bool =
         pose_file = run.out / "gan" / "pose.pt"      # registration is the slow part: kept for a re-run
         _log(f"patient generator: {len(images)} images {tuple(images.shape[1:])}, k={run.cond.shape[1]}, "
              f"pool {len(rest)} patients (the FID reference's {len(ref)} held out)")
-        cached = [f for f in (pose_file, pose_cache) if f is not None and Path(f).exists()]
-        pose = torch.load(cached[0]) if cached else None
-        if pose is None or len(pose) != len(images):
+        whole = lambda obj: isinstance(obj, torch.Tensor) and len(obj) == len(images)    # noqa: E731
+        found = {f: load_torch(f, whole) for f in (pose_file, pose_cache) if f is not None}
+        pose = next((p for p in found.values() if p is not None), None)
+        if pose is None:
             pose = register(images, pcfg, progress)
-        for f in (pose_file, pose_cache):
-            if f is not None and not Path(f).exists():
-                Path(f).parent.mkdir(parents=True, exist_ok=True)
-                torch.save(pose, f)
+        for f, had in found.items():
+            if had is None:
+                write_atomic(f, lambda fh: torch.save(pose, fh))
         G = PatientGenerator.fit(images, run.cond, np.sort(rest), pcfg, pose=pose, progress=progress)
         gcfg = CGANConfig(resolution=images.shape[-1], image_channels=run.image_channels, mask_channels=0,
                           k=run.cond.shape[1], z_dim=1, steps=cfg.steps, seed=cfg.seed)

@@ -38,11 +38,16 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .files import write_atomic, write_text_atomic
+from .sizes import (MAX_MODEL_BYTES, SizeError, check_file_fits, check_model_bytes, check_sizes,
+                    module_bytes_on_meta, read_json)
 from .warp import apply_similarity, compose, invert, similarity_matrix, warp_from_template
 
 KIND = "patient"
@@ -338,9 +343,8 @@ class PatientGenerator(nn.Module):
 def save_patient_generator(G: PatientGenerator, out_dir: str | Path, config: dict) -> Path:
     """generator.pt (buffers) + generator.json ({"kind": "patient", "config": <CGANConfig-compatible dict>})."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.save(G.state_dict(), out / "generator.pt")
-    (out / "generator.json").write_text(json.dumps(
+    write_atomic(out / "generator.pt", lambda f: torch.save(G.state_dict(), f))
+    write_text_atomic(out / "generator.json", json.dumps(
         {"kind": KIND, "config": config, "step": 0,
          "patient": {"k": G.k, "image_shape": list(G.image_shape), "n_pool": len(G.pool_images),
                      "blur_sigma": G.blur_sigma, "max_noise_gain": G.max_noise_gain,
@@ -348,11 +352,36 @@ def save_patient_generator(G: PatientGenerator, out_dir: str | Path, config: dic
     return out
 
 
-def load_patient_generator(out_dir: str | Path, device="cpu") -> PatientGenerator:
+def check_patient_meta(meta: Any) -> None:
+    """The ``patient`` section of generator.json: k, pool size, image shape and registration size within
+    :mod:`models.sizes`' bounds (:class:`~models.sizes.SizeError` otherwise)."""
+    if not isinstance(meta, dict):
+        raise SizeError("generator.json: a patient generator needs a 'patient' object")
+    check_sizes(meta, "generator.json patient")
+    shape = meta.get("image_shape")
+    if not (isinstance(shape, list) and len(shape) == 3):
+        raise SizeError(f"generator.json patient: image_shape must be [C, H, W], got {str(shape)[:80]}")
+    check_sizes({"image_channels": shape[0]}, "generator.json patient image_shape")
+    for side in shape[1:]:
+        check_sizes({"image_side": side}, "generator.json patient image_shape")
+
+
+def load_patient_generator(out_dir: str | Path, device="cpu", max_bytes: int = MAX_MODEL_BYTES) -> PatientGenerator:
+    """The saved patient generator; sizes, the bytes its buffers would take (at most ``max_bytes``) and the size
+    of generator.pt are checked before anything is allocated."""
     d = Path(out_dir)
-    meta = json.loads((d / "generator.json").read_text())["patient"]
-    G = PatientGenerator(meta["k"], tuple(meta["image_shape"]), meta["n_pool"], meta["blur_sigma"],
-                         meta["max_noise_gain"], meta.get("register_size", 32))
+    raw = read_json(d / "generator.json")
+    meta = raw.get("patient") if isinstance(raw, dict) else None
+    check_patient_meta(meta)
+
+    def build() -> PatientGenerator:
+        return PatientGenerator(meta["k"], tuple(meta["image_shape"]), meta["n_pool"], meta["blur_sigma"],
+                                meta["max_noise_gain"], meta.get("register_size", 32))
+
+    nbytes = module_bytes_on_meta(build)
+    check_model_bytes(nbytes, "generator.json", max_bytes)
+    check_file_fits(d / "generator.pt", nbytes)
+    G = build()
     state = torch.load(d / "generator.pt", map_location="cpu", weights_only=True)
     placing = {"registration_template", "residual_threshold", "registration_weight"}   # absent from older files
     G.load_state_dict(state, strict=not (set(G.state_dict()) - set(state)) <= placing)

@@ -27,7 +27,6 @@ Design choices:
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -35,6 +34,9 @@ from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import pandas as pd
+
+from .files import write_atomic, write_text_atomic
+from .sizes import check_npz_fits, check_sizes, read_json
 
 Task = Literal["regression", "classification"]
 FORMAT_VERSION = 1
@@ -329,13 +331,6 @@ def fit_pls(features: Any, targets: Any, task: Task, n_components: int | None = 
 
 # --------------------------------------------------------------------------------------------- persistence
 
-def _write_atomic(path: Path, write: Callable[[Any], None], mode: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, mode) as fh:
-        write(fh)
-    os.replace(tmp, path)
-
-
 def save_pls(state: PLSState, directory: str | Path, overwrite: bool = False) -> Path:
     """Write ``pls.npz`` + ``pls.json`` into ``directory``; return the directory.
 
@@ -359,20 +354,22 @@ def save_pls(state: PLSState, directory: str | Path, overwrite: bool = False) ->
     plain["n_components"], plain["n_features"] = int(state.n_components), int(state.n_features)
     plain["n_targets"], plain["target_ndim"], plain["n_samples"] = (int(state.n_targets), int(state.target_ndim),
                                                                    int(state.n_samples))
-    _write_atomic(npz, lambda fh: np.savez(fh, **arrays), "wb")
-    _write_atomic(js, lambda fh: fh.write(json.dumps(plain, indent=2)), "w")
+    write_atomic(npz, lambda fh: np.savez(fh, **arrays))
+    write_text_atomic(js, json.dumps(plain, indent=2))
     return d
 
 
 def load_pls(directory: str | Path) -> PLSState:
-    """Read a state written by :func:`save_pls` (no pickle is ever loaded)."""
+    """Read a state written by :func:`save_pls` (no pickle is ever loaded). The sizes in pls.json are bounded
+    (:mod:`models.sizes`) and the npz may not unpack to more than the arrays they describe, both checked before
+    any array is read."""
     d = Path(directory)
     npz, js = d / "pls.npz", d / "pls.json"
     for f in (npz, js):
         if not f.is_file():
             raise PLSError(f"{d}: no {f.name} (not a saved PLS state)")
     try:
-        plain = json.loads(js.read_text())
+        plain = read_json(js)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise PLSError(f"{js}: not valid JSON: {e}") from None
     if not isinstance(plain, dict) or plain.get("format_version") != FORMAT_VERSION:
@@ -381,6 +378,9 @@ def load_pls(directory: str | Path) -> PLSState:
     missing = [k for k in _PLAIN if k not in plain]
     if missing:
         raise PLSError(f"{js}: missing key(s) {missing}")
+    check_sizes(plain, js.name)
+    f, k, t = plain["n_features"], plain["n_components"], plain["n_targets"]
+    check_npz_fits(npz, 8 * (f * (2 + 3 * k) + t * (k + 2) + 3 * k))       # the float64 arrays of f, k and t
     try:
         with np.load(npz, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}

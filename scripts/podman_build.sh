@@ -4,7 +4,11 @@
 # deploy/Dockerfile.{service,worker} build on it with BASE_IMAGE=localhost/figan-base:bookworm.
 #
 #   apt-get install -y podman buildah runc debootstrap uidmap slirp4netns fuse-overlayfs
-#   scripts/podman_build.sh [service|worker|both] [--smoke]
+#   scripts/podman_build.sh [service|worker|both|postgres|s3|stand-ins] [--smoke]
+#
+# postgres, s3 (stand-ins: both): the stand-ins for the registry images of deploy/compose.yaml that
+# scripts/compose_smoke.py runs with deploy/compose.smoke.yaml: Debian's PostgreSQL (localhost/figan-postgres:smoke)
+# and moto's S3 server (localhost/figan-s3:smoke), on the same base.
 #
 # Rootful podman inside an unprivileged sandbox: runc, cgroupfs, the vfs storage driver (no overlay mounts), host
 # networking for the build (pip needs PyPI), explicit ulimits within the caller's hard limits. Where pip reaches
@@ -40,12 +44,19 @@ cert = /etc/ssl/certs/ca-certificates.crt
 find-links = /wheels
 EOF
 
-build() {   # $1: service|worker
-  echo "== build figan-$1"
+build() {   # $1: service|worker|postgres|s3
+  local file tag context="$ROOT"
+  case "$1" in
+    service|worker) file="$ROOT/deploy/Dockerfile.$1"; tag="localhost/figan-$1:dev" ;;
+    postgres) file="$ROOT/deploy/smoke/Containerfile.postgres"; tag=localhost/figan-postgres:smoke
+              context="$ROOT/deploy/smoke" ;;
+    s3) file="$ROOT/deploy/smoke/Containerfile.s3"; tag=localhost/figan-s3:smoke ;;
+  esac
+  echo "== build $tag"
   time "${P[@]}" build --layers=false --format docker --network host "${LIMITS[@]}" \
     -v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro \
     -v "$WORK/pip.conf:/etc/pip.conf:ro" -v "$WHEELS:/wheels:ro" \
-    --build-arg BASE_IMAGE="$BASE" -f "$ROOT/deploy/Dockerfile.$1" -t "localhost/figan-$1:dev" "$ROOT"
+    --build-arg BASE_IMAGE="$BASE" -f "$file" -t "$tag" "$context"
 }
 
 smoke() {   # $1: service|worker — imports, the CLI, the user, and (service) the health endpoint
@@ -57,7 +68,9 @@ smoke() {   # $1: service|worker — imports, the CLI, the user, and (service) t
 }
 
 case "$WHAT" in
-  service|worker) build "$WHAT"; [ "$SMOKE" = --smoke ] && smoke "$WHAT" ;;
-  both) build service; build worker; [ "$SMOKE" = --smoke ] && { smoke service; smoke worker; } ;;
-  *) echo "usage: $0 [service|worker|both] [--smoke]" >&2; exit 2 ;;
+  service|worker) build "$WHAT"; if [ "$SMOKE" = --smoke ]; then smoke "$WHAT"; fi ;;
+  both) build service; build worker; if [ "$SMOKE" = --smoke ]; then smoke service; smoke worker; fi ;;
+  postgres|s3) build "$WHAT" ;;
+  stand-ins) build postgres; build s3 ;;
+  *) echo "usage: $0 [service|worker|both|postgres|s3|stand-ins] [--smoke]" >&2; exit 2 ;;
 esac

@@ -20,11 +20,14 @@ MEDIA_TYPES = {"gif": "image/gif", "png": "image/png", "json": "application/json
 
 
 class ServiceError(Exception):
-    """A request the service answers with HTTP ``code`` and ``{"error": message, "field": field, **extra}``."""
+    """A request the service answers with HTTP ``code`` and ``{"error": message, "field": field, **extra}``, plus
+    response ``headers`` (e.g. ``Retry-After``)."""
 
-    def __init__(self, code: int, message: str, field: str | None = None, **extra: Any):
+    def __init__(self, code: int, message: str, field: str | None = None, headers: dict[str, str] | None = None,
+                 **extra: Any):
         super().__init__(message)
         self.code, self.message, self.field, self.extra = code, message, field, extra
+        self.headers = headers or {}
 
     def to_json(self) -> dict[str, Any]:
         return {"error": self.message, **({"field": self.field} if self.field else {}), **self.extra}

@@ -4,7 +4,10 @@ demand, uploaded images placed on the components, and the viewer page.
     bentoml serve services.explanations:Explanations --host 127.0.0.1 --port 3000
 
 HTTP interface (JSON errors ``{"error": "<field>: <what is wrong>", "field": "<field>", ...}``; every bad input
-is a 4xx naming its field; a version whose explanation is queued/running/failed is a 409 carrying its status):
+is a 4xx naming its field; a version never published is a 409 carrying its status; while a newer explanation of a
+published version is queued, running or failed, its last published run is served and the answer says so: JSON
+``serving_run``, ``latest_status``, ``pending``, ``notice``; headers ``X-Figan-Serving-Run``,
+``X-Figan-Latest-Status``; a full generation queue is a 503 with ``Retry-After``):
 
 =====================================================================  ===========================================
 ``GET  /v1/models``                                                    versions with an explanation: status,
@@ -42,13 +45,16 @@ Design choices:
 * **No adaptive batching.** A request already is one batched generator call (all frames of all its components).
   Merging requests would not make images cheaper: on CPU the generator costs the same per 64² image at batch 16
   (one 16-frame request) as at batch 64 (four merged), 1.6-2.5 ms either way over six benchmark runs, so
-  batching would only add its waiting time to every request. Generation runs under a semaphore (``FIGAN_SERVICE_GEN_CONCURRENCY``) with a fixed number of
-  torch threads, so concurrent requests queue instead of oversubscribing the cores. Revisit on a GPU, where
-  larger batches do pay.
+  batching would only add its waiting time to every request. Generation and uploads run on their own bounded
+  queue (:mod:`services.work_queue`: ``FIGAN_SERVICE_GEN_CONCURRENCY`` workers with a fixed number of torch
+  threads, ``FIGAN_SERVICE_GEN_QUEUE`` waiting), so concurrent requests neither oversubscribe the cores nor pile
+  up in request threads: beyond the queue they get 503 + ``Retry-After`` at once. Their input is checked before
+  they are queued. Revisit on a GPU, where larger batches do pay.
 * **Keys**: generation and upload always need the API key unless ``FIGAN_SERVICE_AUTH=off``; reads need it too
   unless ``FIGAN_SERVICE_PUBLIC_READ=true`` (see :class:`services.store.ServiceConfig`).
-* **Logs** are JSON lines (BentoML's handlers get a JSON formatter in the worker), access log included
-  (``FIGAN_SERVICE_ACCESS_LOG=false`` turns the access log off).
+* **Logs** are JSON lines (BentoML's handlers get a JSON formatter in the worker). The access log covers the API
+  but not the published files, whose per-request line cost half of their CPU (:mod:`services.access_log`;
+  ``FIGAN_SERVICE_ACCESS_LOG=api|all|off``).
 * **The module stays light**: torch, MLflow and the store are imported in the worker only (``__init__``), so
   `bentoml serve`'s process manager, which imports this module for its configuration, stays ~90 MB.
 """
@@ -73,6 +79,7 @@ from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
+from .access_log import ApiAccessLog, access_log_mode
 from .contract import (FRAMES_MAX, FRAMES_MIN, MAX_COMPONENTS, MEDIA_TYPES, SWEEP_LIMIT, ServiceError,
                        check_component, check_name, check_ref, check_within_published, public_row)
 
@@ -88,6 +95,9 @@ STATIC = Path(__file__).parent / "static"
 OPTIONAL_FIGURES = ("attribution", "real_cases")      # per-component PNGs an explanation may publish
 SweepValue = Annotated[float, Field(ge=-SWEEP_LIMIT, le=SWEEP_LIMIT, allow_inf_nan=False)]
 api = FastAPI(title="FIGAN explanations", version="1", docs_url=None, redoc_url=None)   # no CDN-hosted doc pages
+ACCESS_LOG = access_log_mode()
+if ACCESS_LOG == "api":
+    api.add_middleware(ApiAccessLog)
 
 
 # --------------------------------------------------------------------------------------------- request models
@@ -142,9 +152,9 @@ class ImageRequest(BaseModel):
 
 @api.exception_handler(ServiceError)
 async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-    if exc.code >= 500:
+    if exc.code >= 500 and exc.code != 503:         # 503: a full generation queue, already in the access log
         log.error("request failed", extra={"status": exc.code, "error": exc.message})
-    return JSONResponse(exc.to_json(), status_code=exc.code)
+    return JSONResponse(exc.to_json(), status_code=exc.code, headers=exc.headers)
 
 
 @api.exception_handler(Exception)
@@ -188,9 +198,16 @@ def configure_json_logging(level: int = logging.INFO) -> None:
     logging.getLogger("figan").setLevel(level)
 
 
-def _binary(request: Request, data: bytes, media_type: str, etag: str) -> Response:
-    """Bytes of an immutable published file; ETag revalidation (an alias may move to another version)."""
-    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+def _serving_headers(expl: Explanation) -> dict[str, str]:
+    """The run a binary answer comes from and the version's status now (a newer explanation may be queued,
+    running or failed while the last published one is served)."""
+    return {"X-Figan-Serving-Run": expl.run_id, "X-Figan-Latest-Status": str(expl.row["status"])}
+
+
+def _binary(request: Request, data: bytes, media_type: str, etag: str, expl: Explanation) -> Response:
+    """Bytes of an immutable published file of ``expl``; ETag revalidation (an alias may move to another
+    version)."""
+    headers = {"ETag": etag, "Cache-Control": "no-cache", **_serving_headers(expl)}
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     return Response(data, media_type=media_type, headers=headers)
@@ -202,6 +219,13 @@ def _json_bytes(obj) -> bytes:
 
 # --------------------------------------------------------------------------------------------- the service
 
+# Published files are immutable bytes answered from memory; an OpenTelemetry server span per request cost them more
+# CPU than everything else they do (also with the default sample rate 0, which records nothing): measured with wrk
+# on the cached GIF, 2.5-3.1 → 1.5-2.0 ms of CPU per request. The API's JSON and generation routes stay traced.
+UNTRACED_URLS = [r"/v1/models/[^/]+/versions/[^/]+/(components/[^/]+/[a-z_]+\.(gif|png|json)|metrics\.json|"
+                 r"fid_trace\.png)$", r"/viewer/"]
+
+
 @bentoml.asgi_app(StaticFiles(directory=STATIC, html=True), path="/viewer", name="viewer")
 @bentoml.asgi_app(api, path="/v1", name="api")
 # traffic timeout: 30 s covers the slowest cold request (first download + CNN load, a few seconds). Keep it short:
@@ -209,8 +233,9 @@ def _json_bytes(obj) -> bytes:
 # context stays alive for the whole timeout (measured: 20 objects per request; at 120 s and ~800 req/s the
 # collector's full passes grew to 250 ms and stalled every request in flight).
 @bentoml.service(name="figan-explanations", workers=1, traffic={"timeout": 30, "max_concurrency": 256},
-                 logging={"access": {"enabled": os.environ.get("FIGAN_SERVICE_ACCESS_LOG", "true").lower() != "false",
-                                     "request_content_type": False, "response_content_type": True}})
+                 logging={"access": {"enabled": ACCESS_LOG == "all",
+                                     "request_content_type": False, "response_content_type": True}},
+                 tracing={"excluded_urls": UNTRACED_URLS})
 class Explanations:
     """Serves the explanations published in MLflow (see the module docstring for the HTTP interface)."""
 
@@ -254,8 +279,9 @@ class Explanations:
             raise ServiceError(401, "api_key: missing or wrong API key (send it in the X-API-Key header)",
                                "api_key")
 
-    def generate(self, body: GenerateRequest) -> bytes | dict:
-        """An on-demand sweep (blocking: MLflow on first use, then the generator)."""
+    def sweep_request(self, body: GenerateRequest) -> tuple[Explanation, dict]:
+        """The explanation an on-demand sweep asks for and the checked arguments of
+        :meth:`~services.store.ExplanationStore.generate` (blocking: MLflow on first use)."""
         expl = self.store.explanation(check_name(body.model), check_ref(str(body.version)))
         comps = [check_component(c, expl.k, "components") for c in (body.components or range(1, expl.k + 1))]
         base = np.zeros(expl.k) if body.base is None else np.asarray(body.base, np.float64)
@@ -272,7 +298,8 @@ class Explanations:
         check_within_published(lo, hi, comps, ranges)
         if body.base is not None:
             check_within_published(base, base, list(range(expl.k)), ranges, field="base")
-        return self.store.generate(expl, comps, lo, hi, body.frames, body.seed, base, body.format)
+        return expl, {"components": comps, "lo": lo, "hi": hi, "frames": body.frames, "seed": body.seed,
+                      "base": base, "fmt": body.format}
 
 
 
@@ -338,14 +365,14 @@ async def version(request: Request, model: str, version: str) -> dict:
 async def metrics(request: Request, model: str, version: str) -> Response:
     svc, expl = await _explanation(request, model, version)
     return _binary(request, svc.store.file(expl, expl.dir / "metrics.json"), "application/json",
-                   f'"{expl.run_id}-metrics"')
+                   f'"{expl.run_id}-metrics"', expl)
 
 
 @api.get("/models/{model}/versions/{version}/fid_trace.png")
 async def fid_trace(request: Request, model: str, version: str) -> Response:
     svc, expl = await _explanation(request, model, version)
     return _binary(request, svc.store.file(expl, svc.store.fid_trace_png(expl)), "image/png",
-                   f'"{expl.run_id}-fid"')
+                   f'"{expl.run_id}-fid"', expl)
 
 
 @api.get("/models/{model}/versions/{version}/components/{component}/sequence.{fmt}")
@@ -355,11 +382,11 @@ async def sequence(request: Request, model: str, version: str, component: str, f
     j = check_component(component, expl.k)
     etag = f'"{expl.run_id}-c{j + 1}-{fmt}"'
     if fmt == "gif":
-        return _binary(request, svc.store.file(expl, expl.component_file(j, "gif")), "image/gif", etag)
+        return _binary(request, svc.store.file(expl, expl.component_file(j, "gif")), "image/gif", etag, expl)
     if fmt == "png":
-        return _binary(request, svc.store.file(expl, expl.component_file(j, "strip")), "image/png", etag)
+        return _binary(request, svc.store.file(expl, expl.component_file(j, "strip")), "image/png", etag, expl)
     if fmt == "json":
-        return _binary(request, svc.store.frames_json(expl, j), "application/json", etag)
+        return _binary(request, svc.store.frames_json(expl, j), "application/json", etag, expl)
     raise ServiceError(400, f"format: {fmt[:20]!r} is not one of gif, png, json", "format")
 
 
@@ -372,7 +399,7 @@ async def component_image(request: Request, model: str, version: str, component:
         raise ServiceError(404, f"image: {image[:20]!r} is not one of eigen, deviation, "
                                 f"{', '.join(OPTIONAL_FIGURES)}", "image")
     return _binary(request, svc.store.file(expl, expl.component_file(j, image)), "image/png",
-                   f'"{expl.run_id}-c{j + 1}-{image}"')
+                   f'"{expl.run_id}-c{j + 1}-{image}"', expl)
 
 
 @api.post("/generate")
@@ -380,10 +407,11 @@ async def generate(request: Request, body: GenerateRequest) -> Response:
     """A sweep generated now with the published generator; deterministic per seed (API key)."""
     svc = _svc()
     svc.authorize(request, write=True)
-    out = await run_in_threadpool(svc.generate, body)
+    expl, args = await run_in_threadpool(svc.sweep_request, body)
+    out = await svc.store.generation.run(svc.store.generate, expl, **args)
     if body.format == "json":
         return Response(_json_bytes(out), media_type="application/json")
-    return Response(out, media_type=MEDIA_TYPES[body.format])
+    return Response(out, media_type=MEDIA_TYPES[body.format], headers=_serving_headers(expl))
 
 
 @api.post("/models/{model}/versions/{version}/explain-image")
@@ -408,6 +436,7 @@ async def explain_image(request: Request, model: str, version: str) -> Response:
         raise ServiceError(413, f"image: the file is larger than the limit of {limit} bytes", "image")
     params = ImageRequest.model_validate(fields)
     expl = await run_in_threadpool(svc.store.explanation, model, version)
-    out = await run_in_threadpool(svc.store.explain_image, expl, data, params.frames, params.seed,
-                                  lo=params.lo, hi=params.hi, span=params.span)
+    upload = await run_in_threadpool(svc.store.read_upload, expl, data, lo=params.lo, hi=params.hi,
+                                     span=params.span)
+    out = await svc.store.generation.run(svc.store.explain_image, expl, upload, params.frames, params.seed)
     return Response(_json_bytes(out), media_type="application/json")

@@ -11,15 +11,20 @@ the artifact layout) or from its own cache folder:
   refresh (at most once a second), so a just-published version is found at once.
 * **Resolution**: ``(model, "3")`` or ``(model, "champion")`` → one listing row. Names are checked against strict
   patterns before anything else, so no request can name a path or an MLflow filter of its choosing.
-* **Cache folder** ``<cache>/<run_id>/``: ``registry.download_explanation`` of a ``done`` version, downloaded once
+* **Serving**: a ``done`` version's run; while a newer explanation of it is queued, running or failed, its last
+  published run (``registry``'s last-good tags), either only if the run's own tags name this version and key.
+* **Cache folder** ``<cache>/<run_id>/``: ``registry.download_explanation`` of a served run, downloaded once
   into a temporary folder and renamed into place (atomic, safe with several workers). Run ids are 32 hex digits
   and every file name is built here from a validated component number, so reads never leave the cache.
-  Published runs never change, so cached files are kept (and their bytes memoised) for the process lifetime.
+  Published runs never change, so cached files are reused as they are; the folders are kept under a disk budget
+  (least recently used out, never one in use) and their bytes memoised under a memory budget
+  (:mod:`services.caches`).
 * **Signed**: a run is served only when the cached files match its signed manifest and the manifest's digest is
   the version's ``figan.manifest_sha256`` (:func:`flows.audit.verify_served`), checked once per run when it is
   loaded (also when the cache folder was left by an earlier process); otherwise 502, and the folder is dropped.
 * **Models in memory**: the published generator and PLS state per run, the CNN (+ contract) per version and CNN
-  identity, each loaded once; generation runs under a semaphore so CPU-bound requests cannot pile up threads.
+  identity, each loaded once and kept under a byte budget (least recently used out); generation and uploads run on
+  a bounded queue (:mod:`services.work_queue`), so CPU-bound requests cannot pile up threads.
 """
 from __future__ import annotations
 
@@ -33,10 +38,10 @@ import tempfile
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -47,17 +52,20 @@ from PIL import Image, UnidentifiedImageError
 from flows import audit, registry
 from flows.mlflow_server import find_server
 from flows.settings import Settings
-from models.cgan import CGANConfig, Generator, load_generator
+from models.cgan import CGANConfig, Generator, load_generator, read_generator_meta
 from models.data import IMAGE_FORMATS, read_image
 from models.explain import cnn_input
 from models.features import extract_features, model_output
 from models.fid import plot_fid_trace
 from models.patient_generator import PatientGenerator
-from models.pls import PLSState, load_pls
+from models.pls import PLSError, PLSState, load_pls
 from models.sequences import sweep_values
+from models.sizes import SizeError, read_json
 from models.verdict import verdict_of
 
 from . import render
+from .caches import SIZES_FILE, ByteLRU, DiskCache, is_whole, record_sizes, tensor_bytes
+from .work_queue import GenerationQueue
 from .contract import (RUN_ID_RE, SWEEP_LIMIT, VERSION_RE, ServiceError, check_name, check_ref,
                        check_within_published, public_detail, public_row)
 
@@ -79,7 +87,12 @@ class ServiceConfig:
     ``FIGAN_SERVICE_CACHE`` (default ``<home>/service-cache``); ``FIGAN_SERVICE_LISTING_TTL`` seconds (default 5);
     ``FIGAN_SERVICE_MAX_UPLOAD`` bytes (default 2 MiB); ``FIGAN_SERVICE_GEN_CONCURRENCY`` (default 1) generations
     at once, each with ``FIGAN_SERVICE_TORCH_THREADS`` (default 1) torch threads: more threads help on dedicated
-    cores, but on shared or oversubscribed ones OpenMP's spinning made a 16-frame request 5x slower (measured)."""
+    cores, but on shared or oversubscribed ones OpenMP's spinning made a 16-frame request 5x slower (measured);
+    ``FIGAN_SERVICE_GEN_QUEUE`` (default 16) generations and uploads waiting for one beyond those (then 503 with
+    Retry-After); memory and disk budgets in bytes, least recently used out first: loaded generators, PLS states
+    and CNNs ``FIGAN_SERVICE_MODEL_CACHE_BYTES`` (2 GiB, their tensors), published files' bytes
+    ``FIGAN_SERVICE_FILE_CACHE_BYTES`` (128 MiB), downloaded explanation folders ``FIGAN_SERVICE_DISK_CACHE_BYTES``
+    (10 GiB, never one in use)."""
     tracking_uri: str | None
     cache_dir: Path
     api_key: str | None = None
@@ -88,6 +101,10 @@ class ServiceConfig:
     listing_ttl: float = 5.0
     max_upload_bytes: int = 2 * 1024 * 1024
     gen_concurrency: int = 1
+    gen_queue: int = 16
+    model_cache_bytes: int = 2 * 1024 ** 3
+    file_cache_bytes: int = 128 * 1024 ** 2
+    disk_cache_bytes: int = 10 * 1024 ** 3
     torch_threads: int = 1
     model_allowlist: tuple[str, ...] = ()
     mlflow_home: Path | None = None
@@ -118,6 +135,10 @@ class ServiceConfig:
                    listing_ttl=get("FIGAN_SERVICE_LISTING_TTL", float, 5.0),
                    max_upload_bytes=get("FIGAN_SERVICE_MAX_UPLOAD", int, 2 * 1024 * 1024),
                    gen_concurrency=get("FIGAN_SERVICE_GEN_CONCURRENCY", int, 1),
+                   gen_queue=get("FIGAN_SERVICE_GEN_QUEUE", int, 16),
+                   model_cache_bytes=get("FIGAN_SERVICE_MODEL_CACHE_BYTES", int, 2 * 1024 ** 3),
+                   file_cache_bytes=get("FIGAN_SERVICE_FILE_CACHE_BYTES", int, 128 * 1024 ** 2),
+                   disk_cache_bytes=get("FIGAN_SERVICE_DISK_CACHE_BYTES", int, 10 * 1024 ** 3),
                    torch_threads=get("FIGAN_SERVICE_TORCH_THREADS", int, 1),
                    model_allowlist=settings.model_allowlist, mlflow_home=settings.mlflow_home)
 
@@ -126,19 +147,17 @@ class ServiceConfig:
 
 @dataclass
 class Explanation:
-    """A published explanation in the cache folder, with what the endpoints need from its metadata."""
+    """A published explanation in the cache folder, with what the endpoints need from its metadata. ``run_id`` is
+    the run served; ``row`` the version's listing row as it is now (its status may be newer than the run)."""
     name: str
     version: str
+    run_id: str
     row: dict
     dir: Path
     metrics: dict
     config: dict
     gen_cfg: CGANConfig
     lineage: dict = field(default_factory=dict)     # from the verified manifest
-
-    @property
-    def run_id(self) -> str:
-        return self.row["run_id"]
 
     @property
     def k(self) -> int:
@@ -165,6 +184,19 @@ class Explanation:
                   "attribution": "_attribution.png", "real_cases": "_real_cases.png", "npz": ".npz"}[kind]
         return self.dir / "sequences" / f"component_{component + 1}{suffix}"
 
+    def serving(self) -> dict[str, Any]:
+        """What is served against what the version's status is now: ``serving_run`` (the run answered from),
+        ``latest_status`` (queued | running | done | failed), ``pending`` (a newer explanation is queued or running)
+        and, while the served run is not the version's newest state, a ``notice`` that says so."""
+        latest = self.row["status"]
+        out = {"serving_run": self.run_id, "latest_status": latest, "pending": latest in ("queued", "running")}
+        if latest != "done":
+            newer = ("failed" + (f" ({self.row['error']})" if self.row.get("error") else "") if latest == "failed"
+                     else f"{latest}")
+            out["notice"] = (f"a newer explanation of {self.name} version {self.version} is {newer}; serving the "
+                             f"last published one (run {self.run_id})")
+        return out
+
     def summary(self) -> dict[str, Any]:
         """The version row plus components (with % variance, faithfulness, conditioning) and sweep settings; the
         verdict (pass | fail) and failing gates come from the published metrics.json itself."""
@@ -176,7 +208,7 @@ class Explanation:
                           "faithfulness": c.get("faithfulness"), "conditioning": c.get("conditioning"),
                           "ground_truth": c.get("ground_truth")})
         fid = {k: v for k, v in (self.metrics.get("fid") or {}).items() if k != "trace"}
-        row = public_row(self.row)
+        row = {**public_row(self.row), "status": "done", **self.serving()}     # the served run is published
         verdict = verdict_of(self.metrics)
         if verdict is not None:
             row.update(verdict=verdict["verdict"], failing_gates=verdict["failing"])
@@ -187,37 +219,21 @@ class Explanation:
                 "layer_selection": self.metrics.get("layer_selection"), "lineage": self.lineage}
 
 
-@lru_cache(maxsize=1024)
-def _published_file(path: Path, root: Path) -> bytes:
-    """Bytes of a file inside an explanation folder, memoised (published runs never change). Names are built by
-    :class:`Explanation` from validated parts; the containment check is defence in depth."""
-    resolved = path.resolve()
-    if not resolved.is_relative_to(root.resolve()):
-        raise ServiceError(400, "path outside the explanation")
-    if not resolved.is_file():
-        raise ServiceError(404, f"{path.name} was not published with this explanation")
-    return resolved.read_bytes()
-
-
-@lru_cache(maxsize=256)
-def _frames_json(npz: Path, root: Path, component: int) -> bytes:
-    _published_file(npz, root)                  # the same checks (and 404) as any published file
-    values, frames = render.published_frames(npz)
-    return json.dumps({"component": component, **render.frames_json(values, frames)},
-                      separators=(",", ":")).encode()
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded image checked against a version (:meth:`ExplanationStore.read_upload`): its pixels as the CNN
+    takes them, (1, C, H, W) in [0, 1], and the sweep: per-component ends (k, 2), or None with ``span``."""
+    x: torch.Tensor
+    ends: np.ndarray | None
+    span: float | None
 
 
 # --------------------------------------------------------------------------------------------- the store
 
-def _pairing(row: dict) -> tuple:
-    """What a served run was checked against: the run, and the version's model, number, key and CNN identity."""
-    return row["run_id"], row["name"], str(row["version"]), row.get("key"), row.get("cnn_id")
-
-
-@dataclass
-class _Loaded:
-    generator: tuple[Generator, CGANConfig] | None = None
-    pls: PLSState | None = None
+def _pairing(row: dict, run_id: str, key: str | None) -> tuple:
+    """What a served run was checked against: the run and its key, and the version's model, number and CNN
+    identity."""
+    return run_id, row["name"], str(row["version"]), key, row.get("cnn_id")
 
 
 class ExplanationStore:
@@ -237,9 +253,11 @@ class ExplanationStore:
         self._locks_lock = threading.Lock()
         self._explanations: dict[str, Explanation] = {}
         self._verified: set[tuple] = set()              # (run id, model, version, key, cnn id) pairings checked
-        self._loaded: dict[str, _Loaded] = {}
-        self._cnns: dict[tuple[str, str, str], tuple[torch.nn.Module, registry.Contract]] = {}
-        self.generation = threading.BoundedSemaphore(cfg.gen_concurrency)
+        self.loaded = ByteLRU(cfg.model_cache_bytes, tensor_bytes, "models")
+        self.files = ByteLRU(cfg.file_cache_bytes, len, "files")
+        self.disk = DiskCache(self.cache, cfg.disk_cache_bytes, names=lambda name: bool(RUN_ID_RE.match(name)))
+        self.disk.collect()                     # folders an earlier process left count against the budget
+        self.generation = GenerationQueue(cfg.gen_concurrency, cfg.gen_queue)
 
     # -- MLflow
     @property
@@ -347,92 +365,95 @@ class ExplanationStore:
                                 f"{sorted({r['version'] for r in versions}, key=int)}, aliases "
                                 f"{sorted({a for r in versions for a in r['aliases']})})", "version")
 
+    @staticmethod
+    def _serving(row: dict) -> tuple[str, str | None] | None:
+        """(run id, key) of the run to serve for a listing row: the version's explanation when it is done, else
+        its last published one (kept while a newer explanation is queued or running, or after that one failed);
+        None when the version has never been published."""
+        if row["status"] == "done" and row.get("run_id"):
+            return row["run_id"], row.get("key")
+        if row.get("last_good_run_id"):
+            return row["last_good_run_id"], row.get("last_good_key")
+        return None
+
     def cached(self, model: str, ref: str) -> Explanation | None:
-        """The explanation when answering needs no I/O at all (listed, done and already in the cache), else
-        None: the fast path of the file endpoints, safe to call on the event loop."""
+        """The explanation when answering needs no I/O at all (listed, served run checked and already in the
+        cache), else None: the fast path of the file endpoints, safe to call on the event loop."""
         if self._rows is None:
             return None
         row = self._match(self.listing(), check_name(model), check_ref(ref))
-        if not (row and row["status"] == "done" and row["run_id"] and _pairing(row) in self._verified):
+        serving = row and self._serving(row)
+        if not (serving and _pairing(row, *serving) in self._verified):
             return None                         # not checked yet for this version: the slow path checks it
-        expl = self._explanations.get(row["run_id"])
+        expl = self._explanations.get(serving[0])
         if expl is not None and expl.row is not row:
             expl.row = row                      # aliases and status current; the files never change
         return expl
 
     # -- explanations in the cache
     def explanation(self, model: str, ref: str) -> Explanation:
-        """The ``done`` explanation of a version, downloaded into the cache on first use.
+        """The published explanation of a version, downloaded into the cache on first use: its ``done`` run, or
+        while a newer explanation is queued, running or failed the last published one (``Explanation.serving``
+        says so).
 
-        A version whose explanation is queued, running or failed is a 409 carrying its status (and error)."""
+        A version that was never published is a 409 carrying its status (and error)."""
         row = self.resolve(model, ref)
-        if row["status"] != "done" or not row.get("run_id"):
+        serving = self._serving(row)
+        if serving is None:
             raise ServiceError(409, f"version: the explanation of {model} version {row['version']} is "
                                     f"{row['status']}" + (f": {row['error']}" if row.get("error") else ""),
                                "version", status=row["status"], name=model, version=row["version"])
-        run_id = row["run_id"]
+        run_id, key = serving
         if not RUN_ID_RE.match(run_id):
             raise ServiceError(502, f"version: {model}/{row['version']} names a malformed run id {run_id!r}")
-        pairing = _pairing(row)
+        pairing = _pairing(row, run_id, key)
         if pairing not in self._verified:       # once per (run, version, key, CNN): one MLflow call
-            self._check_run_is_the_explanation(row)
+            self._check_run_is_the_explanation(row, run_id, key)
             self._verified.add(pairing)
         expl = self._explanations.get(run_id)
         if expl is None:
             with self._lock(run_id):
-                expl = self._explanations.get(run_id) or self._load(row)
+                expl = self._explanations.get(run_id) or self._load(row, run_id, key)
                 self._explanations[run_id] = expl
         if expl.row is not row:                 # aliases and status current; the files never change
             expl.row = row
         return expl
 
-    def _load(self, row: dict) -> Explanation:
-        run_id = row["run_id"]
+    def _load(self, row: dict, run_id: str, key: str | None) -> Explanation:
+        """The explanation's folder (downloaded now unless cached and whole), checked against its signed manifest,
+        then the cache kept under its disk budget."""
         dest = self.cache / run_id
-        if not dest.is_dir():
-            t0 = time.monotonic()
-            tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=self.cache))
-            try:
-                registry.download_explanation(self.client, run_id, tmp)
-                metrics = json.loads((tmp / "metrics.json").read_text())
-                fid = metrics.get("fid") or {}
-                if fid.get("trace"):
-                    plot_fid_trace(fid["trace"], tmp / "service" / "fid_trace.png", floor=fid.get("floor"),
-                                   label=fid.get("extractor") or "", best_step=fid.get("best_step"))
-                try:
-                    tmp.rename(dest)
-                except OSError:                 # another worker got there first
-                    shutil.rmtree(tmp, ignore_errors=True)
-            except (MlflowException, OSError, ValueError) as e:
-                shutil.rmtree(tmp, ignore_errors=True)
-                log.warning("explanation fetch failed", extra={"run_id": run_id, "error": str(e)[:1000]})
-                raise ServiceError(502, f"version: explanation run {run_id} of {row['name']}/{row['version']} "
-                                        f"could not be fetched from MLflow ({public_detail(e)})", "version") from e
-            log.info("explanation cached", extra={"model": row["name"], "version": row["version"],
-                                                  "run_id": run_id, "ms": round(1000 * (time.monotonic() - t0))})
-        lineage = self._check_manifest(row, dest)
-        meta = json.loads((dest / "gan" / "best" / "generator.json").read_text())
-        config_path = dest / "config.json"
-        config = json.loads(config_path.read_text()).get("config", {}) if config_path.is_file() else {}
-        return Explanation(name=row["name"], version=row["version"], row=row, dir=dest,
-                           metrics=json.loads((dest / "metrics.json").read_text()), config=config,
-                           gen_cfg=CGANConfig.from_dict(meta["config"]), lineage=lineage)
+        with self.disk.in_use(run_id), self._refused(row, run_id):
+            if dest.is_dir() and not is_whole(dest):
+                log.warning("cached explanation is not whole; downloading it again", extra={"run_id": run_id})
+                self._forget(run_id)
+                self.disk.discard(run_id)
+            if not dest.is_dir():
+                self._download(row, run_id, dest)
+                self.disk.collect(self._forget)
+            lineage = self._check_manifest(row, run_id, key, dest)
+            _, gen_cfg = read_generator_meta(dest / "gan" / "best")        # sizes bounded before any use
+            config_path = dest / "config.json"
+            config = read_json(config_path).get("config", {}) if config_path.is_file() else {}
+            metrics = read_json(dest / "metrics.json")
+        return Explanation(name=row["name"], version=row["version"], run_id=run_id, row=row, dir=dest,
+                           metrics=metrics, config=config, gen_cfg=gen_cfg, lineage=lineage)
 
-    def _check_manifest(self, row: dict, dest: Path) -> dict:
+    def _check_manifest(self, row: dict, run_id: str, key: str | None, dest: Path) -> dict:
         """Serve only what the platform signed: the cached files of the run must match its signed manifest, whose
         digest is the version's ``figan.manifest_sha256``. Returns the lineage the version JSON shows (dataset,
         md5, version date, CNN digest, manifest digest); 502 naming what failed otherwise, and the cache folder is
         dropped so a repaired run is fetched anew."""
         where = f"{row['name']}/{row['version']}"
         try:
-            result = audit.verify_served(dest, row, ignore=("service",))
+            result = audit.verify_served(dest, {**row, "run_id": run_id, "key": key}, ignore=("service", SIZES_FILE))
         except audit.AuditError as e:
             log.error("audit key unusable", extra={"error": str(e)})
             raise ServiceError(503, "version: this service has no usable audit key to check explanations with "
                                     "(FIGAN_AUDIT_KEY; see the service log)", "version") from e
         if not result.ok:
             log.warning("refused run: manifest does not verify",
-                        extra={"model": row["name"], "version": row["version"], "run_id": row["run_id"],
+                        extra={"model": row["name"], "version": row["version"], "run_id": run_id,
                                "problems": result.problems[:50]})
             shutil.rmtree(dest, ignore_errors=True)
             raise ServiceError(502, f"version: the explanation of {where} does not match its signed manifest "
@@ -444,12 +465,50 @@ class ExplanationStore:
                 "cnn_model_id": i.get("cnn_model_id"), "code_version": i.get("code_version"),
                 "manifest_sha256": result.manifest_sha256}
 
-    def _check_run_is_the_explanation(self, row: dict) -> None:
-        """Any MLflow user can write a version's ``figan.run_id`` tag: serve the run only if it lives in the
-        explanations experiment and its own tags name this model, version, explanation key and CNN (the version's
-        identity as the registry has it now: a deleted and re-created model's version 1 is another CNN)."""
+    @contextmanager
+    def _refused(self, row: dict, run_id: str) -> Iterator[None]:
+        """A published run whose metadata asks for more than the bounds allow (or is unreadable) is a 502 naming
+        what it asks for; nothing was allocated for it."""
         try:
-            run = self.client.get_run(row["run_id"])
+            yield
+        except (SizeError, PLSError) as e:
+            log.warning("refused explanation", extra={"run_id": run_id, "error": str(e)[:1000]})
+            raise ServiceError(502, f"version: the explanation run {run_id} of {row['name']}/{row['version']} is "
+                                    f"refused: {public_detail(e)}", "version") from None
+
+    def _download(self, row: dict, run_id: str, dest: Path) -> None:
+        """What the service needs of a run, into a temporary folder renamed into place (atomic, safe with several
+        workers), with the FID trace figure rendered once."""
+        t0 = time.monotonic()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=self.cache))
+        try:
+            registry.download_explanation(self.client, run_id, tmp)
+            metrics = read_json(tmp / "metrics.json")
+            fid = metrics.get("fid") or {}
+            if fid.get("trace"):
+                plot_fid_trace(fid["trace"], tmp / "service" / "fid_trace.png", floor=fid.get("floor"),
+                               label=fid.get("extractor") or "", best_step=fid.get("best_step"))
+            record_sizes(tmp)
+            try:
+                tmp.rename(dest)
+            except OSError:                 # another worker got there first
+                shutil.rmtree(tmp, ignore_errors=True)
+        except SizeError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except (MlflowException, OSError, ValueError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("explanation fetch failed", extra={"run_id": run_id, "error": str(e)[:1000]})
+            raise ServiceError(502, f"version: explanation run {run_id} of {row['name']}/{row['version']} "
+                                    f"could not be fetched from MLflow ({public_detail(e)})", "version") from e
+        log.info("explanation cached", extra={"model": row["name"], "version": row["version"],
+                                              "run_id": run_id, "ms": round(1000 * (time.monotonic() - t0))})
+
+    def _check_run_is_the_explanation(self, row: dict, run_id: str, key: str | None) -> None:
+        """Any MLflow user can write a version's ``figan.run_id`` (or last-good) tag: serve the run only if it
+        lives in the explanations experiment and its own tags name this model, version and explanation ``key``."""
+        try:
+            run = self.client.get_run(run_id)
             exp = self.client.get_experiment(run.info.experiment_id)
         except MlflowException as e:
             raise ServiceError(502, f"version: the explanation run of {row['name']}/{row['version']} could not be "
@@ -459,59 +518,96 @@ class ExplanationStore:
             ("experiment", exp.name == registry.EXPLANATIONS_EXPERIMENT),
             ("model", tags.get(registry.RUN_TAG_MODEL) == row["name"]),
             ("version", tags.get(registry.RUN_TAG_VERSION) == str(row["version"])),
-            ("key", row.get("key") is not None and tags.get(registry.RUN_TAG_KEY) == row.get("key")),
+            ("key", key is not None and tags.get(registry.RUN_TAG_KEY) == key),
             ("cnn", row.get("cnn_id") is not None and tags.get(registry.RUN_TAG_CNN_ID) == row.get("cnn_id")))
             if not ok]
         if mismatch:
+            tag = registry.TAG_RUN_ID if row["status"] == "done" else registry.TAG_LAST_GOOD_RUN_ID
             log.warning("refused run", extra={"model": row["name"], "version": row["version"],
-                                              "run_id": row["run_id"], "mismatch": mismatch})
-            raise ServiceError(502, f"version: the run named by {row['name']}/{row['version']}'s figan.run_id tag "
+                                              "run_id": run_id, "tag": tag, "mismatch": mismatch})
+            raise ServiceError(502, f"version: the run named by {row['name']}/{row['version']}'s {tag} tag "
                                     f"is not an explanation of this version ({', '.join(mismatch)} differ); "
                                     f"refused", "version")
 
+    def _forget(self, run_id: str) -> None:
+        """Drop what memory holds of a cached folder that is being deleted (the next request downloads it again);
+        models already loaded from it stay valid and stay in their own cache."""
+        self._explanations.pop(run_id, None)
+        self.files.drop(lambda key: key[0] != run_id)
+
+    @contextmanager
+    def _on_disk(self, expl: Explanation) -> Iterator[None]:
+        """Hold an explanation's folder while reading from it; a folder deleted meanwhile (another worker's disk
+        budget) is a 503 to retry, and the next request downloads it again."""
+        with self.disk.in_use(expl.run_id):
+            if not expl.dir.is_dir():
+                self._forget(expl.run_id)
+                raise ServiceError(503, f"version: the cached explanation of {expl.name}/{expl.version} was just "
+                                        f"evicted; retry", "version", headers={"Retry-After": "1"})
+            yield
+
     def file(self, expl: Explanation, path: Path) -> bytes:
-        """Bytes of a file of a cached explanation (404 when the run did not publish it)."""
-        return _published_file(path, expl.dir)
+        """Bytes of a file of a cached explanation (404 when the run did not publish it), memoised within the file
+        cache's byte budget (published runs never change). Names are built by :class:`Explanation` from
+        validated parts; the containment check is defence in depth."""
+        key = (expl.run_id, str(path))
+        data = self.files.get(key)
+        if data is not None:
+            self.disk.touch(expl.run_id)
+            return data
+        resolved = path.resolve()
+        if not resolved.is_relative_to(expl.dir.resolve()):
+            raise ServiceError(400, "path outside the explanation")
+        with self._on_disk(expl):
+            if not resolved.is_file():
+                raise ServiceError(404, f"{path.name} was not published with this explanation")
+            data = resolved.read_bytes()
+        self.files.put(key, data)
+        return data
 
     def frames_json(self, expl: Explanation, component: int) -> bytes:
         """Frames JSON of a published 0-based component (from its npz; memoised like the files)."""
-        return _frames_json(expl.component_file(component, "npz"), expl.dir, component + 1)
+        key = (expl.run_id, f"frames:{component}")
+        data = self.files.get(key)
+        if data is None:
+            npz = expl.component_file(component, "npz")
+            self.file(expl, npz)                    # the same checks (and 404) as any published file
+            with self._on_disk(expl):
+                values, frames = render.published_frames(npz)
+            data = json.dumps({"component": component + 1, **render.frames_json(values, frames)},
+                              separators=(",", ":")).encode()
+            self.files.put(key, data)
+        return data
 
     def fid_trace_png(self, expl: Explanation) -> Path:
         return expl.dir / "service" / "fid_trace.png"
 
-    # -- models in memory
+    # -- models in memory (least recently used out beyond FIGAN_SERVICE_MODEL_CACHE_BYTES)
     def generator(self, expl: Explanation) -> tuple[Generator, CGANConfig]:
-        loaded = self._loaded.setdefault(expl.run_id, _Loaded())
-        if loaded.generator is None:
-            with self._lock(expl.run_id):
-                if loaded.generator is None:
-                    G, gcfg, _ = load_generator(expl.dir / "gan" / "best", "cpu")
-                    loaded.generator = (G.to(memory_format=torch.channels_last), gcfg)   # ~25 % faster on CPU
-        return loaded.generator
+        def load() -> tuple[Generator, CGANConfig]:
+            with self._on_disk(expl), self._refused(expl.row, expl.run_id):
+                G, gcfg, _ = load_generator(expl.dir / "gan" / "best", "cpu", self.cfg.model_cache_bytes)
+            return G.to(memory_format=torch.channels_last), gcfg        # ~25 % faster on CPU
+        return self.loaded.get_or_load(("generator", expl.run_id), load)
 
     def pls(self, expl: Explanation) -> PLSState:
-        loaded = self._loaded.setdefault(expl.run_id, _Loaded())
-        if loaded.pls is None:
-            loaded.pls = load_pls(expl.dir / "pls")
-        return loaded.pls
+        def load() -> PLSState:
+            with self._on_disk(expl), self._refused(expl.row, expl.run_id):
+                return load_pls(expl.dir / "pls")
+        return self.loaded.get_or_load(("pls", expl.run_id), load)
 
     def cnn(self, expl: Explanation) -> tuple[torch.nn.Module, registry.Contract]:
         """The explained CNN version (eager module, eval mode) and its contract, loaded once per CNN identity."""
-        key = (expl.name, expl.version, expl.row.get("cnn_id"))
-        if key not in self._cnns:
-            with self._lock(f"cnn:{expl.name}/{expl.version}"):
-                if key not in self._cnns:
-                    try:
-                        model, _ = registry.load_cnn_version(self.client, expl.name, expl.version)
-                        contract = registry.read_contract(self.client, expl.name, expl.version)
-                    except (MlflowException, OSError, ValueError) as e:
-                        log.warning("CNN load failed", extra={"model": expl.name, "version": expl.version,
-                                                              "error": str(e)[:1000]})
-                        raise ServiceError(502, f"version: the CNN {expl.name}/{expl.version} could not be "
-                                                f"loaded ({public_detail(e)})", "version") from e
-                    self._cnns[key] = (model, contract)
-        return self._cnns[key]
+        def load() -> tuple[torch.nn.Module, registry.Contract]:
+            try:
+                model, _ = registry.load_cnn_version(self.client, expl.name, expl.version)
+                return model, registry.read_contract(self.client, expl.name, expl.version)
+            except (MlflowException, OSError, ValueError) as e:
+                log.warning("CNN load failed", extra={"model": expl.name, "version": expl.version,
+                                                      "error": str(e)[:1000]})
+                raise ServiceError(502, f"version: the CNN {expl.name}/{expl.version} could not be "
+                                        f"loaded ({public_detail(e)})", "version") from e
+        return self.loaded.get_or_load(("cnn", expl.name, expl.version, expl.row.get("cnn_id")), load)
 
     # -- computing
     def generate(self, expl: Explanation, components: list[int], lo: np.ndarray, hi: np.ndarray, frames: int,
@@ -521,15 +617,14 @@ class ExplanationStore:
         values = np.stack([sweep_values(float(a), float(b), frames) for a, b in zip(lo, hi, strict=True)])
         G, gcfg = self.generator(expl)
         t0 = time.monotonic()
-        with self.generation:
-            images = render.sweep_frames(G, gcfg, components, values, seed, base)
+        images = render.sweep_frames(G, gcfg, components, values, seed, base)
         out: bytes | dict
         if fmt == "gif":
             out = render.gif_bytes(images)
         elif fmt == "png":
             out = render.strip_png(images)
         else:
-            out = {"name": expl.name, "version": expl.version, "seed": seed, "base": base.tolist(),
+            out = {"name": expl.name, "version": expl.version, **expl.serving(), "seed": seed, "base": base.tolist(),
                    "components": [{"component": j + 1, **render.frames_json(v, u8)}
                                   for j, v, u8 in zip(components, values, render.to_u8(images), strict=True)]}
         log.info("generated", extra={"model": expl.name, "version": expl.version, "components": len(components),
@@ -537,13 +632,13 @@ class ExplanationStore:
                                      "ms": round(1000 * (time.monotonic() - t0), 1)})
         return out
 
-    def explain_image(self, expl: Explanation, data: bytes, frames: int, seed: int, lo: float | None = None,
-                      hi: float | None = None, span: float | None = None) -> dict:
-        """PLS scores of an uploaded image through the explained CNN, and per component a sweep of ``frames``
-        values with the other components at the image's own scores: over the published range (``lo``/``hi``
-        narrow it; beyond it is a 422), or over the image's own score ± ``span`` cut to the published range. With
-        the patient generator the frames are the upload itself, edited; otherwise a generated patient (seed)."""
+    def read_upload(self, expl: Explanation, data: bytes, lo: float | None = None, hi: float | None = None,
+                    span: float | None = None) -> Upload:
+        """An uploaded image checked against the version before any CNN or generator work: the sweep ends inside
+        the published ranges (422 beyond them), a decodable PNG/JPEG/TIFF of the size the CNN takes (400
+        otherwise). Loads the CNN once (its contract names the input shape)."""
         ranges = expl.sweep_ranges
+        ends = None
         if span is None:
             ends = np.column_stack([ranges[:, 0] if lo is None else np.full(expl.k, lo),
                                     ranges[:, 1] if hi is None else np.full(expl.k, hi)])
@@ -553,7 +648,7 @@ class ExplanationStore:
                 raise ServiceError(400, f"{'lo' if lo is not None else 'hi'}: leaves no range for component "
                                         f"{j + 1} (published {ranges[j, 0]:+.3g} to {ranges[j, 1]:+.3g} SD)",
                                    "lo" if lo is not None else "hi")
-        model, contract = self.cnn(expl)
+        _, contract = self.cnn(expl)
         c, h, w = contract.input_shape
         try:
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
@@ -571,7 +666,15 @@ class ExplanationStore:
             x = torch.from_numpy(read_image(io.BytesIO(data), name=f"upload ({fmt})"))[None]
         except ValueError as e:
             raise ServiceError(400, f"image: {e}", "image") from None
-        x = cnn_input((c, h, w))(x)
+        return Upload(x=cnn_input((c, h, w))(x), ends=ends, span=span)
+
+    def explain_image(self, expl: Explanation, upload: Upload, frames: int, seed: int) -> dict:
+        """PLS scores of an uploaded image (:meth:`read_upload`) through the explained CNN, and per component a
+        sweep of ``frames`` values with the other components at the image's own scores: over the published range
+        or the narrower ``lo``/``hi``, or over the image's own score ± ``span`` cut to the published range. With
+        the patient generator the frames are the upload itself, edited; otherwise a generated patient (seed)."""
+        model, _ = self.cnn(expl)
+        x, ends, span, ranges = upload.x, upload.ends, upload.span, expl.sweep_ranges
         state = self.pls(expl)
         feats = extract_features(model, x, layer=expl.config.get("layer"))
         if feats.shape[1] != state.n_features:
@@ -594,11 +697,9 @@ class ExplanationStore:
         placement = None
         if isinstance(G, PatientGenerator):       # the upload itself, edited
             x_gen = cnn_input((gcfg.image_channels, gcfg.resolution, gcfg.resolution))(x)
-            with self.generation:
-                sweeps, placement = render.patient_sweeps(G, x_gen, scores, values)
+            sweeps, placement = render.patient_sweeps(G, x_gen, scores, values)
         else:
-            with self.generation:
-                sweeps = render.sweep_frames(G, gcfg, list(range(expl.k)), values, seed, base)
+            sweeps = render.sweep_frames(G, gcfg, list(range(expl.k)), values, seed, base)
         comps = []
         for j in range(expl.k):
             lo, hi = expl.sweep_range(j)
@@ -617,7 +718,8 @@ class ExplanationStore:
                                       f"{placement['registration_residual']:.4g} > {placement['threshold']:.4g}, "
                                       f"what 99 % of its real images reach): it is probably not of the kind the "
                                       f"CNN was explained on, and its sweeps are not a reliable explanation of it")
-        return {**centred, "name": expl.name, "version": expl.version, "run_id": expl.run_id, "seed": seed,
+        return {**centred, "name": expl.name, "version": expl.version, "run_id": expl.run_id, **expl.serving(),
+                "seed": seed,
                 "scores": [round(float(v), 4) for v in scores],
                 "pls_prediction": prediction.item() if hasattr(prediction, "item") else prediction,
                 "cnn_output": [round(float(v), 4) for v in model_output(model, x)[0]], "components": comps}

@@ -10,6 +10,7 @@ os.environ.setdefault("DVC_SITE_CACHE_DIR", tempfile.mkdtemp(prefix="figan-test-
 # the temporary Prefect server logs its shutdown after pytest has closed the captured streams
 os.environ.setdefault("PREFECT_LOGGING_SERVER_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")      # as flows/ does: offline, and no env-var races
 # each flow process starts its own temporary Prefect server; on 2 busy cores that can take longer than 20 s
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")     # offline: no telemetry attempts

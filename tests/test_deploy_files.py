@@ -83,17 +83,132 @@ def _defines(path: Path, name: str) -> bool:
 
 # --------------------------------------------------------------------------------------------- compose
 
-def test_compose_matches_the_compose_spec_schema():
+def _compose_spec_errors(doc: dict) -> list[str]:
+    """The Compose Specification's JSON schema errors of ``doc`` (the schema check-jsonschema ships)."""
     jsonschema = pytest.importorskip("jsonschema")
     vendor = pytest.importorskip("check_jsonschema.builtin_schemas.vendor",
                                  reason="check-jsonschema (which ships the Compose Specification schema) is absent")
     schema = json.loads((Path(vendor.__file__).parent / "compose-spec.json").read_text())
     cls = jsonschema.validators.validator_for(schema)
-    errors = sorted(cls(schema).iter_errors(_compose()), key=lambda e: list(e.path))
-    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
+    return [f"{list(e.path)}: {e.message}" for e in sorted(cls(schema).iter_errors(doc), key=lambda e: list(e.path))]
+
+
+def test_compose_matches_the_compose_spec_schema():
+    errors = _compose_spec_errors(_compose())
+    assert not errors, "\n".join(errors)
     # the schema is strict enough to catch a typo in a condition
     bad = {"services": {"a": {"image": "x", "depends_on": {"b": {"condition": "service_helthy"}}}}}
-    assert list(cls(schema).iter_errors(bad))
+    assert _compose_spec_errors(bad)
+
+
+def test_compose_published_ports_are_settable_and_mlflow_answers_on_them():
+    """A host where 5000/4200/3000 are taken publishes elsewhere (FIGAN_*_PORT in deploy/.env); MLflow's
+    allowed-hosts check must then accept the Host header a client on the host sends (127.0.0.1:<port>)."""
+    env = {**_env_example(DEPLOY / "env.example"), "FIGAN_MLFLOW_PORT": "15000", "FIGAN_PREFECT_PORT": "14200",
+           "FIGAN_SERVICE_PORT": "13000", "FIGAN_MINIO_CONSOLE_PORT": "19001"}
+    services = _interpolate(_compose(), env)["services"]
+    assert services["mlflow"]["ports"] == ["127.0.0.1:15000:5000"]
+    assert services["prefect-server"]["ports"] == ["127.0.0.1:14200:4200"]
+    assert services["service"]["ports"] == ["127.0.0.1:13000:3000"]
+    assert services["minio"]["ports"] == ["127.0.0.1:19001:9001"]
+    allowed = services["mlflow"]["environment"]["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
+    assert {"127.0.0.1:15000", "localhost:15000", "mlflow:5000"} <= set(allowed), allowed
+    assert services["prefect-server"]["environment"]["PREFECT_UI_API_URL"] == "http://localhost:14200/api"
+    # unset: the documented defaults
+    services = _interpolate(_compose(), _env_example(DEPLOY / "env.example"))["services"]
+    assert services["mlflow"]["ports"] == ["127.0.0.1:5000:5000"] and services["service"]["ports"] == ["127.0.0.1:3000:3000"]
+
+
+def test_compose_figan_containers_run_read_only():
+    """As the Kubernetes pods: the FIGAN images' containers get a read-only root filesystem and write only to their
+    volume and a /tmp tmpfs, which is also HOME (and the Prefect server's PREFECT_HOME: its state is in Postgres)."""
+    services = _interpolate(_compose(), _env_example(DEPLOY / "env.example"))["services"]
+    figan = {n for n, s in services.items() if str(s.get("image", "")).startswith(("figan-worker:", "figan-service:"))}
+    assert figan == {"mlflow", "prefect-server", "worker", "service"}
+    for name in figan:
+        svc = services[name]
+        assert svc["read_only"] is True and "/tmp" in svc["tmpfs"], name
+        assert svc["cap_drop"] == ["ALL"] and "no-new-privileges:true" in svc["security_opt"], name
+        env = svc["environment"]
+        assert env["HOME"] == "/tmp", name
+        writes = [v for k, v in env.items() if k in ("PREFECT_HOME", "FIGAN_HOME", "BENTOML_HOME", "FIGAN_SERVICE_CACHE")]
+        mounted = [v.split(":")[1] for v in svc.get("volumes", []) if not v.startswith(".")]
+        for path in writes:
+            assert path.startswith("/tmp/") or any(path == m or path.startswith(m + "/") for m in mounted), \
+                (name, path, mounted)
+
+
+SMOKE_OVERRIDE = DEPLOY / "compose.smoke.yaml"
+
+
+class _MergeTagLoader(yaml.SafeLoader):
+    """YAML with the Compose Specification's merge tags: ``!reset`` (drop the base's value) and ``!override``
+    (replace instead of merge), read as ("!reset", value) / ("!override", value) so a test can see which is which."""
+
+
+for _tag in ("!reset", "!override"):
+    _MergeTagLoader.add_constructor(_tag, lambda loader, node, tag=_tag: (
+        tag, loader.construct_sequence(node) if isinstance(node, yaml.SequenceNode) else
+        loader.construct_mapping(node, deep=True) if isinstance(node, yaml.MappingNode) else loader.construct_scalar(node)))
+
+
+def _smoke_override(tags: bool = False) -> dict:
+    """deploy/compose.smoke.yaml; with ``tags`` the merge tags stay visible, else each becomes its value (what the
+    schema validates, as `docker compose config` does)."""
+    def strip(v):
+        if isinstance(v, tuple) and len(v) == 2 and v[0] in ("!reset", "!override"):
+            return strip(v[1])
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items()}
+        return [strip(x) for x in v] if isinstance(v, list) else v
+    doc = yaml.load(SMOKE_OVERRIDE.read_text(), Loader=_MergeTagLoader)       # noqa: S506 — SafeLoader subclass
+    return doc if tags else strip(doc)
+
+
+def test_smoke_override_matches_the_compose_spec_schema():
+    errors = _compose_spec_errors(_smoke_override())
+    assert not errors, "\n".join(errors)
+    # podman-compose appends lists it merges: a replaced health check must say !override, or the S3 stand-in
+    # would run MinIO's `mc ready local` first and never be healthy
+    assert _smoke_override(tags=True)["services"]["minio"]["healthcheck"][0] == "!override"
+
+
+def test_smoke_override_replaces_only_what_a_registry_would_supply():
+    """deploy/compose.smoke.yaml (scripts/compose_smoke.py) overrides services compose.yaml has (a misspelt name
+    would start an extra container beside the real one), builds and mounts files that exist, keeps MinIO's service
+    name and port for the S3 stand-in (every client says http://minio:9000), keeps the CHANGE-ME guard in front of
+    what it replaces, and names explain configs the flow accepts."""
+    from models.explain import ExplainConfig
+
+    base, smoke = _compose()["services"], _smoke_override()["services"]
+    assert set(smoke) <= set(base), set(smoke) - set(base)
+    assert {"postgres", "minio", "minio-init"} <= set(smoke)
+    for name, svc in smoke.items():
+        if "build" in svc:
+            context = DEPLOY / svc["build"]["context"]
+            assert (context / svc["build"]["dockerfile"]).is_file(), name
+            assert svc["image"].startswith("localhost/"), f"{name}: a stand-in must never be pulled"
+        for v in svc.get("volumes", []):
+            src = v.split(":")[0]
+            assert not src.startswith(".") or (DEPLOY / src).exists(), f"{name} mounts missing {src}"
+    # Postgres: the base's guard → docker-entrypoint.sh contract, met by the stand-in's own entrypoint script
+    assert "entrypoint" not in smoke["postgres"] and base["postgres"]["entrypoint"][-1] == "docker-entrypoint.sh"
+    containerfile = (DEPLOY / "smoke" / "Containerfile.postgres").read_text()
+    assert "/usr/local/bin/docker-entrypoint.sh" in containerfile and (DEPLOY / "smoke" / "docker-entrypoint.sh").is_file()
+    assert "/var/lib/postgresql/data" in base["postgres"]["volumes"][0] and "PGDATA=/var/lib/postgresql/data" in containerfile
+    # the S3 stand-in and the bucket job: guarded like the MinIO ones they replace
+    guard = lambda svc: svc["entrypoint"][2:svc["entrypoint"].index("--")]      # noqa: E731
+    assert guard(smoke["minio"]) == guard(base["minio"])
+    assert guard(smoke["minio-init"]) == guard(base["minio-init"])
+    assert smoke["minio"]["command"][-2:] == ["-p", "9000"] and smoke["minio-init"]["image"] == smoke["minio"]["image"]
+    # the explain configs compose_smoke.py hands the worker (FIGAN_EXPLAIN_CONFIG) exist in the mounted folder and parse
+    mount = next(v for v in smoke["worker"]["volumes"] if v.startswith("./smoke/explain:"))
+    host_dir, container_dir = mount.split(":")[:2]
+    script = (ROOT / "scripts" / "compose_smoke.py").read_text()
+    named = set(re.findall(re.escape(container_dir) + r"/([\w.-]+\.yaml)", script))
+    assert named == {p.name for p in (DEPLOY / host_dir).glob("*.yaml")}, named
+    for name in named:
+        ExplainConfig.from_dict(yaml.safe_load((DEPLOY / host_dir / name).read_text()))
 
 
 def test_compose_references_and_health():

@@ -206,7 +206,7 @@ def test_invalid_dataset_yaml_is_refused_at_version_data_and_before_training(pla
 
     md5 = dataset_md5(bad)
     with _store_lock(store.root):               # stored as version-data did before it checked every field
-        _add_version(store, store.root, bad, "phantom-bad", md5, len(p.ds))
+        _add_version(store, store.root, bad, "phantom-bad", md5, len(p.ds), {"formats": {"PNG": len(p.ds)}})
     v = register_cnn(p.model, p.spec, "cnn-d", "phantom-bad", md5, tracking_uri=p.server.uri).version
     with pytest.raises(ContractError, match="factors must be a mapping"):
         explain_version("cnn-d", v)

@@ -413,6 +413,34 @@ def test_verify_fails_on_another_key_a_rewritten_tag_and_nothing_published(clien
     assert code == 2 and f"model version cnn/{nothing} has no published explanation" in out, out
 
 
+def test_the_last_published_run_outlives_a_re_explanation(client, registered, fake_explanation):
+    """Publishing records the version's last good run and key; a re-run (queued, running, failed) leaves them, a
+    new publish moves them; a version published before these tags existed gets them on its next status change."""
+    d, metrics = fake_explanation
+    first = client.get_model_version("cnn", registered.version)
+    model_id = first.model_id or first.source.removeprefix("models:/")
+    v = client.create_model_version("cnn", first.source, first.run_id, model_id=model_id).version
+    run_a = R.publish_explanation(client, "cnn", v, d, metrics, {}, key="key-a", signing_key=SIGNING_KEY)
+    st = R.get_status(client, "cnn", v)
+    assert (st["last_good_run_id"], st["last_good_key"]) == (run_a, "key-a")
+    for status, extra in (("queued", {}), ("running", {}), ("failed", {"error": "train: out of memory"})):
+        R.set_status(client, "cnn", v, status, key="key-b", **extra)
+        st = R.get_status(client, "cnn", v)
+        assert (st["status"], st["key"], st["last_good_run_id"], st["last_good_key"]) == (status, "key-b", run_a,
+                                                                                          "key-a")
+    run_b = R.publish_explanation(client, "cnn", v, d, metrics, {}, key="key-b", signing_key=SIGNING_KEY)
+    st = R.get_status(client, "cnn", v)
+    assert (st["last_good_run_id"], st["last_good_key"]) == (run_b, "key-b")
+    (row,) = [r for r in R.list_versions(client, "cnn") if r["version"] == v]
+    assert (row["last_good_run_id"], row["last_good_key"]) == (run_b, "key-b")
+
+    for tag in (R.TAG_LAST_GOOD_RUN_ID, R.TAG_LAST_GOOD_KEY):       # as published before the tags existed
+        client.delete_model_version_tag("cnn", v, tag)
+    R.set_status(client, "cnn", v, "running", key="key-c")
+    st = R.get_status(client, "cnn", v)
+    assert (st["last_good_run_id"], st["last_good_key"]) == (run_b, "key-b")
+
+
 def test_stop_server_leaves_no_process(server):
     pids = server.processes()
     assert pids

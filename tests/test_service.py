@@ -10,6 +10,8 @@ import base64
 import gc
 import io
 import json
+import shutil
+import threading
 import time
 
 import httpx
@@ -18,6 +20,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from flows import registry as R
 from service_platform import API_KEY, MODEL, log_records, shared_platform
 from services.store import ExplanationStore, ServiceConfig, ServiceError
 
@@ -70,11 +73,19 @@ def test_probes_and_json_logs(http, served):
     assert http.get("/healthz").status_code == 200
     assert http.get("/readyz").status_code == 200
     assert http.get("/v1/models").status_code == 200
-    time.sleep(0.5)                                                          # let the worker flush its log
+    assert http.get(f"{V}/1/components/1/sequence.gif").status_code == 200
+    assert http.get(f"{V}/999").status_code == 404                           # our route, no such version
+
+    def access_lines() -> list[str]:        # the worker's lines reach the log through the process manager
+        return [r["message"] for r in log_records(served.log) if r.get("logger") == "figan.access"]
+
+    access = _eventually(lambda: (lines := access_lines()) and "/999" in lines[-1] and lines, "the 404's line")
     records = log_records(served.log)
     assert any(r.get("logger") == "figan.service" and r.get("message") == "service started" for r in records)
-    access = [r for r in records if r.get("logger") == "bentoml.access" and "path=/v1/models" in r["message"]]
-    assert access and access[0]["level"] == "INFO" and "status=200" in access[0]["message"]
+    assert any("(method=GET,path=/v1/models)" in m and "status=200" in m for m in access), access
+    assert any(f"path={V}/999)" in m and "status=404" in m for m in access), access
+    assert not any("sequence.gif" in m for m in access), access      # published files: counted in metrics only
+    assert not any(r.get("logger") == "bentoml.access" for r in records)
     assert "Downloading artifacts" not in served.log.read_text()
 
 
@@ -192,6 +203,30 @@ def test_a_run_that_does_not_match_its_signed_manifest_is_refused(http, platform
     platform.publish(other, key=b"someone-elses-key-0123456789")
     resp = _eventually(lambda: (r := http.get(f"{V}/{other}")).status_code != 404 and r, "the other version")
     assert "(signature other key)" in assert_4xx(resp, 502, "version")["error"]
+
+
+def test_a_published_run_asking_for_a_huge_generator_is_refused(http, platform, served):
+    """A run whose generator.json asks for a huge network is refused with what it asks for, at once, and the
+    service's memory does not grow by anything like the network's size (nothing was allocated for it)."""
+    import psutil
+
+    v = platform.new_version()
+    tampered = platform.home / f"explanation-huge-v{v}"
+    shutil.copytree(platform.artifacts, tampered)
+    meta = json.loads((tampered / "gan" / "best" / "generator.json").read_text())
+    meta["config"]["ngf"] = 10 ** 7                                   # ~10^15 parameters
+    (tampered / "gan" / "best" / "generator.json").write_text(json.dumps(meta))
+    R.publish_explanation(platform.client, MODEL, v, tampered, platform.metrics, {"dataset": "discs"}, key=f"key-{v}",
+                          signing_key=platform.signing_key)
+    service = [psutil.Process(served.proc.pid), *psutil.Process(served.proc.pid).children(recursive=True)]
+    before, t0 = sum(p.memory_info().rss for p in service), time.monotonic()
+    for path in (f"{V}/{v}", f"{V}/{v}/components/1/sequence.gif"):
+        refused = assert_4xx(http.get(path), 502, "version")
+        assert "refused: generator.json config: ngf=10000000 exceeds the maximum of 1024" in refused["error"]
+    generated = http.post("/v1/generate", headers=KEY, json={"model": MODEL, "version": v})
+    assert "ngf=10000000 exceeds" in assert_4xx(generated, 502, "version")["error"]
+    assert time.monotonic() - t0 < 10
+    assert sum(p.memory_info().rss for p in service) - before < 100 * 2 ** 20
 
 
 def test_failed_and_running_versions_answer_with_their_status(http):
@@ -353,27 +388,138 @@ def test_new_explanation_is_picked_up_without_restart(http, platform):
     platform.client.set_registered_model_alias(MODEL, "champion", "1")
 
 
-def test_auth_off_in_process(platform, monkeypatch, tmp_path):
-    """The same ASGI app `bentoml serve` runs, in-process (cheaper than another server): with
-    FIGAN_SERVICE_AUTH=off generation needs no key."""
+def test_a_version_being_re_explained_keeps_serving_its_last_published_run(http, platform):
+    """While a newer explanation of a version is running, and after it failed, the service serves the version's
+    last published run (checked like figan.run_id) and says so; a version never published stays a 409."""
+    v = platform.new_version()
+    published = platform.publish(v)
+    done = _eventually(lambda: (r := http.get(f"{V}/{v}")).status_code == 200 and r.json(), "the published version")
+    assert (done["serving_run"], done["latest_status"], done["pending"]) == (published, "done", False)
+    assert "notice" not in done
+
+    R.set_status(platform.client, MODEL, v, "running", key="key-next")       # what the flow writes on a re-run
+    running = _eventually(lambda: (b := http.get(f"{V}/{v}").json()).get("latest_status") == "running" and b,
+                          "the running status")
+    assert (running["status"], running["serving_run"], running["pending"]) == ("done", published, True)
+    assert "is running; serving the last published one" in running["notice"]
+    gif = http.get(f"{V}/{v}/components/1/sequence.gif")
+    assert gif.status_code == 200
+    assert (gif.headers["x-figan-serving-run"], gif.headers["x-figan-latest-status"]) == (published, "running")
+    made = http.post("/v1/generate", headers=KEY, json={"model": MODEL, "version": v, "format": "json", "frames": 2})
+    assert made.status_code == 200 and (made.json()["serving_run"], made.json()["pending"]) == (published, True)
+
+    R.set_status(platform.client, MODEL, v, "failed", error="train: out of memory", key="key-next")
+    failed = _eventually(lambda: (b := http.get(f"{V}/{v}").json()).get("latest_status") == "failed" and b,
+                         "the failed status")
+    assert (failed["serving_run"], failed["pending"]) == (published, False)
+    assert "is failed (train: out of memory)" in failed["notice"]
+
+    first = platform.client.get_model_version(MODEL, "1").tags[R.TAG_RUN_ID]         # v1's genuine explanation
+    platform.client.set_model_version_tag(MODEL, v, R.TAG_LAST_GOOD_RUN_ID, first)
+    refused = _eventually(lambda: (r := http.get(f"{V}/{v}")).status_code == 502 and r, "the refusal")
+    assert "figan.last_good_run_id tag is not an explanation of this version (version, key, cnn differ)" in \
+        refused.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def in_process(platform, tmp_path_factory):
+    """The same ASGI app `bentoml serve` runs, in-process (cheaper than another server; one per process, BentoML
+    registers its metrics globally), with keys off and a generation queue of one worker + one waiting:
+    (test client, the service instance)."""
+    import bentoml
     from starlette.testclient import TestClient
 
     from services.explanations import MLFLOW_ENV, Explanations
 
-    for var, value in MLFLOW_ENV.items():
-        monkeypatch.setenv(var, value)
-    monkeypatch.setenv("FIGAN_HOME", str(tmp_path))
-    monkeypatch.setenv("FIGAN_AUDIT_KEY", platform.signing_key.decode())      # this home has no key file
-    monkeypatch.setenv("FIGAN_SERVICE_AUTH", "off")
-    monkeypatch.delenv("FIGAN_SERVICE_API_KEY", raising=False)
-    monkeypatch.setenv("FIGAN_TRACKING_URI", platform.server.uri)
+    env = {**MLFLOW_ENV, "FIGAN_HOME": str(tmp_path_factory.mktemp("in-process")),
+           "FIGAN_TRACKING_URI": platform.server.uri, "FIGAN_SERVICE_AUTH": "off",
+           "FIGAN_SERVICE_GEN_CONCURRENCY": "1", "FIGAN_SERVICE_GEN_QUEUE": "1",
+           "FIGAN_AUDIT_KEY": platform.signing_key.decode()}                 # that home has no key file
+    with pytest.MonkeyPatch.context() as mp:
+        for var, value in env.items():
+            mp.setenv(var, value)
+        mp.delenv("FIGAN_SERVICE_API_KEY", raising=False)
+        try:
+            with TestClient(Explanations.to_asgi()) as client:
+                yield client, bentoml.get_current_service()
+        finally:
+            gc.unfreeze()                   # the service froze the heap of this (test) process at its start
+
+
+def test_auth_off_in_process(in_process):
+    """With FIGAN_SERVICE_AUTH=off generation needs no key."""
+    client, _ = in_process
+    assert client.get("/readyz").status_code == 200
+    resp = client.post("/v1/generate", json={**GOOD, "format": "json", "frames": 2})
+    assert resp.status_code == 200 and len(resp.json()["components"]) == 2
+
+
+def test_a_full_generation_queue_answers_503_with_retry_after(in_process, platform):
+    """One generation at once and one waiting: while both places are taken (here by work that waits on a gate),
+    generation and uploads are answered 503 with Retry-After at once, bad requests still 400; once the queue
+    drains the same requests succeed."""
+    client, svc = in_process
+    image = (platform.home / "discs" / "images" / "000000.png").read_bytes()
+    generate = lambda **change: client.post("/v1/generate", json={**GOOD, "frames": 2, **change})  # noqa: E731
+    upload = lambda: client.post(f"{V}/1/explain-image", files={"image": ("x.png", image, "image/png")},  # noqa: E731
+                                 data={"frames": "2"})
+    assert generate().status_code == 200 and upload().status_code == 200        # warm: models loaded
+    gate = threading.Event()
+    held = [svc.store.generation.submit(gate.wait, 30) for _ in range(2)]     # the worker + the one waiting
     try:
-        with TestClient(Explanations.to_asgi()) as client:
-            assert client.get("/readyz").status_code == 200
-            resp = client.post("/v1/generate", json={**GOOD, "format": "json", "frames": 2})
-            assert resp.status_code == 200 and len(resp.json()["components"]) == 2
+        t0 = time.monotonic()
+        for busy in (generate(), upload()):
+            assert busy.status_code == 503, busy.text
+            assert int(busy.headers["retry-after"]) >= 1 and busy.json()["field"] == "queue"
+            assert busy.json()["retry_after_s"] == int(busy.headers["retry-after"])
+        assert time.monotonic() - t0 < 5                                       # answered at once, not queued
+        assert_4xx(generate(frames=1), 400, "frames")                        # checked before the queue
     finally:
-        gc.unfreeze()                   # the service froze the heap of this (test) process at its start
+        gate.set()
+    for f in held:
+        f.result(timeout=30)
+    assert generate().status_code == 200 and upload().status_code == 200
+    assert svc.store.generation.admitted == 0
+
+
+def test_memory_and_disk_budgets_evict_the_least_recently_used(platform, tmp_path):
+    """Budgets of 1.5 explanations: loading a second version's generator evicts the first one's from memory,
+    downloading a second explanation deletes the first one's folder (unless in use), and the evicted one is
+    loaded again when asked for."""
+    from services.caches import folder_bytes, tensor_bytes
+
+    measure = ExplanationStore(ServiceConfig(tracking_uri=platform.server.uri, cache_dir=tmp_path / "measure"))
+    one = measure.explanation(MODEL, "1")
+    gen_bytes, disk_bytes = tensor_bytes(measure.generator(one)), folder_bytes(one.dir)
+    cfg = ServiceConfig(tracking_uri=platform.server.uri, cache_dir=tmp_path / "cache",
+                        model_cache_bytes=int(1.5 * gen_bytes), disk_cache_bytes=int(1.5 * disk_bytes))
+    store = ExplanationStore(cfg)
+    a = store.explanation(MODEL, "1")
+    store.generator(a)
+    b = store.explanation(MODEL, "2")                                   # another run: a's folder goes
+    assert a.run_id != b.run_id and b.dir.is_dir() and not a.dir.exists()
+    assert folder_bytes(store.cache) <= cfg.disk_cache_bytes
+    store.generator(b)
+    assert store.loaded.keys() == [("generator", b.run_id)] and store.loaded.bytes <= cfg.model_cache_bytes
+    with store.disk.in_use(b.run_id):                                   # in use: kept although over budget
+        again = store.explanation(MODEL, "1")
+        assert again.dir.is_dir() and b.dir.is_dir()
+    assert store.file(again, again.dir / "metrics.json") == (platform.artifacts / "metrics.json").read_bytes()
+    store.explanation(MODEL, "2")                                       # b's folder is still there: no download
+    assert store.disk.collect() and folder_bytes(store.cache) <= cfg.disk_cache_bytes
+
+
+def test_a_truncated_cached_file_is_downloaded_again_not_served(platform, tmp_path):
+    """A cached explanation whose files no longer match what was downloaded (here: a GIF cut short, as a full
+    disk or a killed copy leaves it) is fetched again by the next process instead of being served."""
+    cfg = ServiceConfig(tracking_uri=platform.server.uri, cache_dir=tmp_path / "cache")
+    expl = ExplanationStore(cfg).explanation(MODEL, "1")
+    gif = expl.component_file(0, "gif")
+    published = (platform.artifacts / "sequences" / "component_1.gif").read_bytes()
+    gif.write_bytes(published[:len(published) // 2])
+    restarted = ExplanationStore(cfg)
+    again = restarted.explanation(MODEL, "1")
+    assert restarted.file(again, again.component_file(0, "gif")) == published
 
 
 def test_unreachable_mlflow_is_not_ready_and_503(monkeypatch, tmp_path):
@@ -383,6 +529,32 @@ def test_unreachable_mlflow_is_not_ready_and_503(monkeypatch, tmp_path):
     with pytest.raises(ServiceError, match="MLflow is not reachable") as err:
         store.models()
     assert err.value.code == 503 and "127.0.0.1" not in err.value.message        # no internal address
+
+
+def test_published_files_are_left_out_of_tracing_and_the_api_is_not():
+    """Immutable published files skip the per-request OpenTelemetry span (their largest CPU cost); the API's JSON,
+    generation and upload routes keep it."""
+    import re
+
+    from services.explanations import Explanations
+
+    untraced = re.compile("|".join(Explanations.config["tracing"]["excluded_urls"]))
+    for path in (f"{V}/champion/components/1/sequence.gif", f"{V}/1/components/2/eigen.png", f"{V}/1/metrics.json",
+                 f"{V}/1/components/1/sequence.json", f"{V}/1/fid_trace.png", "/viewer/viewer.js"):
+        assert untraced.search(f"http://127.0.0.1:3000{path}"), path
+    for path in ("/v1/models", f"{V}/1", "/v1/generate", f"{V}/1/explain-image", "/v1/resolve/m@1"):
+        assert not untraced.search(f"http://127.0.0.1:3000{path}"), path
+
+
+def test_access_log_mode_is_read_and_checked():
+    from services.access_log import PUBLISHED_FILE, access_log_mode
+    assert [access_log_mode(e) for e in ({}, {"FIGAN_SERVICE_ACCESS_LOG": "ALL"},
+                                         {"FIGAN_SERVICE_ACCESS_LOG": "false"})] == ["api", "all", "off"]
+    with pytest.raises(ValueError, match="FIGAN_SERVICE_ACCESS_LOG='loud'"):
+        access_log_mode({"FIGAN_SERVICE_ACCESS_LOG": "loud"})
+    assert PUBLISHED_FILE.search(f"{V}/champion/components/2/eigen.png")
+    assert PUBLISHED_FILE.search("/models/m/versions/1/metrics.json")           # the path inside the /v1 mount
+    assert not PUBLISHED_FILE.search(f"{V}/1") and not PUBLISHED_FILE.search(f"{V}/1/explain-image")
 
 
 def test_error_details_carry_no_internal_urls_or_paths():

@@ -5,6 +5,7 @@ Registrations go through the plain MLflow client, as a data scientist would make
 is read from Prefect's API, not from our tags."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -182,6 +183,18 @@ def test_decide_policy():
     assert decide({**bug, "attempts": 2}, "k", None, None, 3, now, program_hash="p2").attempt == 3
 
 
+def test_worker_lines_reach_stderr_after_prefect_configured_logging():
+    """A container's log is the worker's stderr: its INFO lines (what queued a version) must reach it although
+    importing Prefect has already configured the root logger (WARNING), which makes logging.basicConfig a no-op."""
+    code = ("import prefect, logging; from flows.trigger import log, log_to_stderr; log_to_stderr(); "
+            "log.info('m/1: queued by webhook (new)'); logging.getLogger('other').info('not ours')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [json.loads(line) for line in res.stderr.splitlines() if line.startswith("{")]
+    assert [(x["level"], x["msg"]) for x in lines] == [("INFO", "m/1: queued by webhook (new)")], res.stderr[-2000:]
+
+
 def test_verifier_rejects_all_but_genuine_fresh_first_deliveries(tmp_path):
     v = Verifier("s3cret", tmp_path / "r.db", window=300)
     body = json.dumps({"entity": "model_version", "action": "created", "data": {"name": "m", "version": "1"}})
@@ -325,6 +338,15 @@ def test_registrations_are_explained_with_no_other_call(platform):
         lineage = artifact_json(p, runs[0].info.run_id, R.LINEAGE_FILE)
         assert lineage["cnn_name"] == n and lineage["cnn_version"] == v and lineage["dataset_md5"] == p.md5
     assert statuses["auto-a"]["run_id"] != statuses["auto-b"]["run_id"]
+    # the worker's log (a container's log in deploy/) says what submitted each version's flow run and how it ended;
+    # the end is seen at the worker's next decision about the version (a tag webhook or the reconciler), waited for
+    wanted = [rf'"msg": "{n}/{v}: {what}' for n, v in versions.items()
+              for what in (r"flow run \S+ \(attempt 1\) for (webhook|reconciler)",
+                           rf"flow run \S+ .* has ended; version done \(run {statuses[n]['run_id']}\)")]
+    deadline = time.monotonic() + 60
+    while not all(re.search(w, log := (p.home / "logs" / "worker.log").read_text()) for w in wanted):
+        assert time.monotonic() < deadline, log[-2000:]
+        time.sleep(0.5)
     print(f"registration → first running/done seen after {first_running:.1f} s ({running})")
 
 

@@ -194,7 +194,9 @@ async function showVersion(panel, model, version) {
   const overview = el("div", { class: "overview" });
   overview.append(table);
   if (s.urls.fid_trace) overview.append(fidImg);
-  panel.replaceChildren(verdictBanner(s), head, lineageLine(s), overview, comps, uploadForm(model, version));
+  // a newer explanation queued, running or failed: the last published one is shown, and the panel says so
+  const notice = s.notice ? [el("p", { class: "notice", role: "status" }, s.notice)] : [];
+  panel.replaceChildren(verdictBanner(s), ...notice, head, lineageLine(s), overview, comps, uploadForm(model, version));
 }
 
 // "Explain your own image": the upload goes to explain-image (needs the API key); the answer's sweeps are the
