@@ -12,11 +12,14 @@ Python, which registers the CNN from the host):
    `podman wait --condition=healthy` (podman-compose then ignores service_healthy) and, without systemd, no timer
    runs health checks, so this script runs them (`podman healthcheck run`);
 3. guard: `figan worker` in the worker container refuses a CHANGE-ME secret by name before anything starts;
-4. data: a small phantom written and versioned inside the worker container (DVC → s3://figan/dvc);
+4. data: a small phantom written and versioned inside the prefect-worker container (DVC → s3://figan/dvc; the
+   worker, which shares the volume, has no S3 credentials);
 5. register: a CNN trained on the host on that phantom, logged with the plain MLflow client (pt2) to the published
-   MLflow port, contract tags on the version: MLflow calls the worker's webhook inside the network;
-6. explain: waits for figan.status=done (with --restart-worker, restarts the worker container once the GAN has
-   checkpointed and checks that the explanation resumed from the checkpoint kept in the volume);
+   MLflow port, contract tags on the version: MLflow calls the worker's webhook inside the network, the worker
+   submits a flow run of the explain deployment, the prefect-worker runs it;
+6. explain: waits for figan.status=done (with --restart-worker, restarts the prefect-worker container once the GAN
+   has checkpointed: its flow run stops moving, the worker cancels and counts it after FIGAN_HANG_SECONDS (240 s
+   here) and submits attempt 2, which must resume from the checkpoint kept in the volume);
 7. gif: fetches a component's sequence.gif from the service's published port;
 8. down: `podman-compose … down -v`, also on failure, timeout, Ctrl-C or SIGTERM (--keep leaves the stack up).
 
@@ -223,6 +226,8 @@ def write_env(work: Path, restart: bool) -> tuple[Path, dict[str, str]]:
     for name in ("FIGAN_MLFLOW_PORT", "FIGAN_PREFECT_PORT", "FIGAN_SERVICE_PORT", "FIGAN_MINIO_CONSOLE_PORT"):
         values[name] = str(_free_port())
     values["FIGAN_EXPLAIN_CONFIG"] = EXPLAIN_CONFIGS[restart]
+    if restart:                     # the killed flow run counted within minutes, attempt 2 submitted soon after
+        values.update({"FIGAN_HANG_SECONDS": "240", "FIGAN_RECONCILE_SECONDS": "60"})
     values["FIGAN_IMAGE_TAG"] = "dev"
     path = work / "smoke.env"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -421,13 +426,14 @@ def start_stack(run: Run, stack: Stack, timeout: float) -> None:
 
 
 def version_data(stack: Stack, n: int, size: int) -> dict:
-    stack.exec("worker", "figan", "data", "phantom", "--out", "/data/src/phantom", "--n", str(n), "--size", str(size))
-    out = stack.exec("worker", "figan", "version-data", "--src", "/data/src/phantom", timeout=600)
+    stack.exec("prefect-worker", "figan", "data", "phantom", "--out", "/data/src/phantom", "--n", str(n),
+               "--size", str(size))
+    out = stack.exec("prefect-worker", "figan", "version-data", "--src", "/data/src/phantom", timeout=600)
     return json.loads(out[out.index("{"):])
 
 
 def register_from_host(run: Run, stack: Stack, tracking_uri: str, data: dict) -> str:
-    """Train a small CNN on the host on the versioned phantom (copied out of the worker) and register it the
+    """Train a small CNN on the host on the versioned phantom (copied out of the volume) and register it the
     plain MLflow way: a pt2 model logged with registered_model_name, the FIGAN contract as version tags."""
     import mlflow
     import mlflow.pytorch
@@ -442,7 +448,7 @@ def register_from_host(run: Run, stack: Stack, tracking_uri: str, data: dict) ->
 
     local = run.work / "phantom"
     shutil.rmtree(local, ignore_errors=True)
-    run.podman("cp", f"{stack.container('worker')}:/data/src/phantom", str(local), timeout=120)
+    run.podman("cp", f"{stack.container('prefect-worker')}:/data/src/phantom", str(local), timeout=120)
     ds = open_dataset(local)
     model, spec = train_cnn(ds, TrainConfig(epochs=2, width=8), progress=False, log=lambda _: None)
     model.eval()
@@ -466,8 +472,10 @@ def register_from_host(run: Run, stack: Stack, tracking_uri: str, data: dict) ->
 
 
 def trigger_of(stack: Stack, version: str) -> str:
-    """What queued the explanation, from the worker's log (`<model>/<version>: queued by <reason> (…)`)."""
-    found = re.findall(rf"{re.escape(MODEL)}/{version}: queued by ([^(\"]+)", stack.logs("worker", 2000))
+    """What submitted the explanation's first flow run, from the worker's log (`<model>/<version>: flow run <name>
+    (attempt 1) for <reason> (…)`)."""
+    found = re.findall(rf"{re.escape(MODEL)}/{version}: flow run \S+ \(attempt 1\) for ([^(\"]+) \(",
+                       stack.logs("worker", 2000))
     if not found:
         raise SmokeError(f"the worker's log does not say what queued {MODEL}/{version}")
     return found[0].strip()
@@ -475,8 +483,9 @@ def trigger_of(stack: Stack, version: str) -> str:
 
 def wait_explained(run: Run, stack: Stack, tracking_uri: str, version: str, timeout: float,
                    restart_worker: bool) -> dict:
-    """Poll the version's figan.status until done (printing each change); optionally restart the worker container
-    once the GAN's first checkpoint is in the volume."""
+    """Poll the version's figan.status until done (printing each change); optionally restart the prefect-worker
+    container once the GAN's first checkpoint is in the volume (a crash counted on the version is waited through:
+    the worker submits the next attempt)."""
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri)
     t0, seen, restarted = time.monotonic(), None, None
@@ -488,18 +497,24 @@ def wait_explained(run: Run, stack: Stack, tracking_uri: str, version: str, time
             seen = status
         if status == "done":
             return {"tags": tags, "restarted_at": restarted, "took": time.monotonic() - t0}
-        if status == "failed":
-            raise SmokeError(f"explanation failed: {tags.get('figan.error')}\n{stack.logs('worker', 60)}")
+        if status == "failed" and not (restarted and tags.get("figan.error_kind") == "crash"):
+            raise SmokeError(f"explanation failed: {tags.get('figan.error')}\n{explain_logs(stack)}")
         if restart_worker and restarted is None and status == "running" and tags.get("figan.key"):
-            ckpt = f"/data/work/{MODEL}-v{version}-{tags['figan.key']}/gan/last.pt"
-            if run.podman("exec", stack.container("worker"), "test", "-f", ckpt, check=False).returncode == 0:
+            ckpts = f"/data/work/{MODEL}-v{version}-{tags['figan.key']}/*/gan/last.pt"     # one folder per flow run
+            if run.podman("exec", stack.container("prefect-worker"), "sh", "-c", f"ls {ckpts}",
+                          check=False).returncode == 0:
                 restarted = round(time.monotonic() - t0, 1)
-                with run.step("restart worker mid-explanation"):
-                    run.podman("restart", stack.container("worker"), timeout=120)
-                    stack.wait_healthy("worker", 180)
+                with run.step("restart prefect-worker mid-explanation"):
+                    run.podman("restart", stack.container("prefect-worker"), timeout=120)
+                    stack.wait_healthy("prefect-worker", 180)
         if time.monotonic() - t0 > timeout:
-            raise SmokeError(f"not done within {timeout:g} s (figan.status={status})\n{stack.logs('worker', 60)}")
+            raise SmokeError(f"not done within {timeout:g} s (figan.status={status})\n{explain_logs(stack)}")
         time.sleep(3)
+
+
+def explain_logs(stack: Stack) -> str:
+    """The tails of the two containers an explanation passes through: who submitted it, and its flow run."""
+    return f"worker:\n{stack.logs('worker', 40)}\nprefect-worker:\n{stack.logs('prefect-worker', 60)}"
 
 
 def check_resumed(tracking_uri: str, run_id: str, work: Path) -> int:
@@ -508,7 +523,7 @@ def check_resumed(tracking_uri: str, run_id: str, work: Path) -> int:
                                                dst_path=str(work / "metrics"), tracking_uri=tracking_uri)
     step = int(json.loads(Path(path).read_text())["training"].get("resumed_from_step") or 0)
     if step <= 0:
-        raise SmokeError("the worker was restarted mid-training but the explanation did not resume from its "
+        raise SmokeError("the prefect-worker was restarted mid-training but the explanation did not resume from its "
                          "checkpoint (metrics.json training.resumed_from_step is 0)")
     return step
 
@@ -567,7 +582,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--down-timeout", type=float, default=1800, help="down -v (vfs deletes a full copy per container)")
     p.add_argument("--rebuild", action="store_true", help="build every image even if present")
     p.add_argument("--restart-worker", action="store_true",
-                   help="restart the worker container mid-explanation (pixel cGAN config) and check it resumed")
+                   help="restart the prefect-worker container mid-explanation (pixel cGAN config) and check the "
+                        "next attempt resumed")
     p.add_argument("--keep", action="store_true", help="leave the stack running (stop it with down -v yourself)")
     p.add_argument("--podman-compose", help="podman-compose executable (default: PATH, else installed pinned)")
     p.add_argument("--phantom", default="160x32", help="N x size of the demo phantom (default 160x32)")

@@ -124,7 +124,7 @@ def test_compose_figan_containers_run_read_only():
     volume and a /tmp tmpfs, which is also HOME (and the Prefect server's PREFECT_HOME: its state is in Postgres)."""
     services = _interpolate(_compose(), _env_example(DEPLOY / "env.example"))["services"]
     figan = {n for n, s in services.items() if str(s.get("image", "")).startswith(("figan-worker:", "figan-service:"))}
-    assert figan == {"mlflow", "prefect-server", "worker", "service"}
+    assert figan == {"mlflow", "prefect-server", "prefect-worker", "worker", "service"}
     for name in figan:
         svc = services[name]
         assert svc["read_only"] is True and "/tmp" in svc["tmpfs"], name
@@ -201,8 +201,12 @@ def test_smoke_override_replaces_only_what_a_registry_would_supply():
     assert guard(smoke["minio"]) == guard(base["minio"])
     assert guard(smoke["minio-init"]) == guard(base["minio-init"])
     assert smoke["minio"]["command"][-2:] == ["-p", "9000"] and smoke["minio-init"]["image"] == smoke["minio"]["image"]
-    # the explain configs compose_smoke.py hands the worker (FIGAN_EXPLAIN_CONFIG) exist in the mounted folder and parse
-    mount = next(v for v in smoke["worker"]["volumes"] if v.startswith("./smoke/explain:"))
+    # the explain configs compose_smoke.py hands the worker and the prefect-worker (FIGAN_EXPLAIN_CONFIG: part of the
+    # key the one computes, what the other's flow runs train with) exist in the folder both mount, and parse
+    mounts = {name: [v for v in smoke[name]["volumes"] if v.startswith("./smoke/explain:")]
+              for name in ("worker", "prefect-worker")}
+    assert mounts["worker"] == mounts["prefect-worker"] and len(mounts["worker"]) == 1, mounts
+    mount = mounts["worker"][0]
     host_dir, container_dir = mount.split(":")[:2]
     script = (ROOT / "scripts" / "compose_smoke.py").read_text()
     named = set(re.findall(re.escape(container_dir) + r"/([\w.-]+\.yaml)", script))
@@ -214,7 +218,8 @@ def test_smoke_override_replaces_only_what_a_registry_would_supply():
 def test_compose_references_and_health():
     c = _compose()
     services, volumes = c["services"], set(c["volumes"])
-    assert {"postgres", "minio", "minio-init", "mlflow", "prefect-server", "worker", "service"} <= set(services)
+    assert {"postgres", "minio", "minio-init", "mlflow", "prefect-server", "prefect-worker", "worker",
+            "service"} <= set(services)
     used_volumes = set()
     for name, s in services.items():
         for dep, cond in (s.get("depends_on") or {}).items():
@@ -260,7 +265,9 @@ def test_compose_secrets_come_from_env_file():
     assert pf["PREFECT_API_DATABASE_CONNECTION_URL"] == "postgresql+asyncpg://prefect:CHANGE-ME@postgres:5432/prefect"
     w = c["services"]["worker"]["environment"]
     assert w["FIGAN_TRACKING_URI"] == "http://mlflow:5000" and w["FIGAN_DVC_REMOTE"] == "s3://figan/dvc"
-    assert w["AWS_ENDPOINT_URL"] == "http://minio:9000" and w["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    assert w["PREFECT_API_URL"] == "http://prefect-server:4200/api"
+    pw = c["services"]["prefect-worker"]["environment"]
+    assert pw["AWS_ENDPOINT_URL"] == "http://minio:9000" and pw["PREFECT_API_URL"] == w["PREFECT_API_URL"]
     assert w["FIGAN_RECEIVER_HOST"] == "0.0.0.0" and w["FIGAN_RECEIVER_PORT"] == "5081"
     assert "5081" in w["FIGAN_RECEIVER_URL"] and "5081/health" in " ".join(c["services"]["worker"]["healthcheck"]["test"])
     init = c["services"]["minio-init"]
@@ -275,6 +282,10 @@ def test_compose_commands_exist_in_the_code():
     c = _compose()
     sub = next(a for a in build_parser()._actions if a.dest == "cmd")
     assert c["services"]["worker"]["command"] == ["figan", "worker"] and "worker" in sub.choices
+    pw = c["services"]["prefect-worker"]
+    args = sub.choices["prefect-worker"].parse_args(pw["command"][2:])
+    assert pw["command"][:2] == ["figan", "prefect-worker"] and args.healthcheck      # serves the /health checked
+    assert f"127.0.0.1:{pw['environment']['PREFECT_WORKER_WEBSERVER_PORT']}/health" in " ".join(pw["healthcheck"]["test"])
     svc = c["services"]["service"]["command"]
     assert svc[:2] == ["bentoml", "serve"]
     path, cls = _python_module_attr(svc[2])
@@ -290,11 +301,11 @@ COMPOSE_SECRET_HOLDERS = {
     "PREFECT_DB_PASSWORD": {"postgres", "prefect-server"},
     "MINIO_ROOT_PASSWORD": {"minio", "minio-init"},
     "MLFLOW_S3_SECRET_KEY": {"minio-init", "mlflow"},
-    "WORKER_S3_SECRET_KEY": {"minio-init", "worker"},
-    "PREFECT_API_AUTH_STRING": {"prefect-server", "worker"},
+    "WORKER_S3_SECRET_KEY": {"minio-init", "prefect-worker"},         # DVC in the flow runs; the worker reads none
+    "PREFECT_API_AUTH_STRING": {"prefect-server", "worker", "prefect-worker"},
     "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": {"mlflow"},
     "FIGAN_SERVICE_API_KEY": {"service"},
-    "FIGAN_AUDIT_KEY": {"worker", "service"},
+    "FIGAN_AUDIT_KEY": {"prefect-worker", "service"},                 # the flow runs sign, the service checks
 }
 
 
@@ -318,11 +329,12 @@ def test_compose_each_service_gets_only_its_own_secrets():
     for secret, mark in marks.items():
         holders = {name for name, svc in c["services"].items() if mark in json.dumps(svc)}
         assert holders == COMPOSE_SECRET_HOLDERS[secret], (secret, holders)
-    for name in ("worker", "mlflow"):
+    for name in ("worker", "prefect-worker", "mlflow"):
         env = _service_env(c["services"][name])
         assert not any(k.startswith("MINIO_ROOT") for k in env), name
         assert marks["MINIO_ROOT_PASSWORD"] not in json.dumps(env), name
-    assert c["services"]["worker"]["environment"]["AWS_ACCESS_KEY_ID"] != \
+    assert not any(k.startswith("AWS_") for k in _service_env(c["services"]["worker"]))     # no S3 at all
+    assert c["services"]["prefect-worker"]["environment"]["AWS_ACCESS_KEY_ID"] != \
         c["services"]["mlflow"]["environment"]["AWS_ACCESS_KEY_ID"] != c["services"]["minio"]["environment"]["MINIO_ROOT_USER"]
 
 
@@ -336,7 +348,7 @@ def test_compose_every_service_refuses_placeholders():
     for name, svc in c["services"].items():
         carrying = {k for k, v in _service_env(svc).items() if any(m in v for m in marks.values())}
         start = (svc.get("entrypoint") or []) + (svc.get("command") or [])
-        if name in ("worker", "service"):
+        if name in ("worker", "prefect-worker", "service"):
             assert carrying and all(k.startswith(CHECKED_ENV_PREFIXES) for k in carrying), (name, carrying)
             continue
         assert start[:2] == ["sh", "/etc/figan/refuse-placeholders.sh"], (name, start)
@@ -350,9 +362,29 @@ def test_compose_prefect_api_needs_the_auth_string():
     mark = marks["PREFECT_API_AUTH_STRING"]
     assert c["services"]["prefect-server"]["environment"]["PREFECT_SERVER_API_AUTH_STRING"] == mark
     clients = {n for n, svc in c["services"].items() if "PREFECT_API_URL" in (svc.get("environment") or {})}
-    assert clients == {"worker"}
+    assert clients == {"worker", "prefect-worker"}
     for n in clients:
         assert c["services"][n]["environment"]["PREFECT_API_AUTH_STRING"] == mark
+
+
+def test_compose_worker_submits_to_the_deployment_the_prefect_worker_serves():
+    """The worker submits flow runs of FIGAN_EXPLAIN_DEPLOYMENT; the prefect-worker registers that deployment on its
+    pool at start and is healthy only once its `prefect worker` polls the pool, and the worker starts after it. Both
+    compute an explanation's key (explain config, device) and open one data store with one DVC remote, so they read
+    the same values and share the volume; the worker no longer explains, so it gets no thread or concurrency knob."""
+    from flows.settings import Settings
+
+    services = _interpolate(_compose(), _env_example(DEPLOY / "env.example"))["services"]
+    w, pw = services["worker"], services["prefect-worker"]
+    assert w["depends_on"]["prefect-worker"] == {"condition": "service_healthy"}
+    same = ("FIGAN_HOME", "FIGAN_TRACKING_URI", "FIGAN_DVC_REMOTE", "FIGAN_DEVICE", "FIGAN_EXPLAIN_CONFIG",
+            "FIGAN_EXPLAIN_DEPLOYMENT", "FIGAN_WORK_POOL", "PREFECT_API_URL")
+    assert {k: w["environment"][k] for k in same} == {k: pw["environment"][k] for k in same}
+    s = Settings.load(env={k: pw["environment"][k] for k in ("FIGAN_EXPLAIN_DEPLOYMENT", "FIGAN_WORK_POOL")})
+    assert (s.explain_deployment, s.work_pool) == ("explain-model-version/figan", "figan")
+    assert [v for v in w["volumes"] if v.endswith(":/data")] == [v for v in pw["volumes"] if v.endswith(":/data")]
+    assert not {"FIGAN_MAX_CONCURRENT", "OMP_NUM_THREADS"} & set(w["environment"])
+    assert {"FIGAN_MAX_CONCURRENT", "OMP_NUM_THREADS"} <= set(pw["environment"])
 
 
 # --------------------------------------------------------------------------------------------- Dockerfiles
@@ -1086,9 +1118,10 @@ def test_postgres_roles_run_their_servers_migrations(initialised_postgres, tmp_p
 
 
 def test_team_configuration_refuses_pickled_cnns_everywhere_a_cnn_is_loaded():
-    """The worker (explain + drift) and the service (explain-image) load CNNs: both run the team pickle policy."""
+    """The flow runs (prefect-worker: explain + drift) and the service (explain-image) load CNNs: both run the team
+    pickle policy (the worker only reads tags)."""
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-    for name in ("worker", "service"):
+    for name in ("prefect-worker", "service"):
         env = compose["services"][name]["environment"]
         assert env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "false", name
         assert "FIGAN_PICKLE_ALLOWLIST" in env, name
