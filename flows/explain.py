@@ -383,8 +383,8 @@ def explain_version(name: str, version: str, stop_after: int | None = None) -> d
         report_task(job, run, drift_summary, lineage)             # report.html, published with the run
         published = R.find_explanation(client, name, version, job.key)     # the gate: a published run is final
         if published:
-            log.info(f"{name}/{version}: key {job.key} was published meanwhile (run {published}); not publishing")
-            return {"status": "done", "run_id": published, "key": job.key, "new": False}
+            log.info(f"{name}/{version}: key {job.key} was published meanwhile; not publishing")
+            return already_published(client, settings, job, published)     # our "running" undone
         progress.stage("publish")
         run_id = publish(client, settings, job, run, metrics, lineage)
     except Exception as e:
