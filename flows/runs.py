@@ -14,6 +14,8 @@ same flow on its own pool (e.g. Kubernetes) and names it with ``FIGAN_EXPLAIN_DE
 """
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -55,7 +57,12 @@ def ensure_work_pool(pool: str) -> None:
 def ensure_deployment(deployment: str, pool: str) -> UUID:
     """Register (or update) the explain flow as ``deployment`` (``<flow name>/<deployment name>``) on the process
     work pool ``pool``: the worker imports ``flows.explain`` from this checkout (module entrypoint, no image, no
-    code upload). Returns the deployment id."""
+    code upload). Returns the deployment id.
+
+    The engine command is set explicitly (the one Prefect falls back to, with this interpreter): Prefect then starts
+    each flow run's process in the worker's process group, where the platform's daemon machinery stops it with the
+    worker and reaps it when the worker died (:func:`flows.procs.stop_daemon`). Left unset, Prefect starts a
+    workspace supervisor in a session of its own, which outlives a killed worker unseen."""
     from prefect.deployments.runner import EntrypointType
     from .explain import explain_version
     flow_name, _, name = deployment.partition("/")
@@ -64,7 +71,7 @@ def ensure_deployment(deployment: str, pool: str) -> UUID:
     ensure_work_pool(pool)
     runner_deployment = explain_version.to_deployment(
         name, work_pool_name=pool, entrypoint_type=EntrypointType.MODULE_PATH,
-        job_variables={"working_dir": str(REPO)},
+        job_variables={"working_dir": str(REPO), "command": f"{shlex.quote(sys.executable)} -m prefect.engine"},
         description="Explain one registered CNN version (flows/explain.py); submitted by the FIGAN worker")
     return runner_deployment.apply(work_pool_name=pool)
 

@@ -402,6 +402,8 @@ def test_killed_flow_run_is_counted_and_resubmitted_once(platform):
     prog = wait_checkpoint(p, "crashy", v)
     proc = flow_run_process(p, prog["flow_run"])
     assert proc is not None, "the flow run's process was not found under the Prefect worker"
+    # in the daemon's process group: `figan down` stops it, and reaps it when the Prefect worker itself was killed
+    assert os.getpgid(proc.pid) == find_daemon(p.home, "prefect-worker").pid
     proc.send_signal(signal.SIGKILL)
     counted = wait_status(p, "crashy", v, want=("failed",), timeout=120)
     assert counted["error_kind"] == "crash" and counted["attempts"] == 1, counted
