@@ -2,8 +2,9 @@
 
 BentoML's own access log formats and writes a line for every request; on a cached sequence GIF that was about half
 of the worker's CPU per request (0.66 vs 1.33 ms, wrk at 4 connections), and so the largest part of the tail latency
-under load. Published files are immutable bytes: Prometheus still counts and times every request (BentoML's metrics
-middleware), so their per-request lines add nothing an operator needs. ``FIGAN_SERVICE_ACCESS_LOG`` chooses:
+under load. Published files are immutable bytes that Prometheus still counts (BentoML's metrics middleware, or
+``figan_memory_first_responses_total`` for those answered from memory, :mod:`services.memory_first`), so their
+per-request lines add nothing an operator needs. ``FIGAN_SERVICE_ACCESS_LOG`` chooses:
 
 * ``api`` (default): BentoML's access log off; this middleware logs every request the API app answers except
   published files (:data:`PUBLISHED_FILE`): listing, version JSON, generation, uploads and their errors (a path

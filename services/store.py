@@ -546,15 +546,18 @@ class ExplanationStore:
                                         f"evicted; retry", "version", headers={"Retry-After": "1"})
             yield
 
-    def file(self, expl: Explanation, path: Path) -> bytes:
+    def file(self, expl: Explanation, path: Path, memory_only: bool = False) -> bytes | None:
         """Bytes of a file of a cached explanation (404 when the run did not publish it), memoised within the file
-        cache's byte budget (published runs never change). Names are built by :class:`Explanation` from
-        validated parts; the containment check is defence in depth."""
+        cache's byte budget (published runs never change); with ``memory_only``, None unless already memoised
+        (never waits for the disk). Names are built by :class:`Explanation` from validated parts; the containment
+        check is defence in depth."""
         key = (expl.run_id, str(path))
         data = self.files.get(key)
         if data is not None:
             self.disk.touch(expl.run_id)
             return data
+        if memory_only:
+            return None
         resolved = path.resolve()
         if not resolved.is_relative_to(expl.dir.resolve()):
             raise ServiceError(400, "path outside the explanation")
@@ -565,10 +568,13 @@ class ExplanationStore:
         self.files.put(key, data)
         return data
 
-    def frames_json(self, expl: Explanation, component: int) -> bytes:
-        """Frames JSON of a published 0-based component (from its npz; memoised like the files)."""
+    def frames_json(self, expl: Explanation, component: int, memory_only: bool = False) -> bytes | None:
+        """Frames JSON of a published 0-based component (from its npz; memoised like the files; ``memory_only``
+        as in :meth:`file`)."""
         key = (expl.run_id, f"frames:{component}")
         data = self.files.get(key)
+        if data is None and memory_only:
+            return None
         if data is None:
             npz = expl.component_file(component, "npz")
             self.file(expl, npz)                    # the same checks (and 404) as any published file

@@ -10,6 +10,7 @@ import base64
 import gc
 import io
 import json
+import re
 import shutil
 import threading
 import time
@@ -147,6 +148,48 @@ def test_published_files_are_served_from_the_cache(http, platform, served):
     assert again.status_code == 304 and not again.content
     run_id = platform.client.get_model_version(MODEL, "1").tags["figan.run_id"]
     assert (served.cache / run_id / "sequences" / "component_1.gif").is_file()
+
+
+def memory_first_answers(client: httpx.Client, status: int) -> float:
+    """figan_memory_first_responses_total{status} on the service's Prometheus endpoint."""
+    metric = rf'^figan_memory_first_responses_total{{status="{status}"}} (\S+)$'
+    found = re.search(metric, client.get("/metrics").text, re.M)
+    return float(found[1]) if found else 0.0
+
+
+def test_published_files_in_memory_are_answered_ahead_of_the_stack(http):
+    """Once a published file is in memory, the layer ahead of BentoML's middleware and FastAPI answers it (counted
+    in Prometheus), with the same bytes and headers as the full route, ETag revalidation included; what it cannot
+    answer goes down the normal path."""
+    url = f"{V}/1/components/1/sequence.gif"
+    first = http.get(url)
+    ok, not_modified = memory_first_answers(http, 200), memory_first_answers(http, 304)
+    again = [http.get(url) for _ in range(5)]
+    assert memory_first_answers(http, 200) == ok + 5
+    for answer in again:
+        assert answer.status_code == 200 and answer.content == first.content
+        for header in ("content-type", "content-length", "etag", "cache-control", "x-figan-serving-run",
+                       "x-figan-latest-status"):
+            assert answer.headers[header] == first.headers[header], header
+    revalidated = http.get(url, headers={"If-None-Match": first.headers["etag"]})
+    assert revalidated.status_code == 304 and not revalidated.content
+    assert revalidated.headers["etag"] == first.headers["etag"]
+    assert memory_first_answers(http, 304) == not_modified + 1
+    assert_4xx(http.get(f"{V}/1/components/3/sequence.gif"), 404, "component")    # k = 2: the route answers
+    assert memory_first_answers(http, 200) == ok + 5
+
+
+def test_memory_first_answers_only_requests_that_may_read(platform):
+    """Where reads need the API key, a file already in memory is still refused without it, by the route."""
+    served = platform.served[1].wait_ready()
+    url = f"{V}/1/components/2/sequence.png"
+    with httpx.Client(base_url=served.url, trust_env=False, timeout=60) as client:
+        assert client.get(url, headers=KEY).status_code == 200                  # now in memory
+        answered = memory_first_answers(client, 200)
+        for headers in ({}, {"X-API-Key": "wrong"}):
+            assert_4xx(client.get(url, headers=headers), 401, "api_key")
+        assert client.get(url, headers=KEY).status_code == 200
+        assert memory_first_answers(client, 200) == answered + 1
 
 
 # --------------------------------------------------------------------------------------------- bad requests
@@ -534,8 +577,6 @@ def test_unreachable_mlflow_is_not_ready_and_503(monkeypatch, tmp_path):
 def test_published_files_are_left_out_of_tracing_and_the_api_is_not():
     """Immutable published files skip the per-request OpenTelemetry span (their largest CPU cost); the API's JSON,
     generation and upload routes keep it."""
-    import re
-
     from services.explanations import Explanations
 
     untraced = re.compile("|".join(Explanations.config["tracing"]["excluded_urls"]))
