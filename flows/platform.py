@@ -31,7 +31,9 @@ import os
 import socket
 import sys
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .mlflow_server import find_server, start_server, stop_server
 from .procs import Daemon, check_port_free, find_daemon, start_daemon, stop_daemon
@@ -63,10 +65,25 @@ def start_prefect(settings: Settings) -> Daemon:
 
 
 def prefect_api_url(settings: Settings) -> str | None:
+    """The Prefect API: ``PREFECT_API_URL`` when set, else the embedded platform's server when it is up."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
     d = find_daemon(settings.home, PREFECT)
     return f"{d.url}/api" if d else None
+
+
+@contextmanager
+def platform_prefect(settings: Settings) -> Iterator[str | None]:
+    """Prefect calls inside go to the embedded platform's server when it is up and ``PREFECT_API_URL`` is not set,
+    so a flow run from the command line or the demo is recorded there, not in a throwaway temporary server. Yields
+    the API URL used (None: Prefect's own default)."""
+    api = prefect_api_url(settings)
+    if api is None:
+        yield None
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        yield api
 
 
 def start_prefect_worker(settings: Settings, tracking_uri: str) -> Daemon:

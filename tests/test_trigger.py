@@ -477,3 +477,25 @@ def test_contract_error_waits_for_the_tags_to_change(platform):
         assert time.time() < deadline, "fixing the contract tag did not re-trigger the explanation"
         time.sleep(0.5)
     wait_status(p, "no-task", v)
+
+
+def test_figan_commands_record_their_flow_runs_in_the_platforms_prefect(platform):
+    """With the platform up and no PREFECT_API_URL of its own, `figan version-data` runs its flow against the
+    platform's Prefect server (found through the platform's home), not a throwaway temporary one."""
+    api = prefect_api_url(Settings.load())
+
+    def version_dataset_runs() -> int:
+        body = json.dumps({"flows": {"name": {"any_": ["version-dataset"]}}}).encode()
+        req = urllib.request.Request(f"{api}/flow_runs/filter", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return len(json.loads(resp.read()))
+
+    before = version_dataset_runs()
+    env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, "PYTHONPATH": os.getcwd()}
+    src = platform.home / "src" / "phantom"
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "version-data", "--src", str(src)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert platform.md5 in done.stdout
+    assert version_dataset_runs() == before + 1
