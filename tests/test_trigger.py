@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ from flows import runs
 from flows.explain import version_dataset_flow
 from flows.mlflow_server import start_server
 from flows.platform import prefect_api_url, start_prefect, start_prefect_worker, start_worker
-from flows.procs import find_daemon, stop_daemon
+from flows.procs import find_daemon, free_port, stop_daemon
 from flows.settings import Settings
 from flows.trigger import Decision, Verifier, Rejected, WEBHOOK_PATH, Worker, decide, sign, webhook_secret
 from models.cnn import TrainConfig, train_cnn
@@ -45,12 +44,6 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 HANG_SECONDS, STALL_AT_STEP = 120, 40       # above any pause of a healthy tiny run on 2 busy cores
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
     home = tmp_path_factory.mktemp("trigger")
@@ -58,7 +51,7 @@ def platform(tmp_path_factory):
     (home / "explain.yaml").write_text(yaml.safe_dump(TINY))
     env = {"FIGAN_HOME": str(home), "FIGAN_EXPLAIN_CONFIG": str(home / "explain.yaml"),
            "FIGAN_RECONCILE_SECONDS": "3", "FIGAN_RETRY_BACKOFF": "1", "FIGAN_HANG_SECONDS": str(HANG_SECONDS),
-           "FIGAN_RECEIVER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
+           "FIGAN_RECEIVER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
            "FIGAN_TEST_STALL": f"hangs:{STALL_AT_STEP}"}     # the flow's test hook: model "hangs" stops moving
     for k, v in env.items():
         mp.setenv(k, v)
