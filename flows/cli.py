@@ -77,7 +77,10 @@ def health_lines() -> list[str]:
 
 def cmd_version_data(args) -> int:
     from .explain import version_dataset_flow
-    v = version_dataset_flow(str(args.src), args.name)
+    from .platform import platform_prefect
+    from .settings import Settings
+    with platform_prefect(Settings.load()):
+        v = version_dataset_flow(str(args.src), args.name)
     print(json.dumps(v, indent=2))
     return 0
 
@@ -96,41 +99,16 @@ def cmd_register(args) -> int:
 
 def cmd_explain_version(args) -> int:
     from .explain import explain_version
-    res = explain_version(args.name, str(args.version))
+    from .platform import platform_prefect
+    from .settings import Settings
+    with platform_prefect(Settings.load()):
+        res = explain_version(args.name, str(args.version))
     print(json.dumps(res, indent=2))
     return 0 if res["status"] == "done" else 3
 
 
-def verdict_cell(row: dict) -> str:
-    """The status table's verdict: ``pass`` or ``fail: fid, diversity`` for a published (done) explanation, ``-``
-    otherwise (a running or failed version's verdict tag belongs to its previous explanation)."""
-    from .registry import verdict_tag
-    if row.get("status") != "done" or not row.get("verdict"):
-        return "-"
-    return verdict_tag({"verdict": row["verdict"], "failing": row.get("failing_gates") or []})
-
-
-def status_table(name: str | None = None) -> str:
-    from mlflow import MlflowClient
-    from .explain import tracking_uri
-    from .registry import list_versions
-    from .settings import Settings
-    rows = list_versions(MlflowClient(tracking_uri(Settings.load())), name)
-    head = (f"{'model':<20} {'ver':>3} {'status':<8} {'verdict':<28} {'FID best':>9} {'% var (c1, c2, …)':<24} "
-            f"{'faithfulness':<22} error")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        pct = ", ".join(f"{p:.1f}" for p in (r.get("pct_variance") or []))
-        faith = ", ".join(f"{f:.2f}" for f in (r.get("faithfulness") or []))
-        fid = r.get("fid_best")
-        verdict = verdict_cell(r)
-        lines.append(f"{r['name']:<20} {r['version']:>3} {str(r.get('status') or '-'):<8} {verdict:<28} "
-                     f"{(f'{fid:.1f}' if isinstance(fid, (int, float)) else '-'):>9} {pct:<24} {faith:<22} "
-                     f"{(r.get('error') or '')[:60]}")
-    return "\n".join(lines)
-
-
 def cmd_status(args) -> int:
+    from .status import status_table
     print("\n".join(health_lines()) + "\n")
     print(status_table(args.name))
     return 0

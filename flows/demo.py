@@ -41,11 +41,11 @@ def _say(msg: str) -> None:
 
 
 def run_demo(workdir: Path, quick: bool = False, keep_server: bool = True) -> int:
-    from .cli import status_table
     from .explain import version_dataset_flow
-    from .platform import down, up
+    from .platform import down, platform_prefect, up
     from .registry import register_cnn
     from .settings import Settings
+    from .status import status_table
 
     conf = QUICK if quick else FULL
     t0 = time.time()
@@ -69,7 +69,8 @@ def run_demo(workdir: Path, quick: bool = False, keep_server: bool = True) -> in
             _say(f"writing {conf['phantom'].n} phantoms at {conf['phantom'].size}² → {data_dir}")
             write_phantom(data_dir, conf["phantom"])
         ds = ImageDataset(data_dir)
-        version = version_dataset_flow(str(data_dir))
+        with platform_prefect(settings):            # the data's flow run is recorded in the platform's Prefect
+            version = version_dataset_flow(str(data_dir))
         md5 = version["md5"]
         _say(f"dataset {ds.name} versioned with DVC: md5 {md5}")
 

@@ -56,7 +56,6 @@ from .drift import drift_task, report_task          # across releases: drift + d
 from .data import (DataVersionError, InvalidDatasetError, dataset_version, fetch_dataset, list_versions, open_store,
                    version_dataset)
 from .failures import CONTRACT, PROGRAM, TRANSIENT, describe, failure_kind, program_fingerprint
-from .mlflow_server import find_server
 from .settings import Settings
 
 
@@ -65,14 +64,12 @@ class PlatformError(RuntimeError):
 
 
 def tracking_uri(settings: Settings) -> str:
-    """The configured MLflow URI, or the embedded server's (started by `figan up`)."""
-    if settings.tracking_uri:
-        return settings.tracking_uri
-    server = find_server(settings.mlflow_home)
-    if server is None:
+    """The configured MLflow URI, or the embedded server's (started by `figan up`); an error saying how to get one."""
+    uri = settings.mlflow_uri()
+    if uri is None:
         raise PlatformError(f"no MLflow server: start the embedded one with `figan up` (home {settings.mlflow_home})"
                             f" or set FIGAN_TRACKING_URI")
-    return server.uri
+    return uri
 
 
 def explanation_key(name: str, version: str, cnn_id: str, dataset_md5: str, config_hash: str) -> str:

@@ -41,7 +41,6 @@ import fcntl
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -55,7 +54,7 @@ from typing import Iterator
 
 from .log_sink import popen_logged
 from .procs import (_CHILDREN, _DIRECT, _cmdline, _group_members, _holders, _log_tail, _owns_port, _proc_stat,
-                    _reap, _rss_bytes, wait_group_gone)
+                    _reap, _rss_bytes, free_port, wait_group_gone)
 
 __all__ = ["MlflowServer", "MlflowServerError", "start_server", "find_server", "stop_server"]
 
@@ -161,21 +160,6 @@ def _read_info(home: Path) -> dict | None:
         return None
 
 
-def _free_port(host: str, wanted: int = 0) -> int:
-    """``wanted`` when it can be bound on ``host`` now, else a free port the system picks."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    if wanted:
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as s:
-                s.bind((host, wanted))
-                return wanted
-        except OSError:
-            pass
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _last_port(home: Path) -> int:
     try:
         return int((home / LAST_PORT_FILE).read_text().strip())
@@ -272,7 +256,7 @@ def start_server(home: Path, host: str = "127.0.0.1", port: int | None = None,
             return existing
 
         (home / ARTIFACTS_DIR).mkdir(exist_ok=True)
-        port = port if port is not None else _free_port(host, wanted=_last_port(home))
+        port = port if port is not None else free_port(host, wanted=_last_port(home))
         log_path = home / LOG_FILE
         cmd = _mlflow_executable() + [
             "server",

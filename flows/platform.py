@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .mlflow_server import find_server, start_server, stop_server
-from .procs import Daemon, check_port_free, find_daemon, start_daemon, stop_daemon
+from .procs import Daemon, check_port_free, find_daemon, free_port, start_daemon, stop_daemon
 from .settings import Settings
 
 WORKER, PREFECT, PREFECT_WORKER, SERVICE = "worker", "prefect", "prefect-worker", "service"
@@ -42,18 +43,12 @@ REPO = Path(__file__).resolve().parents[1]
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_prefect(settings: Settings) -> Daemon:
     """The embedded Prefect server (its database in ``<home>/prefect``)."""
     existing = find_daemon(settings.home, PREFECT)
     if existing is not None:
         return existing
-    port = _free_port()
+    port = free_port()
     env = {"PREFECT_HOME": str(settings.home / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_LOGGING_SERVER_LEVEL": "WARNING"}
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
@@ -63,17 +58,32 @@ def start_prefect(settings: Settings) -> Daemon:
 
 
 def prefect_api_url(settings: Settings) -> str | None:
+    """The Prefect API: ``PREFECT_API_URL`` when set, else the embedded platform's server when it is up."""
     if os.environ.get("PREFECT_API_URL"):
         return os.environ["PREFECT_API_URL"]
     d = find_daemon(settings.home, PREFECT)
     return f"{d.url}/api" if d else None
 
 
+@contextmanager
+def platform_prefect(settings: Settings) -> Iterator[str | None]:
+    """Prefect calls inside go to the embedded platform's server when it is up and ``PREFECT_API_URL`` is not set,
+    so a flow run from the command line or the demo is recorded there, not in a throwaway temporary server. Yields
+    the API URL used (None: Prefect's own default)."""
+    api = prefect_api_url(settings)
+    if api is None:
+        yield None
+        return
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        yield api
+
+
 def start_prefect_worker(settings: Settings, tracking_uri: str) -> Daemon:
     """`figan prefect-worker` against the embedded Prefect server: registers the explain deployment on the process
     work pool, then runs ``prefect worker`` there, which runs each flow run in its own process (with this
     environment: the platform's settings and MLflow URI), at most ``max_concurrent`` at once."""
-    port = _free_port()
+    port = free_port()
     env = {"PREFECT_API_URL": prefect_api_url(settings), "FIGAN_TRACKING_URI": tracking_uri,
            "PREFECT_WORKER_WEBSERVER_HOST": "127.0.0.1", "PREFECT_WORKER_WEBSERVER_PORT": str(port),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}

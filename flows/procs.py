@@ -223,6 +223,24 @@ def _record(home: Path, name: str) -> Path:
     return home / f"{name}.json"
 
 
+def free_port(host: str = "127.0.0.1", wanted: int = 0) -> int:
+    """``wanted`` when a server could listen on it on ``host`` now, else a free port the system picks. The probe
+    binds as servers do (``SO_REUSEADDR``): connections of a stopped server still in TIME_WAIT do not count as
+    taken, a listening socket does."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if wanted:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                s.bind((host, wanted))
+                return wanted
+        except OSError:
+            pass
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def find_daemon(home: Path, name: str) -> Daemon | None:
     """The live daemon ``name`` recorded in ``home``, or None (a stale record is removed)."""
     path = _record(Path(home), name)

@@ -1,6 +1,8 @@
-"""One typed settings object for the platform, read once from a YAML file and/or environment variables.
+"""One typed settings object for the whole platform: flows, worker, receiver, service and the explanation Jobs.
 
-Precedence: environment variable > settings file (``FIGAN_SETTINGS`` or ``./figan.yaml``) > default.
+pydantic-settings reads it once, validated at start (a wrong value is an error naming the variable before anything
+starts). Precedence: environment variable > settings file (``FIGAN_SETTINGS`` or ``./figan.yaml``: YAML with the
+setting names below) > default. :meth:`Settings.mlflow_uri` is the one place that resolves the MLflow URI.
 
 | setting          | env var                | default                          | meaning                                        |
 |------------------|------------------------|----------------------------------|------------------------------------------------|
@@ -29,6 +31,7 @@ Precedence: environment variable > settings file (``FIGAN_SETTINGS`` or ``./figa
 |                  |                        |                                  | its explanation's verdict is pass              |
 | audit_key        | FIGAN_AUDIT_KEY        | (home/audit.key, made on first   | HMAC-SHA256 key signing explanation manifests  |
 |                  |                        | use, mode 0600)                  | (flows.audit); ≥ 16 characters                 |
+| service_*        | FIGAN_SERVICE_*        | see services.store.ServiceConfig | the explanation service (services/)            |
 
 Loading refuses to start while a setting, or any ``FIGAN_*``, ``MLFLOW_*``, ``PREFECT_*`` or ``AWS_*`` environment
 variable (the secrets deploy/ hands the worker, the service and the explanation Jobs), still holds the ``CHANGE-ME``
@@ -38,33 +41,40 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Mapping
+from typing import Annotated, Mapping
 
 import yaml
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict,
+                               YamlConfigSettingsSource)
 
 from models.explain import ExplainConfig
 
-_ENV = {"home": "FIGAN_HOME", "tracking_uri": "FIGAN_TRACKING_URI", "data_store": "FIGAN_DATA_STORE",
-        "dvc_remote": "FIGAN_DVC_REMOTE", "work_dir": "FIGAN_WORK_DIR", "explain_config": "FIGAN_EXPLAIN_CONFIG",
-        "device": "FIGAN_DEVICE", "model_allowlist": "FIGAN_MODELS", "receiver_port": "FIGAN_RECEIVER_PORT",
-        "service_port": "FIGAN_SERVICE_PORT",
-        "receiver_host": "FIGAN_RECEIVER_HOST", "reconcile_seconds": "FIGAN_RECONCILE_SECONDS",
-        "max_concurrent": "FIGAN_MAX_CONCURRENT", "hang_seconds": "FIGAN_HANG_SECONDS", "work_pool": "FIGAN_WORK_POOL",
-        "max_attempts": "FIGAN_MAX_ATTEMPTS", "retry_backoff": "FIGAN_RETRY_BACKOFF",
-        "public_receiver_url": "FIGAN_RECEIVER_URL", "explain_deployment": "FIGAN_EXPLAIN_DEPLOYMENT",
-        "pass_alias": "FIGAN_PASS_ALIAS", "audit_key": "FIGAN_AUDIT_KEY"}
-_ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
-_RESERVED_ALIAS_RE = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)       # MLflow refuses these
 PLACEHOLDER = "CHANGE-ME"
 CHECKED_ENV_PREFIXES = ("FIGAN_", "MLFLOW_", "PREFECT_", "AWS_")
-_NUMBERS = {"receiver_port": int, "service_port": int, "reconcile_seconds": float, "max_concurrent": int, "hang_seconds": float,
-            "max_attempts": int, "retry_backoff": float}
+ENV_PREFIX = "FIGAN_"
+_ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
+_RESERVED_ALIAS_RE = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)       # MLflow refuses these
+MiB, GiB = 1024 ** 2, 1024 ** 3
 
 
-@dataclass(frozen=True)
-class Settings:
+def settings_file() -> Path | None:
+    """``FIGAN_SETTINGS``, else ``./figan.yaml`` when there is one."""
+    named = os.environ.get("FIGAN_SETTINGS")
+    if named:
+        if not Path(named).is_file():
+            raise ValueError(f"settings: FIGAN_SETTINGS={named} is not a file")
+        return Path(named)
+    return Path("figan.yaml") if Path("figan.yaml").is_file() else None
+
+
+class Settings(BaseSettings):
+    """The platform's settings (the table in this module's docstring); the service's are the ``service_*`` fields
+    (:class:`services.store.ServiceConfig` says what each does). Paths left unset live under ``home``."""
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", env_ignore_empty=True,
+                                      populate_by_name=True)
+
     home: Path = Path("runs/platform")
     tracking_uri: str | None = None
     data_store: Path | None = None
@@ -72,47 +82,90 @@ class Settings:
     work_dir: Path | None = None
     explain_config: Path | None = None
     device: str = "auto"
-    model_allowlist: tuple[str, ...] = ()
-    receiver_port: int = 5081
-    service_port: int = 3000
+    model_allowlist: Annotated[tuple[str, ...], NoDecode] = Field(
+        (), validation_alias=AliasChoices("model_allowlist", "FIGAN_MODELS"))
+    receiver_port: int = Field(5081, ge=1, le=65535)
+    service_port: int = Field(3000, ge=1, le=65535)
     receiver_host: str = "127.0.0.1"
-    reconcile_seconds: float = 30.0
-    max_concurrent: int = 1
-    hang_seconds: float = 3600.0
-    max_attempts: int = 3
-    retry_backoff: float = 60.0
-    public_receiver_url: str | None = None
+    reconcile_seconds: float = Field(30.0, gt=0)
+    max_concurrent: int = Field(1, gt=0)
+    hang_seconds: float = Field(3600.0, gt=0)
+    max_attempts: int = Field(3, gt=0)
+    retry_backoff: float = Field(60.0, ge=0)
+    public_receiver_url: str | None = Field(None, validation_alias=AliasChoices("public_receiver_url",
+                                                                                "FIGAN_RECEIVER_URL"))
     explain_deployment: str = "explain-model-version/figan"
     work_pool: str = "figan"
     pass_alias: str | None = None
-    audit_key: str | None = field(default=None, repr=False)      # a secret: never in a repr or log
+    audit_key: str | None = Field(None, repr=False)      # a secret: never in a repr or log
+    # the explanation service (services/), ServiceSettings
+    service_api_key: str | None = Field(None, repr=False)
+    service_auth: bool = True
+    service_public_read: bool = False
+    service_cache: Path | None = None
+    service_listing_ttl: float = Field(5.0, gt=0)
+    service_max_upload: int = Field(2 * MiB, gt=0)
+    service_gen_concurrency: int = Field(1, gt=0)
+    service_gen_queue: int = Field(16, gt=0)
+    service_torch_threads: int = Field(1, gt=0)
+    service_model_cache_bytes: int = Field(2 * GiB, gt=0)
+    service_file_cache_bytes: int = Field(128 * MiB, gt=0)
+    service_disk_cache_bytes: int = Field(10 * GiB, gt=0)
 
-    def __post_init__(self):
-        home = Path(self.home).absolute()
-        object.__setattr__(self, "home", home)
-        object.__setattr__(self, "data_store", Path(self.data_store or home / "data-store").absolute())
-        object.__setattr__(self, "dvc_remote", str(self.dvc_remote or home / "dvc-remote"))
-        object.__setattr__(self, "work_dir", Path(self.work_dir or home / "work").absolute())
-        if isinstance(self.model_allowlist, str):
-            object.__setattr__(self, "model_allowlist", tuple(m for m in self.model_allowlist.split(",") if m))
-        for name, kind in _NUMBERS.items():
-            try:
-                value = kind(getattr(self, name))
-            except (TypeError, ValueError):
-                raise ValueError(f"settings: {name} must be a number, got {getattr(self, name)!r}") from None
-            if value <= 0 and name != "retry_backoff" or value < 0:
-                raise ValueError(f"settings: {name} must be positive, got {value}")
-            object.__setattr__(self, name, value)
-        for name in ("receiver_port", "service_port"):
-            if getattr(self, name) > 65535:
-                raise ValueError(f"settings: {name} must be a TCP port (1-65535), got {getattr(self, name)}")
-        if self.pass_alias is not None and not (_ALIAS_RE.match(str(self.pass_alias))
-                                                and not _RESERVED_ALIAS_RE.match(str(self.pass_alias))):
-            raise ValueError(f"settings: pass_alias must be an MLflow alias (a letter or _, then letters, digits, _ "
-                             f"or -; not 'latest' or v<number>), got {self.pass_alias!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
-            raise ValueError(f"settings: device must be auto, cpu or cuda[:N], got {self.device!r}")
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings, file_secret_settings,
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        file = settings_file()
+        return (init_settings, env_settings) + ((YamlConfigSettingsSource(settings_cls, yaml_file=file),)
+                                                if file else ())
 
+    @model_validator(mode="before")
+    @classmethod
+    def _paths_under_home(cls, values: dict) -> dict:
+        """Unset paths live under ``home``; every path is absolute."""
+        values = dict(values)
+        home = Path(values.get("home") or cls.model_fields["home"].default).absolute()
+        values["home"] = home
+        for name, default in (("data_store", home / "data-store"), ("work_dir", home / "work"),
+                              ("service_cache", home / "service-cache")):
+            values[name] = Path(values.get(name) or default).absolute()
+        values["dvc_remote"] = str(values.get("dvc_remote") or home / "dvc-remote")
+        return values
+
+    @field_validator("model_allowlist", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return tuple(m.strip() for m in value.split(",") if m.strip()) if isinstance(value, str) else value
+
+    @field_validator("pass_alias")
+    @classmethod
+    def _an_mlflow_alias(cls, value: str | None) -> str | None:
+        if value is not None and not (_ALIAS_RE.match(value) and not _RESERVED_ALIAS_RE.match(value)):
+            raise ValueError("must be an MLflow alias (a letter or _, then letters, digits, _ or -; not 'latest' or "
+                             "v<number>)")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _a_device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+            raise ValueError("must be auto, cpu or cuda[:N]")
+        return value
+
+    @classmethod
+    def load(cls, **overrides) -> Settings:
+        """The settings from the environment and the settings file (``overrides`` given here win). Refuses, naming
+        them, placeholders left from the deploy examples and invalid values (``ValueError``)."""
+        refuse_placeholders(os.environ)
+        try:
+            settings = cls(**{k: v for k, v in overrides.items() if v is not None})
+        except ValidationError as e:
+            raise ValueError("settings: " + "; ".join(_described(err) for err in e.errors())) from None
+        refuse_placeholders({}, {name: getattr(settings, name) for name in cls.model_fields})
+        return settings
+
+    # -- derived places
     @property
     def mlflow_home(self) -> Path:
         return self.home / "mlflow"
@@ -136,6 +189,15 @@ class Settings:
     def features_cache(self) -> Path:
         return self.home / "cache" / "features"
 
+    def mlflow_uri(self) -> str | None:
+        """The MLflow URI every part uses: ``tracking_uri`` when set, else the embedded server's started by
+        `figan up` in ``home`` (None when it is not running)."""
+        if self.tracking_uri:
+            return self.tracking_uri
+        from .mlflow_server import find_server
+        server = find_server(self.mlflow_home)
+        return server.uri if server else None
+
     def explain_cfg(self) -> ExplainConfig:
         d = {}
         if self.explain_config:
@@ -146,20 +208,17 @@ class Settings:
         d.setdefault("device", self.device)
         return ExplainConfig.from_dict(d)
 
-    @classmethod
-    def load(cls, env: Mapping[str, str] | None = None, file: str | Path | None = None, **overrides) -> "Settings":
-        env = os.environ if env is None else env
-        from_file: dict = {}
-        path = file or env.get("FIGAN_SETTINGS") or ("figan.yaml" if Path("figan.yaml").is_file() else None)
-        if path:
-            from_file = yaml.safe_load(Path(path).read_text()) or {}
-            unknown = set(from_file) - {f.name for f in fields(cls)}
-            if unknown:
-                raise ValueError(f"settings file {path}: unknown key(s) {sorted(unknown)}")
-        from_env = {name: env[var] for name, var in _ENV.items() if env.get(var)}
-        given = {k: v for k, v in overrides.items() if v is not None}
-        refuse_placeholders(env, {**from_file, **given})
-        return cls(**{**from_file, **from_env, **given})
+
+def _described(error: dict) -> str:
+    """``FIGAN_RECEIVER_PORT (receiver_port): Input should be less than or equal to 65535`` for one pydantic error."""
+    loc = ".".join(str(p) for p in error.get("loc", ()))
+    field = Settings.model_fields.get(loc)
+    names = {ENV_PREFIX + loc.upper()}
+    if field is not None and isinstance(field.validation_alias, AliasChoices):
+        names = {c for c in field.validation_alias.choices if isinstance(c, str) and c.isupper()} or names
+    if error.get("type") == "extra_forbidden":
+        return f"unknown setting {loc!r} (settings file)"
+    return f"{' / '.join(sorted(names))} ({loc}): {error.get('msg', 'invalid')}"
 
 
 def refuse_placeholders(env: Mapping[str, str], values: Mapping[str, object] | None = None) -> None:

@@ -32,7 +32,6 @@ import io
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import threading
@@ -41,7 +40,7 @@ import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -50,7 +49,6 @@ from mlflow.tracking import MlflowClient
 from PIL import Image, UnidentifiedImageError
 
 from flows import audit, registry
-from flows.mlflow_server import find_server
 from flows.settings import Settings
 from models.cgan import CGANConfig, Generator, load_generator, read_generator_meta
 from models.data import IMAGE_FORMATS, read_image
@@ -71,14 +69,13 @@ from .contract import (RUN_ID_RE, SWEEP_LIMIT, VERSION_RE, ServiceError, check_n
 
 log = logging.getLogger("figan.service")
 
-_FALSE = ("0", "false", "off", "no")
-
 
 # --------------------------------------------------------------------------------------------- config
 
 @dataclass(frozen=True)
 class ServiceConfig:
-    """Service settings: environment variables over :class:`flows.settings.Settings`.
+    """What the service takes from the platform's settings (:class:`flows.settings.Settings`, its ``service_*``
+    fields, read from ``FIGAN_SERVICE_*``):
 
     ``FIGAN_SERVICE_API_KEY`` the key for generation/upload (and reads unless public); ``FIGAN_SERVICE_AUTH=off``
     disables keys (embedded demo only; default on: without a key, protected endpoints answer 401);
@@ -92,7 +89,7 @@ class ServiceConfig:
     Retry-After); memory and disk budgets in bytes, least recently used out first: loaded generators, PLS states
     and CNNs ``FIGAN_SERVICE_MODEL_CACHE_BYTES`` (2 GiB, their tensors), published files' bytes
     ``FIGAN_SERVICE_FILE_CACHE_BYTES`` (128 MiB), downloaded explanation folders ``FIGAN_SERVICE_DISK_CACHE_BYTES``
-    (10 GiB, never one in use)."""
+    (10 GiB, never one in use). ``settings`` resolves the MLflow URI when ``tracking_uri`` is not given."""
     tracking_uri: str | None
     cache_dir: Path
     api_key: str | None = None
@@ -107,40 +104,18 @@ class ServiceConfig:
     disk_cache_bytes: int = 10 * 1024 ** 3
     torch_threads: int = 1
     model_allowlist: tuple[str, ...] = ()
-    mlflow_home: Path | None = None
+    settings: Settings | None = field(default=None, repr=False)
 
     @classmethod
-    def load(cls, env: Mapping[str, str] | None = None) -> ServiceConfig:
-        env = os.environ if env is None else env
-        settings = Settings.load(env=env)
-
-        def get(var: str, cast, default):
-            raw = env.get(var, "").strip()
-            if not raw:
-                return default
-            try:
-                value = cast(raw)
-            except ValueError:
-                raise ValueError(f"service settings: {var}={raw!r} is not a valid {cast.__name__}") from None
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and not value > 0:
-                raise ValueError(f"service settings: {var} must be > 0, got {raw!r}")
-            return value
-
-        flag = lambda raw: raw.lower() not in _FALSE    # noqa: E731
-        flag.__name__ = "flag"
-        return cls(tracking_uri=settings.tracking_uri,
-                   cache_dir=Path(get("FIGAN_SERVICE_CACHE", str, settings.home / "service-cache")).absolute(),
-                   api_key=get("FIGAN_SERVICE_API_KEY", str, None), auth=get("FIGAN_SERVICE_AUTH", flag, True),
-                   public_read=get("FIGAN_SERVICE_PUBLIC_READ", flag, False),
-                   listing_ttl=get("FIGAN_SERVICE_LISTING_TTL", float, 5.0),
-                   max_upload_bytes=get("FIGAN_SERVICE_MAX_UPLOAD", int, 2 * 1024 * 1024),
-                   gen_concurrency=get("FIGAN_SERVICE_GEN_CONCURRENCY", int, 1),
-                   gen_queue=get("FIGAN_SERVICE_GEN_QUEUE", int, 16),
-                   model_cache_bytes=get("FIGAN_SERVICE_MODEL_CACHE_BYTES", int, 2 * 1024 ** 3),
-                   file_cache_bytes=get("FIGAN_SERVICE_FILE_CACHE_BYTES", int, 128 * 1024 ** 2),
-                   disk_cache_bytes=get("FIGAN_SERVICE_DISK_CACHE_BYTES", int, 10 * 1024 ** 3),
-                   torch_threads=get("FIGAN_SERVICE_TORCH_THREADS", int, 1),
-                   model_allowlist=settings.model_allowlist, mlflow_home=settings.mlflow_home)
+    def load(cls) -> ServiceConfig:
+        """From :meth:`Settings.load` (environment and settings file; ``ValueError`` naming a bad variable)."""
+        s = Settings.load()
+        return cls(tracking_uri=s.tracking_uri, cache_dir=s.service_cache, api_key=s.service_api_key,
+                   auth=s.service_auth, public_read=s.service_public_read, listing_ttl=s.service_listing_ttl,
+                   max_upload_bytes=s.service_max_upload, gen_concurrency=s.service_gen_concurrency,
+                   gen_queue=s.service_gen_queue, model_cache_bytes=s.service_model_cache_bytes,
+                   file_cache_bytes=s.service_file_cache_bytes, disk_cache_bytes=s.service_disk_cache_bytes,
+                   torch_threads=s.service_torch_threads, model_allowlist=s.model_allowlist, settings=s)
 
 
 # --------------------------------------------------------------------------------------------- one explanation
@@ -262,13 +237,10 @@ class ExplanationStore:
     # -- MLflow
     @property
     def tracking_uri(self) -> str:
-        if self.cfg.tracking_uri:
-            return self.cfg.tracking_uri
-        server = find_server(self.cfg.mlflow_home) if self.cfg.mlflow_home else None
-        if server is None:
-            raise ServiceError(503, f"no MLflow server: set FIGAN_TRACKING_URI or start the embedded one "
-                                    f"(`figan up`, home {self.cfg.mlflow_home})")
-        return server.uri
+        uri = self.cfg.tracking_uri or (self.cfg.settings.mlflow_uri() if self.cfg.settings else None)
+        if uri is None:
+            raise ServiceError(503, "no MLflow server: set FIGAN_TRACKING_URI or start the embedded one (`figan up`)")
+        return uri
 
     @property
     def client(self) -> MlflowClient:

@@ -63,6 +63,20 @@ def platform_env(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def environ(monkeypatch):
+    """``environ({...})``: the process environment holds exactly these platform variables (every ``FIGAN_*``,
+    ``MLFLOW_*``, ``PREFECT_*`` and ``AWS_*`` of the test process removed first), as :meth:`Settings.load` reads
+    them; restored after the test."""
+    def use(env: dict[str, str]) -> None:
+        for name in list(os.environ):
+            if name.startswith(("FIGAN_", "MLFLOW_", "PREFECT_", "AWS_")):
+                monkeypatch.delenv(name)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+    return use
+
+
+@pytest.fixture
 def disc_dataset(tmp_path):
     """A 120-image regression dataset: target = disc radius."""
     rng = np.random.default_rng(0)

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from flows import registry as R
 from flows.audit import signing_key
 from flows.data import dataset_md5
 from flows.mlflow_server import MlflowServer, start_server
+from flows.procs import free_port
 from flows.settings import Settings
 from models.cnn import TrainConfig, train_cnn
 from models.data import DatasetMeta, write_dataset
@@ -53,12 +53,6 @@ def disc_dataset(root: Path, n: int = 120, size: int = 16):
     imgs = (0.1 + 0.8 / (1 + np.exp((d - r[:, None, None]) * 2.0)))[:, None].astype(np.float32)
     return write_dataset(root, DatasetMeta(name="discs", target="radius", task="regression"), imgs,
                          pd.DataFrame({"radius": r}))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

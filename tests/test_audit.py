@@ -128,7 +128,7 @@ def test_tree_digest_follows_names_and_contents(tmp_path):
     assert audit.tree_digest(a) != first
 
 
-def test_the_platform_key_is_made_once_private_and_refused_when_others_may_read_it(tmp_path):
+def test_the_platform_key_is_made_once_private_and_refused_when_others_may_read_it(tmp_path, environ):
     from flows.audit import AuditError, signing_key
     from flows.settings import Settings
 
@@ -141,7 +141,8 @@ def test_the_platform_key_is_made_once_private_and_refused_when_others_may_read_
     (tmp_path / "audit.key").chmod(0o644)
     with pytest.raises(AuditError, match="may be read by others .*chmod 600"):
         signing_key(settings)
-    configured = Settings.load(env={"FIGAN_HOME": str(tmp_path), "FIGAN_AUDIT_KEY": "y" * 20})
+    environ({"FIGAN_HOME": str(tmp_path), "FIGAN_AUDIT_KEY": "y" * 20})
+    configured = Settings.load()
     assert signing_key(configured) == b"y" * 20 and "y" * 20 not in repr(configured)
     with pytest.raises(AuditError, match=r"audit_key \(FIGAN_AUDIT_KEY\) must be at least 16 characters"):
         signing_key(Settings(home=tmp_path, audit_key="short"))

@@ -367,7 +367,7 @@ def test_compose_prefect_api_needs_the_auth_string():
         assert c["services"][n]["environment"]["PREFECT_API_AUTH_STRING"] == mark
 
 
-def test_compose_worker_submits_to_the_deployment_the_prefect_worker_serves():
+def test_compose_worker_submits_to_the_deployment_the_prefect_worker_serves(environ):
     """The worker submits flow runs of FIGAN_EXPLAIN_DEPLOYMENT; the prefect-worker registers that deployment on its
     pool at start and is healthy only once its `prefect worker` polls the pool, and the worker starts after it. Both
     compute an explanation's key (explain config, device) and open one data store with one DVC remote, so they read
@@ -380,7 +380,8 @@ def test_compose_worker_submits_to_the_deployment_the_prefect_worker_serves():
     same = ("FIGAN_HOME", "FIGAN_TRACKING_URI", "FIGAN_DVC_REMOTE", "FIGAN_DEVICE", "FIGAN_EXPLAIN_CONFIG",
             "FIGAN_EXPLAIN_DEPLOYMENT", "FIGAN_WORK_POOL", "PREFECT_API_URL")
     assert {k: w["environment"][k] for k in same} == {k: pw["environment"][k] for k in same}
-    s = Settings.load(env={k: pw["environment"][k] for k in ("FIGAN_EXPLAIN_DEPLOYMENT", "FIGAN_WORK_POOL")})
+    environ({k: pw["environment"][k] for k in ("FIGAN_EXPLAIN_DEPLOYMENT", "FIGAN_WORK_POOL")})
+    s = Settings.load()
     assert (s.explain_deployment, s.work_pool) == ("explain-model-version/figan", "figan")
     assert [v for v in w["volumes"] if v.endswith(":/data")] == [v for v in pw["volumes"] if v.endswith(":/data")]
     assert not {"FIGAN_MAX_CONCURRENT", "OMP_NUM_THREADS"} & set(w["environment"])

@@ -94,7 +94,7 @@ def test_explain_publishes_and_is_idempotent(platform, tmp_path):
     exp = p.client.get_experiment_by_name(EXPLANATIONS_EXPERIMENT)
     runs = p.client.search_runs([exp.experiment_id], f"tags.`{TAG_KEY}` = '{res['key']}'")
     assert len(runs) == 1
-    from flows.cli import status_table
+    from flows.status import status_table
     row = [line for line in status_table("cnn-a").splitlines() if line.startswith("cnn-a")][0]
     assert " done " in row and f" {verdict['verdict']}" in row
 

@@ -252,7 +252,7 @@ def _gates(*failing: str) -> dict:
 
 def test_verdict_tag_status_column_and_pass_alias(client, registered, fake_explanation, monkeypatch):
     """Publishing tags the verdict; `figan status` shows it; the pass alias only ever names a passing version."""
-    from flows.cli import status_table
+    from flows.status import status_table
 
     d, metrics = fake_explanation
     first = client.get_model_version("cnn", registered.version)

@@ -609,13 +609,16 @@ def test_error_details_carry_no_internal_urls_or_paths():
     assert "<url>" in out and "<path>" in out and "Max retries exceeded" in out
 
 
-def test_service_config_from_env(tmp_path):
-    cfg = ServiceConfig.load({"FIGAN_HOME": str(tmp_path)})
+def test_service_config_from_env(tmp_path, environ):
+    environ({"FIGAN_HOME": str(tmp_path)})
+    cfg = ServiceConfig.load()
     assert cfg.auth and not cfg.public_read and cfg.api_key is None and cfg.cache_dir == tmp_path / "service-cache"
-    cfg = ServiceConfig.load({"FIGAN_HOME": str(tmp_path), "FIGAN_SERVICE_AUTH": "off",
-                              "FIGAN_SERVICE_PUBLIC_READ": "true", "FIGAN_SERVICE_LISTING_TTL": "0.5"})
+    environ({"FIGAN_HOME": str(tmp_path), "FIGAN_SERVICE_AUTH": "off", "FIGAN_SERVICE_PUBLIC_READ": "true",
+             "FIGAN_SERVICE_LISTING_TTL": "0.5"})
+    cfg = ServiceConfig.load()
     assert not cfg.auth and cfg.public_read and cfg.listing_ttl == 0.5
-    with pytest.raises(ValueError, match="FIGAN_SERVICE_LISTING_TTL"):
-        ServiceConfig.load({"FIGAN_HOME": str(tmp_path), "FIGAN_SERVICE_LISTING_TTL": "-1"})
-    with pytest.raises(ValueError, match="FIGAN_SERVICE_MAX_UPLOAD"):
-        ServiceConfig.load({"FIGAN_HOME": str(tmp_path), "FIGAN_SERVICE_MAX_UPLOAD": "lots"})
+    for var, bad in (("FIGAN_SERVICE_LISTING_TTL", "-1"), ("FIGAN_SERVICE_MAX_UPLOAD", "lots"),
+                     ("FIGAN_SERVICE_AUTH", "perhaps")):
+        environ({"FIGAN_HOME": str(tmp_path), var: bad})
+        with pytest.raises(ValueError, match=var):
+            ServiceConfig.load()

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -31,7 +30,7 @@ from flows import runs
 from flows.explain import version_dataset_flow
 from flows.mlflow_server import start_server
 from flows.platform import prefect_api_url, start_prefect, start_prefect_worker, start_worker
-from flows.procs import find_daemon, stop_daemon
+from flows.procs import find_daemon, free_port, stop_daemon
 from flows.settings import Settings
 from flows.trigger import Decision, Verifier, Rejected, WEBHOOK_PATH, Worker, decide, sign, webhook_secret
 from models.cnn import TrainConfig, train_cnn
@@ -45,12 +44,6 @@ _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 HANG_SECONDS, STALL_AT_STEP = 120, 40       # above any pause of a healthy tiny run on 2 busy cores
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
     home = tmp_path_factory.mktemp("trigger")
@@ -58,7 +51,7 @@ def platform(tmp_path_factory):
     (home / "explain.yaml").write_text(yaml.safe_dump(TINY))
     env = {"FIGAN_HOME": str(home), "FIGAN_EXPLAIN_CONFIG": str(home / "explain.yaml"),
            "FIGAN_RECONCILE_SECONDS": "3", "FIGAN_RETRY_BACKOFF": "1", "FIGAN_HANG_SECONDS": str(HANG_SECONDS),
-           "FIGAN_RECEIVER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
+           "FIGAN_RECEIVER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
            "FIGAN_TEST_STALL": f"hangs:{STALL_AT_STEP}"}     # the flow's test hook: model "hangs" stops moving
     for k, v in env.items():
         mp.setenv(k, v)
@@ -479,3 +472,25 @@ def test_contract_error_waits_for_the_tags_to_change(platform):
         assert time.time() < deadline, "fixing the contract tag did not re-trigger the explanation"
         time.sleep(0.5)
     wait_status(p, "no-task", v)
+
+
+def test_figan_commands_record_their_flow_runs_in_the_platforms_prefect(platform):
+    """With the platform up and no PREFECT_API_URL of its own, `figan version-data` runs its flow against the
+    platform's Prefect server (found through the platform's home), not a throwaway temporary one."""
+    api = prefect_api_url(Settings.load())
+
+    def version_dataset_runs() -> int:
+        body = json.dumps({"flows": {"name": {"any_": ["version-dataset"]}}}).encode()
+        req = urllib.request.Request(f"{api}/flow_runs/filter", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return len(json.loads(resp.read()))
+
+    before = version_dataset_runs()
+    env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}, "PYTHONPATH": os.getcwd()}
+    src = platform.home / "src" / "phantom"
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "version-data", "--src", str(src)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert platform.md5 in done.stdout
+    assert version_dataset_runs() == before + 1
