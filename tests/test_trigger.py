@@ -29,6 +29,7 @@ from flows.platform import start_prefect, start_worker
 from flows.procs import find_daemon, stop_daemon
 from flows.settings import Settings
 from flows.trigger import Decision, Verifier, Rejected, WEBHOOK_PATH, decide, sign, webhook_secret
+from models import artifacts
 from models.cnn import TrainConfig, train_cnn
 from models.phantom import PhantomConfig, write_phantom
 
@@ -313,7 +314,7 @@ def test_registrations_are_explained_with_no_other_call(platform):
     for n, v in versions.items():
         runs = published_runs(p, n, v)
         assert len(runs) == 1 and runs[0].info.run_id == statuses[n]["run_id"]
-        lineage = artifact_json(p, runs[0].info.run_id, R.LINEAGE_FILE)
+        lineage = artifact_json(p, runs[0].info.run_id, artifacts.LINEAGE)
         assert lineage["cnn_name"] == n and lineage["cnn_version"] == v and lineage["dataset_md5"] == p.md5
     assert statuses["auto-a"]["run_id"] != statuses["auto-b"]["run_id"]
     # the worker's log (a container's log in deploy/) says what queued each version and how its run ended; the
