@@ -478,6 +478,8 @@ def wait_explained(run: Run, stack: Stack, tracking_uri: str, version: str, time
     """Poll the version's figan.status until done (printing each change); optionally restart the worker container
     once the GAN's first checkpoint is in the volume."""
     from mlflow import MlflowClient
+    sys.path.insert(0, str(ROOT))
+    from models import artifacts
     client = MlflowClient(tracking_uri)
     t0, seen, restarted = time.monotonic(), None, None
     while True:
@@ -491,7 +493,7 @@ def wait_explained(run: Run, stack: Stack, tracking_uri: str, version: str, time
         if status == "failed":
             raise SmokeError(f"explanation failed: {tags.get('figan.error')}\n{stack.logs('worker', 60)}")
         if restart_worker and restarted is None and status == "running" and tags.get("figan.key"):
-            ckpt = f"/data/work/{MODEL}-v{version}-{tags['figan.key']}/gan/last.pt"
+            ckpt = f"/data/work/{MODEL}-v{version}-{tags['figan.key']}/{artifacts.CHECKPOINT}"
             if run.podman("exec", stack.container("worker"), "test", "-f", ckpt, check=False).returncode == 0:
                 restarted = round(time.monotonic() - t0, 1)
                 with run.step("restart worker mid-explanation"):
@@ -504,7 +506,9 @@ def wait_explained(run: Run, stack: Stack, tracking_uri: str, version: str, time
 
 def check_resumed(tracking_uri: str, run_id: str, work: Path) -> int:
     import mlflow
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="metrics.json",
+    sys.path.insert(0, str(ROOT))
+    from models import artifacts
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifacts.METRICS,
                                                dst_path=str(work / "metrics"), tracking_uri=tracking_uri)
     step = int(json.loads(Path(path).read_text())["training"].get("resumed_from_step") or 0)
     if step <= 0:
