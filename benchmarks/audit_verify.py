@@ -56,7 +56,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     from flows.audit import verify_version
-    from models.audit import MANIFEST_PATH
+    from models.artifacts import MANIFEST
     from models.explain import ExplainConfig
     from service_platform import MODEL, Platform
 
@@ -74,7 +74,7 @@ def main() -> None:
             _, clean = verify_version(client, key, MODEL, "1")
             assert clean.ok, clean.problems
             in_process = [time.perf_counter() - t]
-            files = sorted(clean.manifest["files"]) + [MANIFEST_PATH]
+            files = sorted(clean.manifest["files"]) + [MANIFEST]
             sizes = {rel: platform.stored_artifact(run_id, rel).stat().st_size for rel in files}
             detected, missed = 0, []
             for rel in files:
@@ -89,7 +89,7 @@ def main() -> None:
                     in_process.append(time.perf_counter() - t)
                 finally:
                     path.write_bytes(original)
-                caught = (not result.ok and result.signature != "valid" if rel == MANIFEST_PATH
+                caught = (not result.ok and result.signature != "valid" if rel == MANIFEST
                           else not result.ok and result.changed == [rel] and result.signature == "valid")
                 detected += caught
                 if not caught:

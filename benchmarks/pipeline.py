@@ -42,6 +42,7 @@ def main() -> None:
     from flows.mlflow_server import start_server
     from flows.registry import register_cnn
     from flows.settings import Settings
+    from models import artifacts
     from models.cnn import TrainConfig, train_cnn
     from models.phantom import PhantomConfig, write_phantom
 
@@ -61,7 +62,7 @@ def main() -> None:
         t = time.time()
         res = explain_version("bench-cnn", str(mv.version))
         t_done = time.time() - t
-        metrics = json.loads(next((s.work_dir / f"bench-cnn-v{mv.version}-{res['key']}").glob("*/metrics.json"))
+        metrics = json.loads(next((s.work_dir / f"bench-cnn-v{mv.version}-{res['key']}").glob(f"*/{artifacts.METRICS}"))
                              .read_text())      # the flow run's own folder under the key's
         core = metrics["timings_s"]["total"]
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -20,7 +20,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from models import audit
+from models import artifacts, audit
 
 from . import registry as R
 from .settings import Settings
@@ -106,8 +106,9 @@ def verify_served(folder: Path, row: dict, ignore: tuple[str, ...] = (),
     :func:`flows.registry.list_versions` row). Files under ``ignore`` are the service's own."""
     key = signing_key(settings or Settings.load())
     expected = row.get("manifest_sha256")
-    result = audit.verify_folder(folder, key, expected_sha256=expected, within=R.SERVED_ARTIFACTS, ignore=ignore,
-                                 subject=_subject(row["name"], str(row["version"]), row["run_id"], row.get("key")))
+    subject = _subject(row["name"], str(row["version"]), row["run_id"], row.get("key"))
+    result = audit.verify_folder(folder, key, expected_sha256=expected, within=artifacts.SERVED_ARTIFACTS,
+                                 ignore=ignore, subject=subject)
     if expected is None:
         result.problems.insert(0, f"the version has no {R.TAG_MANIFEST} tag")
     return result

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .artifacts import FEATURES
 from .cnn import load_cnn
 from .data import ImageDataset
 from .explain import ExplainConfig, compute_features, explain, resolve_device
@@ -47,7 +48,7 @@ def run_grid(data: str | Path, cnn: str | Path, out: str | Path, base: ExplainCo
     out.mkdir(parents=True, exist_ok=True)
     if any(masks) and not ds.has_masks:
         raise ValueError(f"--masks on needs a dataset with masks; {ds.name} has none")
-    shared = out / "features.npy"
+    shared = out / FEATURES
     features = load_npy(shared, rows=len(ds))
     if features is None:
         features = compute_features(model, ds, base.layer, resolve_device(base.device))
@@ -57,8 +58,8 @@ def run_grid(data: str | Path, cnn: str | Path, out: str | Path, base: ExplainCo
         name = cell_name(size, res, m)
         cell = out / name
         cell.mkdir(exist_ok=True)
-        if load_npy(cell / "features.npy", rows=len(ds)) is None:
-            save_npy(cell / "features.npy", features)
+        if load_npy(cell / FEATURES, rows=len(ds)) is None:
+            save_npy(cell / FEATURES, features)
         cfg = replace(base, max_images=size, resolution=res, use_masks=m)
         metrics = explain(ds, model, cell, cfg, task=spec.task, input_shape=tuple(spec.input_shape),
                           cnn_name=spec.arch)

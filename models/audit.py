@@ -28,12 +28,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["SCHEMA", "MANIFEST_PATH", "LIBRARIES", "file_sha256", "folder_digests", "tree_digest",
+from .artifacts import MANIFEST
+
+__all__ = ["SCHEMA", "LIBRARIES", "file_sha256", "folder_digests", "tree_digest",
            "library_versions", "key_id", "build_manifest", "sign", "manifest_bytes", "manifest_digest",
            "write_manifest", "Verification", "verify_folder"]
 
 SCHEMA = "figan.manifest/1"
-MANIFEST_PATH = "audit/manifest.json"
 ALGORITHM = "hmac-sha256"
 MIN_KEY_BYTES = 16
 # the packages whose versions decide what an explanation contains (distribution names)
@@ -110,8 +111,8 @@ def _canonical(manifest: dict) -> bytes:
 def build_manifest(files: dict[str, str], inputs: dict[str, Any], subject: dict[str, Any]) -> dict[str, Any]:
     """An unsigned manifest of ``files`` (``{path: sha256}``, e.g. :func:`folder_digests`), ``inputs`` and
     ``subject``. The manifest's own path may not be among the files."""
-    if MANIFEST_PATH in files:
-        raise ValueError(f"files: the manifest cannot list itself ({MANIFEST_PATH})")
+    if MANIFEST in files:
+        raise ValueError(f"files: the manifest cannot list itself ({MANIFEST})")
     return {"schema": SCHEMA, "subject": dict(subject), "inputs": dict(inputs), "files": dict(sorted(files.items()))}
 
 
@@ -134,7 +135,7 @@ def manifest_digest(data: bytes) -> str:
 
 def write_manifest(root: str | Path, signed: dict[str, Any]) -> tuple[Path, str]:
     """Write ``<root>/audit/manifest.json``; returns its path and :func:`manifest_digest`."""
-    path = Path(root) / MANIFEST_PATH
+    path = Path(root) / MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)
     data = manifest_bytes(signed)
     path.write_bytes(data)
@@ -180,9 +181,9 @@ class Verification:
 
 
 def _read_manifest(root: Path, result: Verification) -> dict | None:
-    path = root / MANIFEST_PATH
+    path = root / MANIFEST
     if not path.is_file():
-        result.problems.append(f"no signed manifest ({MANIFEST_PATH} is missing)")
+        result.problems.append(f"no signed manifest ({MANIFEST} is missing)")
         return None
     data = path.read_bytes()
     result.manifest_sha256 = manifest_digest(data)
@@ -192,7 +193,7 @@ def _read_manifest(root: Path, result: Verification) -> dict | None:
         manifest = None
     if not (isinstance(manifest, dict) and manifest.get("schema") == SCHEMA and isinstance(manifest.get("files"), dict)
             and isinstance(manifest.get("signature"), dict)):
-        result.problems.append(f"{MANIFEST_PATH} is not a {SCHEMA} manifest")
+        result.problems.append(f"{MANIFEST} is not a {SCHEMA} manifest")
         return None
     return manifest
 
@@ -247,7 +248,7 @@ def verify_folder(root: str | Path, key: bytes, expected_sha256: str | None = No
                                    f"not {str(value)[:64]!r}")
     listed: dict[str, str] = {str(k): str(v) for k, v in manifest["files"].items()}
     scope = None if within is None else tuple(within)
-    present = folder_digests(root, skip=(MANIFEST_PATH, *ignore))
+    present = folder_digests(root, skip=(MANIFEST, *ignore))
     for rel, digest in listed.items():
         if rel not in present:
             if scope is None or _under(rel, scope):

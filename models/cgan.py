@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 from tqdm.auto import tqdm
 
+from .artifacts import GENERATOR_META, GENERATOR_WEIGHTS, KEPT_GENERATOR, TRAINING_STATE
 from .files import write_atomic, write_text_atomic
 from .sizes import (MAX_MODEL_BYTES, SizeError, check_file_fits, check_model_bytes, check_sizes,
                     module_bytes_on_meta, read_json)
@@ -692,12 +693,12 @@ class CGAN:
         if not torch.isfinite(cond).all():
             raise ValueError("conditions contain NaN/inf")
         out = Path(out_dir) if out_dir is not None else None
-        if out is not None and (out / "last.pt").exists():
+        if out is not None and (out / TRAINING_STATE).exists():
             try:                        # our own checkpoint (optimiser state, RNG): not weights-only
-                state = torch.load(out / "last.pt", map_location=self.device, weights_only=False)
+                state = torch.load(out / TRAINING_STATE, map_location=self.device, weights_only=False)
             except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-                warnings.warn(f"{out / 'last.pt'} is not a whole checkpoint ({str(e)[:200]}); training from the "
-                              f"start")
+                warnings.warn(f"{out / TRAINING_STATE} is not a whole checkpoint ({str(e)[:200]}); training from "
+                              f"the start")
                 state = None
             if state is not None:
                 self.load_state_dict(state)
@@ -783,11 +784,11 @@ class CGAN:
             fid = float(fid_fn(self))
             self.fid_trace.append({"step": self.step, "fid": fid})
             if out is not None and fid <= min(r["fid"] for r in self.fid_trace):
-                save_generator(self, out / "best")
+                save_generator(self, out / KEPT_GENERATOR)
         if out is not None:
             if fid_fn is None:
-                save_generator(self, out / "best")      # without FID, the latest EMA generator is the one kept
-            self.save_checkpoint(out / "last.pt")
+                save_generator(self, out / KEPT_GENERATOR)      # without FID, the latest EMA generator is the one kept
+            self.save_checkpoint(out / TRAINING_STATE)
 
 
 # --------------------------------------------------------------------------------------------- serving format
@@ -809,15 +810,15 @@ def save_generator(gan: CGAN, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     evaluated = getattr(gan, "_G_eval", None)
     G = evaluated[1] if evaluated and evaluated[0] == gan.step else gan.inference_generator(getattr(gan, "_bn_cond", None))
-    write_atomic(out / "generator.pt", lambda f: torch.save(G.state_dict(), f))
-    write_text_atomic(out / "generator.json", json.dumps({"config": gan.cfg.to_dict(), "step": gan.step}, indent=2))
+    write_atomic(out / GENERATOR_WEIGHTS, lambda f: torch.save(G.state_dict(), f))
+    write_text_atomic(out / GENERATOR_META, json.dumps({"config": gan.cfg.to_dict(), "step": gan.step}, indent=2))
     return out
 
 
 def read_generator_meta(out_dir: str | Path) -> tuple[dict, CGANConfig]:
     """``generator.json`` of a kept generator and its config, every size field within :mod:`models.sizes`' bounds
     (checked before anything is built; :class:`~models.sizes.SizeError` names the field otherwise)."""
-    meta = read_json(Path(out_dir) / "generator.json")
+    meta = read_json(Path(out_dir) / GENERATOR_META)
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise SizeError("generator.json: not an object with a 'config' object")
     check_sizes(meta["config"], "generator.json config")
@@ -839,9 +840,9 @@ def load_generator(out_dir: str | Path, device="cpu", max_bytes: int = MAX_MODEL
         return load_patient_generator(d, device, max_bytes), cfg, int(meta["step"])
     nbytes = module_bytes_on_meta(lambda: Generator(cfg))
     check_model_bytes(nbytes, "generator.json", max_bytes)
-    check_file_fits(d / "generator.pt", nbytes)
+    check_file_fits(d / GENERATOR_WEIGHTS, nbytes)
     G = Generator(cfg)
-    G.load_state_dict(torch.load(d / "generator.pt", map_location="cpu", weights_only=True))
+    G.load_state_dict(torch.load(d / GENERATOR_WEIGHTS, map_location="cpu", weights_only=True))
     return G.to(device).eval(), cfg, int(meta["step"])
 
 

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from .artifacts import TRAINING_STATE
 from .cgan import CGAN, CGANConfig, TrainResult, images_to_u8
 
 
@@ -52,7 +53,7 @@ def spawn_train(world: int, cfg: CGANConfig, data: torch.Tensor, cond: torch.Ten
     """Train with ``world`` local CPU processes (gloo); returns rank 0's final training state (``last.pt``)."""
     mp.spawn(_worker, args=(world, _free_port(), cfg.to_dict(), data, cond, str(out_dir), train_kw),
              nprocs=world, join=True)
-    return torch.load(Path(out_dir) / "last.pt", map_location="cpu", weights_only=False)
+    return torch.load(Path(out_dir) / TRAINING_STATE, map_location="cpu", weights_only=False)
 
 
 def load_training_data(data_dir: str | Path, scores_csv: str | Path, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:

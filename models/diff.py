@@ -43,6 +43,7 @@ import numpy as np
 from scipy.linalg import subspace_angles
 from scipy.optimize import linear_sum_assignment
 
+from .artifacts import component_name
 SCHEMA = "figan.diff/1"
 
 __all__ = ["SCHEMA", "DiffConfig", "score_correlations", "principal_angles", "match_components",
@@ -167,7 +168,7 @@ def explanation_diff(prev_scores, cur_scores, prev_pct=None, cur_pct=None, cfg: 
 # --------------------------------------------------------------------------------------------- picture
 
 def _load_component(seq_dir: Path, component: int) -> dict | None:
-    f = Path(seq_dir) / f"component_{component}.npz"
+    f = Path(seq_dir) / component_name(component, "npz")
     if not f.is_file():
         return None
     with np.load(f, allow_pickle=False) as z:

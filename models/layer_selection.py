@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch.nn as nn
 
+from .artifacts import REGISTRATION
 from .data import ImageDataset
 from .explain import (ExplainConfig, _log, prepare, stage_features, stage_pls, stage_train, sweep_frame_samples,
                       use_kept_generator)
@@ -102,7 +103,7 @@ def select_layer(ds: ImageDataset, model: nn.Module, candidates: list[str | None
     evaluates the rest, e.g. as concurrent Prefect tasks."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pose_cache = pose_cache or out / "pose.pt"
+    pose_cache = pose_cache or out / REGISTRATION
 
     def evaluate_one(i: int, layer: str | None) -> dict:
         return evaluate(ds, model, layer, out / f"candidate-{i}", cfg, task, input_shape, pose_cache, cnn_name)

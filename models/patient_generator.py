@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .artifacts import GENERATOR_META, GENERATOR_WEIGHTS
 from .files import write_atomic, write_text_atomic
 from .sizes import (MAX_MODEL_BYTES, SizeError, check_file_fits, check_model_bytes, check_sizes,
                     module_bytes_on_meta, read_json)
@@ -343,8 +344,8 @@ class PatientGenerator(nn.Module):
 def save_patient_generator(G: PatientGenerator, out_dir: str | Path, config: dict) -> Path:
     """generator.pt (buffers) + generator.json ({"kind": "patient", "config": <CGANConfig-compatible dict>})."""
     out = Path(out_dir)
-    write_atomic(out / "generator.pt", lambda f: torch.save(G.state_dict(), f))
-    write_text_atomic(out / "generator.json", json.dumps(
+    write_atomic(out / GENERATOR_WEIGHTS, lambda f: torch.save(G.state_dict(), f))
+    write_text_atomic(out / GENERATOR_META, json.dumps(
         {"kind": KIND, "config": config, "step": 0,
          "patient": {"k": G.k, "image_shape": list(G.image_shape), "n_pool": len(G.pool_images),
                      "blur_sigma": G.blur_sigma, "max_noise_gain": G.max_noise_gain,
@@ -370,7 +371,7 @@ def load_patient_generator(out_dir: str | Path, device="cpu", max_bytes: int = M
     """The saved patient generator; sizes, the bytes its buffers would take (at most ``max_bytes``) and the size
     of generator.pt are checked before anything is allocated."""
     d = Path(out_dir)
-    raw = read_json(d / "generator.json")
+    raw = read_json(d / GENERATOR_META)
     meta = raw.get("patient") if isinstance(raw, dict) else None
     check_patient_meta(meta)
 
@@ -380,9 +381,9 @@ def load_patient_generator(out_dir: str | Path, device="cpu", max_bytes: int = M
 
     nbytes = module_bytes_on_meta(build)
     check_model_bytes(nbytes, "generator.json", max_bytes)
-    check_file_fits(d / "generator.pt", nbytes)
+    check_file_fits(d / GENERATOR_WEIGHTS, nbytes)
     G = build()
-    state = torch.load(d / "generator.pt", map_location="cpu", weights_only=True)
+    state = torch.load(d / GENERATOR_WEIGHTS, map_location="cpu", weights_only=True)
     placing = {"registration_template", "residual_threshold", "registration_weight"}   # absent from older files
     G.load_state_dict(state, strict=not (set(G.state_dict()) - set(state)) <= placing)
     return G.to(device).eval()

@@ -35,6 +35,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import pandas as pd
 
+from .artifacts import PLS_ARRAYS, PLS_META
 from .files import write_atomic, write_text_atomic
 from .sizes import check_npz_fits, check_sizes, read_json
 
@@ -338,7 +339,7 @@ def save_pls(state: PLSState, directory: str | Path, overwrite: bool = False) ->
     ``overwrite=True``.
     """
     d = Path(directory)
-    npz, js = d / "pls.npz", d / "pls.json"
+    npz, js = d / PLS_ARRAYS, d / PLS_META
     if npz.exists() or js.exists():
         try:
             same = load_pls(d).equals(state)
@@ -364,7 +365,7 @@ def load_pls(directory: str | Path) -> PLSState:
     (:mod:`models.sizes`) and the npz may not unpack to more than the arrays they describe, both checked before
     any array is read."""
     d = Path(directory)
-    npz, js = d / "pls.npz", d / "pls.json"
+    npz, js = d / PLS_ARRAYS, d / PLS_META
     for f in (npz, js):
         if not f.is_file():
             raise PLSError(f"{d}: no {f.name} (not a saved PLS state)")

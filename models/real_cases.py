@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .artifacts import component_name
 from .sequences import _fmt_values, _new_figure, _rgb, _save
 
 N_CASES = 4
@@ -77,9 +78,10 @@ def save_cases_strip(frames: np.ndarray, values: np.ndarray, info: list[dict], c
 def write_real_cases(G, images: torch.Tensor, scores: np.ndarray, candidates: np.ndarray, lo: np.ndarray,
                      hi: np.ndarray, frames: int, out_dir: Path, image_channels: int,
                      paths: list[str] | None = None, n: int = N_CASES) -> list[dict]:
-    """For every component: ``sequences/component_{j}_real_cases.png`` and ``.json`` (cases, their scores, own
-    frame and placement). ``images``: (N, C, H, W) in [0, 1] at the generator's resolution; ``scores``: (N, k);
-    ``candidates``: indices that may be shown (held out from the generator's seeds)."""
+    """For every component, into the sequences folder ``out_dir``: its ``real_cases`` PNG and ``real_cases_json``
+    (cases, their scores, own frame and placement; names: :func:`models.artifacts.component_name`). ``images``:
+    (N, C, H, W) in [0, 1] at the generator's resolution; ``scores``: (N, k); ``candidates``: indices
+    that may be shown (held out from the generator's seeds)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     published = []
     for j in range(scores.shape[1]):
@@ -89,9 +91,9 @@ def write_real_cases(G, images: torch.Tensor, scores: np.ndarray, candidates: np
         if paths is not None:
             for row in info:
                 row["path"] = paths[row["index"]]
-        save_cases_strip(f[:, :, :image_channels], values, info, j, out_dir / f"component_{j + 1}_real_cases.png",
+        save_cases_strip(f[:, :, :image_channels], values, info, j, out_dir / component_name(j + 1, "real_cases"),
                          image_channels, f"Component {j + 1}: real cases, each swept around itself")
         doc = {"component": j + 1, "values": [round(float(v), 4) for v in values], "cases": info}
-        (out_dir / f"component_{j + 1}_real_cases.json").write_text(json.dumps(doc, indent=1))
+        (out_dir / component_name(j + 1, "real_cases_json")).write_text(json.dumps(doc, indent=1))
         published.append(doc)
     return published

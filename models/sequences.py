@@ -41,6 +41,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from .artifacts import component_name
+
 Generate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 MAX_FRAMES = 256
@@ -439,25 +441,24 @@ def save_deviation_png(dev, values, path: str | Path, caption: str, component: i
     return _save(fig, path)
 
 
-def write_component(out_dir: str | Path, result: SweepResult, pct_variance: float, name: str | None = None,
-                    fps: float = 6, gif_scale: int | None = None, range_label: str | None = None) -> dict[str, Path]:
-    """Write a component's GIF, strip, eigen and deviation PNGs and a small npz; returns their paths.
+def write_component(out_dir: str | Path, result: SweepResult, pct_variance: float, fps: float = 6,
+                    gif_scale: int | None = None, range_label: str | None = None) -> dict[str, Path]:
+    """Write a component's GIF, strip, eigen and deviation PNGs and a small npz into the sequences folder
+    ``out_dir``; returns their paths by kind (their names: :func:`models.artifacts.component_name`).
 
-    Files: ``<name>.gif`` (seed 0, image channels, boomerang), ``<name>_strip.png``, ``<name>_eigen.png``,
-    ``<name>_deviation.png``, ``<name>.npz`` (values, frames_seed0 uint8 (F, C_out, H, W), eigen (C, H, W),
-    eigen_ratio, deviation (F, C_img, H, W), component, pct_variance, image_channels, seeds). ``pct_variance``
-    is the component's share of explained target variance in percent (0..100). ``gif_scale`` defaults to the
-    smallest integer that makes the GIF at least 128 px on its longer side. ``range_label`` (e.g. "2.5-97.5 %
-    quantiles of the real scores") is added to every figure's caption so it says what range it shows.
+    Files: ``gif`` (seed 0, image channels, boomerang), ``strip``, ``eigen``, ``deviation`` and ``npz`` (values,
+    frames_seed0 uint8 (F, C_out, H, W), eigen (C, H, W), eigen_ratio, deviation (F, C_img, H, W), component,
+    pct_variance, image_channels, seeds). ``pct_variance`` is the component's share of explained target variance
+    in percent (0..100). ``gif_scale`` defaults to the smallest integer that makes the GIF at least 128 px on its
+    longer side. ``range_label`` (e.g. "2.5-97.5 % quantiles of the real scores") is added to every figure's
+    caption so it says what range it shows.
     """
     if not isinstance(result, SweepResult):
         raise ValueError(f"result must be a SweepResult, got {type(result).__name__}")
     if not isinstance(pct_variance, (int, float, np.number)) or not math.isfinite(pct_variance) \
             or not 0.0 <= pct_variance <= 100.0:
         raise ValueError(f"pct_variance must be a percentage in [0, 100], got {pct_variance!r}")
-    name = f"component_{result.component + 1}" if name is None else name
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise ValueError(f"name must be a plain file stem, got {name!r}")
+    j = result.component + 1
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     f = _frames_array(result.frames, "result.frames")
@@ -470,13 +471,13 @@ def write_component(out_dir: str | Path, result: SweepResult, pct_variance: floa
     eigen, ratio = eigen_image(f, ic, result.values)
     dev = deviation_images(f[:, :, :ic], result.values)
     paths = {
-        "gif": save_gif(f[0, :, :ic], out / f"{name}.gif", fps=fps, scale=scale),
-        "strip": save_strip(result, out / f"{name}_strip.png", caption),
-        "eigen": save_eigen_png(eigen, out / f"{name}_eigen.png", caption, explained_ratio=ratio),
-        "deviation": save_deviation_png(dev, result.values, out / f"{name}_deviation.png", caption,
+        "gif": save_gif(f[0, :, :ic], out / component_name(j, "gif"), fps=fps, scale=scale),
+        "strip": save_strip(result, out / component_name(j, "strip"), caption),
+        "eigen": save_eigen_png(eigen, out / component_name(j, "eigen"), caption, explained_ratio=ratio),
+        "deviation": save_deviation_png(dev, result.values, out / component_name(j, "deviation"), caption,
                                         component=result.component),
     }
-    npz = out / f"{name}.npz"
+    npz = out / component_name(j, "npz")
     np.savez_compressed(npz, values=np.asarray(result.values, np.float32), frames_seed0=_to_u8(f[0]),
                         eigen=eigen, eigen_ratio=np.float32(ratio), deviation=dev,
                         component=np.int64(result.component), pct_variance=np.float32(pct_variance),

@@ -487,6 +487,8 @@ def wait_explained(run: Run, stack: Stack, tracking_uri: str, version: str, time
     container once the GAN's first checkpoint is in the volume (a crash counted on the version is waited through:
     the worker submits the next attempt)."""
     from mlflow import MlflowClient
+    sys.path.insert(0, str(ROOT))
+    from models import artifacts
     client = MlflowClient(tracking_uri)
     t0, seen, restarted = time.monotonic(), None, None
     while True:
@@ -500,7 +502,7 @@ def wait_explained(run: Run, stack: Stack, tracking_uri: str, version: str, time
         if status == "failed" and not (restarted and tags.get("figan.error_kind") == "crash"):
             raise SmokeError(f"explanation failed: {tags.get('figan.error')}\n{explain_logs(stack)}")
         if restart_worker and restarted is None and status == "running" and tags.get("figan.key"):
-            ckpts = f"/data/work/{MODEL}-v{version}-{tags['figan.key']}/*/gan/last.pt"     # one folder per flow run
+            ckpts = f"/data/work/{MODEL}-v{version}-{tags['figan.key']}/*/{artifacts.CHECKPOINT}"  # one folder per run
             if run.podman("exec", stack.container("prefect-worker"), "sh", "-c", f"ls {ckpts}",
                           check=False).returncode == 0:
                 restarted = round(time.monotonic() - t0, 1)
@@ -519,7 +521,9 @@ def explain_logs(stack: Stack) -> str:
 
 def check_resumed(tracking_uri: str, run_id: str, work: Path) -> int:
     import mlflow
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="metrics.json",
+    sys.path.insert(0, str(ROOT))
+    from models import artifacts
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifacts.METRICS,
                                                dst_path=str(work / "metrics"), tracking_uri=tracking_uri)
     step = int(json.loads(Path(path).read_text())["training"].get("resumed_from_step") or 0)
     if step <= 0:

@@ -223,5 +223,3 @@ def test_pngs_and_write_component(sweep0, tmp_path):
         assert im.n_frames == 8 and im.size == (128, 128)
     with pytest.raises(ValueError, match="pct_variance"):
         write_component(tmp_path / "out", sweep0, 141.0)
-    with pytest.raises(ValueError, match="name"):
-        write_component(tmp_path / "out", sweep0, 41.3, name="../x")
