@@ -113,7 +113,6 @@ def test_an_image_outside_the_pool_is_placed_and_edited_around_itself(phantom_cn
 
 
 def test_real_cases_are_spread_over_the_scores_and_are_themselves_at_their_own_score(phantom_cnn):
-    import torch
     from models.cgan import load_generator
     from models.real_cases import pick_cases, sweep_cases
     scores = np.array([5.0, -1.0, 0.0, 3.0, 2.0, 1.0, -2.0, 4.0])
