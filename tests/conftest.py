@@ -86,9 +86,9 @@ def disc_dataset(tmp_path):
     return write_dataset(tmp_path / "discs", meta, imgs, pd.DataFrame({"radius": r}))
 
 
-# The developers' fast lane (`make test-fast`, a few minutes) leaves out the modules that start real services
+# The developers' fast lane (`make test-fast`, under 3 minutes) leaves out the modules that start real services
 # (MLflow, Prefect, `bentoml serve`, Chromium, PostgreSQL, DVC remotes) or run whole platform flows; CI
-# (`make test`) runs everything.
+# (`make test`) runs everything. Single tests that train for long (`@pytest.mark.slow`) are left out of it too.
 PLATFORM_MODULES = {"test_service", "test_service_patient", "test_trigger", "test_platform_demo", "test_team_config",
                     "test_viewer_browser", "test_report_browser", "test_flows_explain", "test_flows_registry",
                     "test_flows_data", "test_fanout", "test_drift", "test_cnn_formats", "test_gpu_bench",

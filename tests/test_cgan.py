@@ -21,6 +21,7 @@ def disc_data(n=256, seed=0):
     return images_to_u8(disc_images(r, 16)), torch.tensor((r - 4) / 1.15, dtype=torch.float32)[:, None]
 
 
+@pytest.mark.slow
 def test_training_improves_conditioning(tmp_path):
     data, cond = disc_data()
     gan = CGAN(CGANConfig(**TINY, steps=300, ckpt_every=300, lr_g=1e-3, lr_d=1e-3))
@@ -38,6 +39,7 @@ def test_training_improves_conditioning(tmp_path):
     assert step == 300 and cfg.k == 1
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted(tmp_path):
     data, cond = disc_data(64)
     cfg = CGANConfig(**TINY, steps=20, ckpt_every=10)
@@ -65,6 +67,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_resume_after_kill(tmp_path):
     """SIGKILL a training process after a checkpoint; a new process resumes exactly where it was."""
     out = tmp_path / "run"
@@ -91,6 +94,7 @@ def test_resume_after_kill(tmp_path):
         assert torch.equal(v, got[k]), k
 
 
+@pytest.mark.slow
 def test_masks_and_rgb_shapes(tmp_path):
     r = np.random.default_rng(1).uniform(2, 6, 32)
     imgs = np.repeat(disc_images(r, 32), 3, axis=1)

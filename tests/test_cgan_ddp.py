@@ -1,4 +1,5 @@
 """DDP: the core trainer on 2 gloo CPU processes computes what one process computes with the same global batch."""
+import pytest
 import torch
 
 from models.cgan import CGAN, CGANConfig
@@ -11,6 +12,7 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_single_process(tmp_path):
     data, cond = disc_data(64)
     cfg = CGANConfig(**TINY, steps=8, ckpt_every=4, regressor_steps=20, diffaugment="translation,color")

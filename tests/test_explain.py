@@ -27,6 +27,7 @@ def phantom_cnn(tmp_path_factory):
     return root, ds, model, spec
 
 
+@pytest.mark.slow
 def test_explain_artifacts(phantom_cnn):
     root, ds, model, spec = phantom_cnn
     out = root / "explanation"
@@ -72,6 +73,7 @@ def test_explain_artifacts(phantom_cnn):
     assert (out / "gan/best/generator.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_patient_generator_is_the_patient_at_its_own_scores(phantom_cnn):
     """At c = the patient's own scores the edit is the identity; the noise z picks the patient."""
     import torch
@@ -87,6 +89,7 @@ def test_patient_generator_is_the_patient_at_its_own_scores(phantom_cnn):
     assert G.patient_index(z).tolist() == sorted(G.patient_index(z).tolist())
 
 
+@pytest.mark.slow
 def test_an_image_outside_the_pool_is_placed_and_edited_around_itself(phantom_cnn):
     """Patient-centred sweeps of any image: a real image moved by a known shift is placed back (its residual
     within the calibrated threshold), at its own scores the edit is the image itself, and an image of another
@@ -112,6 +115,7 @@ def test_an_image_outside_the_pool_is_placed_and_edited_around_itself(phantom_cn
     assert not patient_sweeps(G, noise, own[0].numpy(), values)[1]["trusted"]
 
 
+@pytest.mark.slow
 def test_real_cases_are_spread_over_the_scores_and_are_themselves_at_their_own_score(phantom_cnn):
     from models.cgan import load_generator
     from models.real_cases import pick_cases, sweep_cases
@@ -132,6 +136,7 @@ def test_real_cases_are_spread_over_the_scores_and_are_themselves_at_their_own_s
     assert np.abs(frames[0, 0] - frames[0, -1]).mean() > 1e-3
 
 
+@pytest.mark.slow
 def test_cgan_generator_still_explains(phantom_cnn):
     root, ds, model, spec = phantom_cnn
     out = root / "explanation-cgan"

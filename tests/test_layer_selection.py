@@ -35,6 +35,7 @@ def test_candidates_parse_and_bad_names_list_the_valid_ones(cnn):
         ExplainConfig(layers="everything")
 
 
+@pytest.mark.slow
 def test_the_lowest_fid_is_explained_and_reported(cnn, tmp_path, monkeypatch):
     ds, model, spec = cnn
     stub = {"final": 50.0, "head.0": 20.0, "features.7.0": 35.0}       # the FID is the only stubbed part

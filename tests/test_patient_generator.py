@@ -1,6 +1,7 @@
 """The patient generator's nuisance parts: pose is estimated on the pixels the scores do not predict, and a pose
 that moves only weakly with a component is not shown as part of it, while one that truly goes with it is."""
 import numpy as np
+import pytest
 import torch
 
 from models.patient_generator import PatientGenerator, PatientGeneratorConfig, material_slopes, unexplained_weight
@@ -45,6 +46,7 @@ def test_material_slopes_keep_only_moves_of_at_least_the_threshold():
     assert torch.equal(kept, torch.tensor([[0.0, 0.2], [0.1, 0.0]]))        # moves 0.04, 0.8 / 0.4, 0.004 SD over the range
 
 
+@pytest.mark.slow
 def test_fit_shows_a_pose_that_goes_with_a_component_and_holds_a_weak_one():
     x, c, shift = bodies(300)
     G = PatientGenerator.fit(x, c, np.arange(300), PatientGeneratorConfig(register_iters=60), progress=False)

@@ -105,6 +105,7 @@ def _all_good(m):
     m["gates"]["all_pass"] = True
 
 
+@pytest.mark.slow
 def test_report_is_self_contained_with_every_section(artifacts):
     path = build_report(artifacts, lineage=LINEAGE)
     assert path == artifacts / "report.html"
@@ -135,6 +136,7 @@ def test_report_is_self_contained_with_every_section(artifacts):
     assert "No drift comparison" in text and "No previous explained version" in text
 
 
+@pytest.mark.slow
 def test_cautions_appear_when_their_conditions_hold(artifacts, tmp_path):
     def weak(m):
         _all_good(m)
@@ -170,6 +172,7 @@ def test_cautions_appear_when_their_conditions_hold(artifacts, tmp_path):
     assert banner(build_report(art).read_text())[1] == "Explanation checks: FAIL — failing gates: fid, diversity"
 
 
+@pytest.mark.slow
 def test_no_caution_for_a_clean_explanation(artifacts, tmp_path):
     art = _copy(artifacts, tmp_path / "good", _all_good)
     metrics = json.loads((art / "metrics.json").read_text())
