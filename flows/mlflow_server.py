@@ -162,11 +162,15 @@ def _read_info(home: Path) -> dict | None:
 
 
 def _free_port(host: str, wanted: int = 0) -> int:
-    """``wanted`` when it can be bound on ``host`` now, else a free port the system picks."""
+    """``wanted`` when it can be bound on ``host`` now, else a free port the system picks. The probe binds as the
+    server will (``SO_REUSEADDR``, as uvicorn and gunicorn do): the connections of the last server on that port
+    linger in TIME_WAIT for a minute, which stops a plain bind but not the server's, while a port someone listens on
+    stays refused."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     if wanted:
         try:
             with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 s.bind((host, wanted))
                 return wanted
         except OSError:
