@@ -87,7 +87,7 @@ def test_the_children_of_a_dead_daemon_are_stopped(tmp_path):
         assert stop_daemon(tmp_path, "worker") is False and not (tmp_path / "worker.json").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.platform                       # starts a real MLflow server twice (~30 s): not the fast lane
 def test_the_embedded_mlflow_keeps_its_port_across_restarts(tmp_path):
     """The worker, the service and MLflow's webhooks hold the server's URL: a restart takes the same port."""
     from flows.mlflow_server import start_server, stop_server
