@@ -56,7 +56,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     from flows.audit import verify_version
-    from models.artifacts import MANIFEST
+    from models.layout import MANIFEST
     from models.explain import ExplainConfig
     from service_platform import MODEL, Platform
 

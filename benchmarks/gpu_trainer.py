@@ -413,7 +413,7 @@ def train_cnn_device(ds, epochs: int, dev: torch.device, batch_size: int = 64):
 
 def time_to_gates(P: Plan, dev: torch.device, writer, root: Path, deadline: Deadline, res: Results,
                   fid_extractor: str, flops: float | None, peak: float) -> dict:
-    from models import artifacts
+    from models import layout
     from models.data import ImageDataset
     from models.explain import (ExplainConfig, make_fid_fn, prepare, stage_checks, stage_features, stage_images,
                                 stage_pls, stage_sequences)
@@ -484,7 +484,7 @@ def time_to_gates(P: Plan, dev: torch.device, writer, root: Path, deadline: Dead
         f"lr {lr:.2e}, training for {train_s:.0f} s (target {TARGET_IMAGES / 1e6:.0f} M images); FID: {run.scorer.label}; "
         f"floor {run.floor:.2f}")
     t_loop[0] = time.time()
-    run.result = gan.train(run.data, run.cond, run.out / artifacts.GAN_DIR, fid_fn=fid_fn, progress=False,
+    run.result = gan.train(run.data, run.cond, run.out / layout.GAN_DIR, fid_fn=fid_fn, progress=False,
                            log_every=100, time_limit_s=train_s)
     run.timings["gan"] = time.time() - t
     r = run.result
@@ -507,7 +507,7 @@ def time_to_gates(P: Plan, dev: torch.device, writer, root: Path, deadline: Dead
     e["timings_s"] = m["timings_s"]
     e["end_to_end_s"] = round(time.time() - t_all, 1)
     if res.path is not None:               # a few artifacts next to the JSON (the GPU tool returns <= 8 files)
-        for src in (run.out / artifacts.METRICS, *(artifacts.component_file(run.out, j, "strip") for j in (1, 2))):
+        for src in (run.out / layout.METRICS, *(layout.component_file(run.out, j, "strip") for j in (1, 2))):
             if src.exists():
                 shutil.copy(src, res.path.parent / ("e2e_" + src.name))
     fixed = e["end_to_end_s"] - r.seconds

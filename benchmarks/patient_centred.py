@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 from scipy.stats import spearmanr
 
-from models import artifacts
+from models import layout
 from models.cgan import load_generator
 from models.patient_generator import PatientGenerator, PatientGeneratorConfig
 from models.cnn import load_cnn
@@ -100,15 +100,15 @@ def summary(moves: np.ndarray, rng: np.random.Generator) -> dict:
 def refit_generator(explanation: Path, ds: ImageDataset, resolution: int) -> PatientGenerator:
     """The patient generator fitted again by the current code on the explanation's images, PLS scores, cached
     registration and pool (the images outside the FID reference, drawn as the explain flow draws them)."""
-    cfg = json.loads((explanation / artifacts.CONFIG).read_text())["config"]
+    cfg = json.loads((explanation / layout.CONFIG).read_text())["config"]
     src = ds if ds.image_shape[-1] == resolution else ImageDataset(ds.root, size=(resolution, resolution))
     images = torch.from_numpy(src.load(np.arange(len(src))).astype(np.float32))
-    scores = pd.read_csv(explanation / artifacts.SCORES).filter(regex=r"^c\d+$").to_numpy(np.float32)
+    scores = pd.read_csv(explanation / layout.SCORES).filter(regex=r"^c\d+$").to_numpy(np.float32)
     perm = np.random.default_rng(cfg["seed"] + 3).permutation(len(images))
     pool = np.sort(perm[min(cfg["fid_samples"], len(images) // 2):])
     return PatientGenerator.fit(images, torch.from_numpy(scores), pool,
                                 PatientGeneratorConfig(register_iters=cfg["register_iters"]),
-                                pose=torch.load(explanation / artifacts.POSE))
+                                pose=torch.load(explanation / layout.POSE))
 
 
 def main() -> None:
@@ -119,12 +119,12 @@ def main() -> None:
     ap.add_argument("--refit", action="store_true", help="fit the generator again with the current code first")
     a = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    G, gcfg, _ = load_generator(a.explanation / artifacts.GENERATOR_DIR)
+    G, gcfg, _ = load_generator(a.explanation / layout.GENERATOR_DIR)
     if a.refit:
         G = refit_generator(a.explanation, ImageDataset(a.explanation.parent / "data"), gcfg.resolution)
-    state = load_pls(a.explanation / artifacts.PLS_DIR)
+    state = load_pls(a.explanation / layout.PLS_DIR)
     model, spec = load_cnn(a.explanation.parent / "cnn")
-    metrics = json.loads((a.explanation / artifacts.METRICS).read_text())
+    metrics = json.loads((a.explanation / layout.METRICS).read_text())
     lo, hi = metrics["sweep"]["lo"][0], metrics["sweep"]["hi"][0]
     ds = ImageDataset(a.explanation.parent / "data")                      # the images it was explained on
     real = ds.load(np.arange(len(ds))).astype(np.float32)

@@ -42,7 +42,7 @@ def main() -> None:
     from flows.mlflow_server import start_server
     from flows.registry import register_cnn
     from flows.settings import Settings
-    from models import artifacts
+    from models import layout
     from models.cnn import TrainConfig, train_cnn
     from models.phantom import PhantomConfig, write_phantom
 
@@ -62,7 +62,7 @@ def main() -> None:
         t = time.time()
         res = explain_version("bench-cnn", str(mv.version))
         t_done = time.time() - t
-        metrics = json.loads(next((s.work_dir / f"bench-cnn-v{mv.version}-{res['key']}").glob(f"*/{artifacts.METRICS}"))
+        metrics = json.loads(next((s.work_dir / f"bench-cnn-v{mv.version}-{res['key']}").glob(f"*/{layout.METRICS}"))
                              .read_text())      # the flow run's own folder under the key's
         core = metrics["timings_s"]["total"]
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

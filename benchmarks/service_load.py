@@ -219,7 +219,7 @@ def main() -> None:
     ap.add_argument("--gen-clients", type=int, default=16, help="generating clients when the queue is full")
     a = ap.parse_args()
 
-    from models import artifacts
+    from models import layout
     from models.cgan import load_generator
     from models.explain import ExplainConfig
     from models.pls import load_pls
@@ -235,8 +235,8 @@ def main() -> None:
             versions = ["1"] + [platform.new_version() for _ in range(a.versions - 1)]
             for v in versions[1:]:
                 platform.publish(v)
-            per_version = (tensor_bytes(load_generator(platform.artifacts / artifacts.GENERATOR_DIR)[0])
-                           + tensor_bytes(load_pls(platform.artifacts / artifacts.PLS_DIR)))
+            per_version = (tensor_bytes(load_generator(platform.artifacts / layout.GENERATOR_DIR)[0])
+                           + tensor_bytes(load_pls(platform.artifacts / layout.PLS_DIR)))
             budget = a.model_budget * per_version
             figures.update({"model_bytes_per_version": per_version, "model_budget_bytes": budget})
             served = platform.serve(FIGAN_SERVICE_PUBLIC_READ="true", FIGAN_SERVICE_LISTING_TTL="5",   # default TTL
@@ -294,7 +294,7 @@ def main() -> None:
                             if k != "connections"})
             figures.update({f"queue_full_generate_{k}": v for k, v in loop_result["flood"].items()})
 
-            one, four = batching_check(platform.artifacts / artifacts.GENERATOR_DIR)
+            one, four = batching_check(platform.artifacts / layout.GENERATOR_DIR)
             figures.update({"generator_ms_per_image_batch16": one, "generator_ms_per_image_batch64": four})
         finally:
             platform.stop()

@@ -20,7 +20,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from models import artifacts, audit
+from models import audit, layout
 
 from . import registry as R
 from .settings import Settings
@@ -107,7 +107,7 @@ def verify_served(folder: Path, row: dict, ignore: tuple[str, ...] = (),
     key = signing_key(settings or Settings.load())
     expected = row.get("manifest_sha256")
     subject = _subject(row["name"], str(row["version"]), row["run_id"], row.get("key"))
-    result = audit.verify_folder(folder, key, expected_sha256=expected, within=artifacts.SERVED_ARTIFACTS,
+    result = audit.verify_folder(folder, key, expected_sha256=expected, within=layout.SERVED_ARTIFACTS,
                                  ignore=ignore, subject=subject)
     if expected is None:
         result.problems.insert(0, f"the version has no {R.TAG_MANIFEST} tag")

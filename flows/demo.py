@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 from mlflow import MlflowClient
 
-from models import artifacts
+from models import layout
 from models.cnn import TrainConfig, load_cnn, save_cnn, train_cnn
 from models.data import ImageDataset
 from models.explain import ExplainConfig
@@ -99,7 +99,7 @@ def run_demo(workdir: Path, quick: bool = False, keep_server: bool = True) -> in
         served = fetch_served(urls["service"], str(mv.version))
         _say(f"served: {served}; viewer {urls['service']}/viewer/ (pick {MODEL}, compare versions)")
         _say(f"finished in {time.time() - t0:.0f} s. Open {uri} → Models → {MODEL} → a version → its "
-             f"figan.run_id run's artifacts ({artifacts.REPORT}, {artifacts.SEQUENCES}/*.gif, {artifacts.METRICS}). "
+             f"figan.run_id run's artifacts ({layout.REPORT}, {layout.SEQUENCES}/*.gif, {layout.METRICS}). "
              f"Working folders: "
              f"{settings.work_dir}")
     finally:

@@ -51,7 +51,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from scipy import stats
 
-from models import artifacts
+from models import layout
 from models.data import ImageDataset
 from models.diff import DiffConfig, explanation_diff, plot_matched
 from models.explain import cnn_input
@@ -205,7 +205,7 @@ def data_drift(reference_stats: pd.DataFrame, current_stats: pd.DataFrame,
     if out_html is not None:
         Path(out_html).parent.mkdir(parents=True, exist_ok=True)
         snapshot.save_html(str(out_html))
-        out["report"] = f"{artifacts.DRIFT_DIR}/{Path(out_html).name}"
+        out["report"] = f"{layout.DRIFT_DIR}/{Path(out_html).name}"
     return out
 
 
@@ -281,7 +281,7 @@ def feature_drift(diff: dict, prev_scores: np.ndarray, cur_scores: np.ndarray, c
     if out_html is not None:
         Path(out_html).parent.mkdir(parents=True, exist_ok=True)
         snapshot.save_html(str(out_html))
-        out["report"] = f"{artifacts.DRIFT_DIR}/{Path(out_html).name}"
+        out["report"] = f"{layout.DRIFT_DIR}/{Path(out_html).name}"
     return out
 
 
@@ -320,7 +320,7 @@ def compare_versions(out_dir: str | Path, cur_ds: ImageDataset, cur_model, cur_s
                                  device=device)
             summary["data"] = data_drift(image_statistics(prev_ds.iter_batches(256, ri)),
                                          image_statistics(cur_ds.iter_batches(256, ci)), ref_emb, cur_emb,
-                                         out / artifacts.DATA_DRIFT_REPORT, max_rows=None, seed=seed,
+                                         out / layout.DATA_DRIFT_REPORT, max_rows=None, seed=seed,
                                          reference_label=f"{prev_ds.name} ({prev_label})",
                                          current_label=f"{cur_ds.name} ({cur_label})")
         except Exception as e:  # noqa: BLE001 - drift never fails the explanation
@@ -333,10 +333,10 @@ def compare_versions(out_dir: str | Path, cur_ds: ImageDataset, cur_model, cur_s
                                        transform=cnn_input(tuple(prev_input_shape)), device=device)
         prev_pct = (100.0 * np.asarray(prev_state.explained_target_variance)).tolist()
         diff = explanation_diff(prev_scores, cur_scores, prev_pct, cur_pct, diff_cfg, prev_label, cur_label)
-        (out / artifacts.DIFF_DIR).mkdir(parents=True, exist_ok=True)
-        (out / artifacts.DIFF_JSON).write_text(json.dumps(diff, indent=2))
+        (out / layout.DIFF_DIR).mkdir(parents=True, exist_ok=True)
+        (out / layout.DIFF_JSON).write_text(json.dumps(diff, indent=2))
         if prev_sequences is not None:
-            plot_matched(diff, prev_sequences, out / artifacts.SEQUENCES, out / artifacts.DIFF_IMAGE)
+            plot_matched(diff, prev_sequences, out / layout.SEQUENCES, out / layout.DIFF_IMAGE)
         summary["diff"] = diff
     except Exception as e:  # noqa: BLE001
         summary["errors"].append(f"diff: {type(e).__name__}: {e}")
@@ -345,7 +345,7 @@ def compare_versions(out_dir: str | Path, cur_ds: ImageDataset, cur_model, cur_s
         return summary
     try:
         summary["features"] = feature_drift(diff, prev_scores, cur_scores, cur_pct,
-                                            out / artifacts.FEATURE_DRIFT_REPORT, max_rows=max_rows, seed=seed)
+                                            out / layout.FEATURE_DRIFT_REPORT, max_rows=max_rows, seed=seed)
     except Exception as e:  # noqa: BLE001
         summary["features"] = failed("learned-feature", e)
     return summary
@@ -387,7 +387,7 @@ def drift_task(client: "MlflowClient", settings: "Settings", job: "Job", run: "E
         log = get_run_logger().warning
     except Exception:  # noqa: BLE001 - outside a flow run
         log = _log.warning
-    for stale in (artifacts.DRIFT_DIR, artifacts.DIFF_DIR):         # a re-run into the same folder starts clean
+    for stale in (layout.DRIFT_DIR, layout.DIFF_DIR):         # a re-run into the same folder starts clean
         shutil.rmtree(run.out / stale, ignore_errors=True)
     try:
         prev = previous_explained(client, job.name, job.version)
@@ -396,8 +396,8 @@ def drift_task(client: "MlflowClient", settings: "Settings", job: "Job", run: "E
             return None
         with tempfile.TemporaryDirectory(prefix="figan-previous-") as tmp:
             prev_dir = R.download_explanation(client, prev["run_id"], Path(tmp) / "explanation")
-            lineage = json.loads((prev_dir / artifacts.LINEAGE).read_text()) \
-                if (prev_dir / artifacts.LINEAGE).is_file() else {}
+            lineage = json.loads((prev_dir / layout.LINEAGE).read_text()) \
+                if (prev_dir / layout.LINEAGE).is_file() else {}
             prev_model, _ = R.load_cnn_version(client, job.name, prev["version"])
             contract = R.read_contract(client, job.name, prev["version"])
             prev_layer = (lineage.get("config") or {}).get("layer") or contract.layer
@@ -418,16 +418,16 @@ def drift_task(client: "MlflowClient", settings: "Settings", job: "Job", run: "E
             elif not prev_md5:
                 errors.append("data: the previous version's dataset md5 is unknown")
             summary = compare_versions(
-                run.out, run.ds, run.model, run.scores, run.pct, prev_model, load_pls(prev_dir / artifacts.PLS_DIR),
-                contract.input_shape, prev_layer, prev_dir / artifacts.SEQUENCES, prev_ds, cur_features=run.features,
+                run.out, run.ds, run.model, run.scores, run.pct, prev_model, load_pls(prev_dir / layout.PLS_DIR),
+                contract.input_shape, prev_layer, prev_dir / layout.SEQUENCES, prev_ds, cur_features=run.features,
                 cur_layer=run.cfg.layer, cur_input_shape=run.input_shape,
                 labels=(f"v{prev['version']}", f"v{job.version}"), seed=run.cfg.seed, device=run.device, log=log)
         summary["previous"] = previous
         if errors:                                  # the previous data could not be had: not "same version"
             summary["errors"] = errors + summary["errors"]
             summary["data"] = {"status": "error", "error": errors[0][:1000]}
-        (run.out / artifacts.DRIFT_DIR).mkdir(parents=True, exist_ok=True)
-        (run.out / artifacts.DRIFT_SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
+        (run.out / layout.DRIFT_DIR).mkdir(parents=True, exist_ok=True)
+        (run.out / layout.DRIFT_SUMMARY).write_text(json.dumps(summary, indent=2, default=str))
     except Exception as e:  # noqa: BLE001 - drift never fails the explanation
         log(f"drift against the previous version failed (the explanation goes on): {type(e).__name__}: {e}")
         summary = {"previous": None, "data": {"status": "error", "error": f"{type(e).__name__}: {e}"[:1000]},

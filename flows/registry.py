@@ -107,7 +107,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.model_utils import _add_code_from_conf_to_system_path
 from torch import nn
 
-from models import artifacts, audit
+from models import audit, layout
 from models.cnn import ARCHITECTURES, CNNSpec, build_cnn
 from models.exported import ExportedCNN
 from models.verdict import FAIL, PASS, verdict_of
@@ -188,8 +188,8 @@ MODEL_NAME_IN_RUN = "model"                 # log_model(name=...)
 SPEC_FILE, WEIGHTS_FILE = "cnn.json", "cnn.pt"
 PICKLE_ALLOWLIST_ENV = "FIGAN_PICKLE_ALLOWLIST"
 SAFE_PICKLE_MODULES = frozenset({"pickle", "cloudpickle", "mlflow.pytorch.pickle_module"})
-MANIFEST_PATH = artifacts.MANIFEST                  # the signed manifest, logged last
-SERVED_ARTIFACTS = artifacts.SERVED_ARTIFACTS       # what download_explanation fetches (and a service checks)
+MANIFEST_PATH = layout.MANIFEST                  # the signed manifest, logged last
+SERVED_ARTIFACTS = layout.SERVED_ARTIFACTS       # what download_explanation fetches (and a service checks)
 # run metrics also logged against the CNN's LoggedModel (MLflow 3), so they show on the CNN's model page
 _MODEL_METRICS_RE = re.compile(r"^(fid_best|fid_floor|verdict_pass|c\d+_(faithfulness_rho_mean|pct_target_variance))$")
 
@@ -845,9 +845,9 @@ def _published(rel: Path) -> bool:
     an earlier publication (each run gets its own)."""
     if any(part.startswith(".") for part in rel.parts):
         return False
-    if rel.as_posix() in (artifacts.FEATURES, artifacts.MANIFEST):
+    if rel.as_posix() in (layout.FEATURES, layout.MANIFEST):
         return False
-    if len(rel.parts) == 2 and rel.parts[0] == artifacts.GAN_DIR and rel.suffix == ".pt":
+    if len(rel.parts) == 2 and rel.parts[0] == layout.GAN_DIR and rel.suffix == ".pt":
         return False
     return True
 
@@ -911,7 +911,7 @@ def publish_explanation(client: MlflowClient, name: str, version: str | int, art
                 rel = path.relative_to(artifacts_dir)
                 if path.is_file() and _published(rel):
                     _stage(path, stage / rel)
-            (stage / artifacts.LINEAGE).write_text(json.dumps(lineage, indent=2, default=str))
+            (stage / layout.LINEAGE).write_text(json.dumps(lineage, indent=2, default=str))
             client.log_artifacts(run_id, str(stage))
             _log_metrics(client, run_id, metrics, headline["verdict"], model_id)
             _log_inputs(client, run_id, lineage, model_id)
@@ -920,7 +920,7 @@ def publish_explanation(client: MlflowClient, name: str, version: str | int, art
                 subject={"model": name, "version": version, "key": key, "run_id": run_id}), signing_key)
             manifest_path, manifest_sha256 = audit.write_manifest(Path(tmp) / "signed", manifest)
             client.set_tag(run_id, RUN_TAG_MANIFEST, manifest_sha256)
-            client.log_artifact(run_id, str(manifest_path), artifact_path=artifacts.AUDIT_DIR)
+            client.log_artifact(run_id, str(manifest_path), artifact_path=layout.AUDIT_DIR)
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
     except BaseException:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
@@ -1018,7 +1018,7 @@ def run_verdict(client: MlflowClient, run_id: str) -> dict | None:
     """The verdict of a published explanation run, from its ``metrics.json`` (None when it has none)."""
     with tempfile.TemporaryDirectory(prefix="figan-verdict-") as tmp:
         try:
-            path = client.download_artifacts(run_id, artifacts.METRICS, dst_path=tmp)
+            path = client.download_artifacts(run_id, layout.METRICS, dst_path=tmp)
         except (MlflowException, OSError):
             return None
         return verdict_of(json.loads(Path(path).read_text()))
@@ -1055,12 +1055,12 @@ def download_explanation(client: MlflowClient, run_id: str, dest: Path) -> Path:
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     present = {a.path for a in client.list_artifacts(run_id)}
-    for folder in (artifacts.GAN_DIR, artifacts.AUDIT_DIR):       # GENERATOR_DIR and MANIFEST lie one level down
+    for folder in (layout.GAN_DIR, layout.AUDIT_DIR):       # GENERATOR_DIR and MANIFEST lie one level down
         present |= {a.path for a in client.list_artifacts(run_id, folder)} if folder in present else set()
-    missing = [p for p in artifacts.SERVICE_ARTIFACTS if p not in present]
+    missing = [p for p in layout.SERVICE_ARTIFACTS if p not in present]
     if missing:
         raise FileNotFoundError(f"explanation run {run_id} lacks {missing} (has {sorted(present)})")
-    for p in artifacts.SERVICE_ARTIFACTS + tuple(p for p in artifacts.SERVICE_OPTIONAL + (artifacts.MANIFEST,)
+    for p in layout.SERVICE_ARTIFACTS + tuple(p for p in layout.SERVICE_OPTIONAL + (layout.MANIFEST,)
                                                  if p in present):
         parent = (dest / p).parent                  # download_artifacts puts <path>'s basename into dst_path
         parent.mkdir(parents=True, exist_ok=True)

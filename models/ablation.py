@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .artifacts import FEATURES
+from .layout import FEATURES
 from .cnn import load_cnn
 from .data import ImageDataset
 from .explain import ExplainConfig, compute_features, explain, resolve_device

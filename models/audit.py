@@ -28,7 +28,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable
 
-from .artifacts import MANIFEST
+from .layout import MANIFEST
 
 __all__ = ["SCHEMA", "LIBRARIES", "file_sha256", "folder_digests", "tree_digest",
            "library_versions", "key_id", "build_manifest", "sign", "manifest_bytes", "manifest_digest",

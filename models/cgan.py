@@ -69,7 +69,7 @@ import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 from tqdm.auto import tqdm
 
-from .artifacts import GENERATOR_META, GENERATOR_WEIGHTS, KEPT_GENERATOR, TRAINING_STATE
+from .layout import GENERATOR_META, GENERATOR_WEIGHTS, KEPT_GENERATOR, TRAINING_STATE
 from .files import write_atomic, write_text_atomic
 from .sizes import (MAX_MODEL_BYTES, SizeError, check_file_fits, check_model_bytes, check_sizes,
                     module_bytes_on_meta, read_json)

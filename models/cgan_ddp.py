@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .artifacts import TRAINING_STATE
+from .layout import TRAINING_STATE
 from .cgan import CGAN, CGANConfig, TrainResult, images_to_u8
 
 

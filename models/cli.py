@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from . import artifacts
+from . import layout
 from .data import DatasetError, ImageDataset
 
 
@@ -101,12 +101,12 @@ def cmd_components(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     feats = compute_features(model, ds, args.layer)
     state, scores = fit_components(feats, ds, ExplainConfig(layer=args.layer, n_components=args.n_components))
-    save_pls(state, out / artifacts.PLS_DIR, overwrite=True)
+    save_pls(state, out / layout.PLS_DIR, overwrite=True)
     pd.DataFrame(scores, columns=[f"c{j + 1}" for j in range(scores.shape[1])]).assign(
-        path=ds.manifest["path"].values).to_csv(out / artifacts.SCORES, index=False)
+        path=ds.manifest["path"].values).to_csv(out / layout.SCORES, index=False)
     tab = state.variance_table()
-    tab.to_csv(out / artifacts.PLS_VARIANCE_CSV, index=False)
-    plot_variance(state, out / artifacts.PLS_VARIANCE_PNG, title=f"{spec.arch} on {ds.name}")
+    tab.to_csv(out / layout.PLS_VARIANCE_CSV, index=False)
+    plot_variance(state, out / layout.PLS_VARIANCE_PNG, title=f"{spec.arch} on {ds.name}")
     print(tab.to_string(index=False))
     return 0
 
@@ -119,7 +119,7 @@ def cmd_explain(args) -> int:
     cfg = explain_config_from_args(args)
     m = explain(ds, model, args.out, cfg, task=spec.task, input_shape=tuple(spec.input_shape),
                 cnn_name=f"{spec.arch}@{Path(args.cnn).name}")
-    print((Path(args.out) / artifacts.SUMMARY).read_text())
+    print((Path(args.out) / layout.SUMMARY).read_text())
     return 0 if m.get("status") != "interrupted" else 3
 
 

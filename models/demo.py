@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from . import artifacts
+from . import layout
 from .cnn import TrainConfig, load_cnn, save_cnn, train_cnn
 from .data import ImageDataset
 from .explain import ExplainConfig, explain
@@ -44,7 +44,7 @@ def run_demo(workdir: Path, quick: bool = False) -> int:
     print(f"[demo] CNN held-out: {json.dumps({k: v for k, v in spec.metrics.items() if k.startswith('test')})}")
     explain(ds, model, out_dir, cfg["explain"], task=spec.task, input_shape=tuple(spec.input_shape),
             cnn_name=f"{spec.arch} (demo)")
-    print((out_dir / artifacts.SUMMARY).read_text())
-    print(f"[demo] finished in {time.time() - t0:.0f} s. Look at: {out_dir / artifacts.SEQUENCES}/*.gif, "
-          f"{out_dir / artifacts.METRICS}, {out_dir / artifacts.FID_TRACE_PNG}")
+    print((out_dir / layout.SUMMARY).read_text())
+    print(f"[demo] finished in {time.time() - t0:.0f} s. Look at: {out_dir / layout.SEQUENCES}/*.gif, "
+          f"{out_dir / layout.METRICS}, {out_dir / layout.FID_TRACE_PNG}")
     return 0

@@ -43,7 +43,7 @@ import numpy as np
 from scipy.linalg import subspace_angles
 from scipy.optimize import linear_sum_assignment
 
-from .artifacts import component_name
+from .layout import component_name
 SCHEMA = "figan.diff/1"
 
 __all__ = ["SCHEMA", "DiffConfig", "score_correlations", "principal_angles", "match_components",

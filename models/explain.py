@@ -2,7 +2,7 @@
 
 Each stage is a function that takes data and returns data (the Prefect flow of the pipeline calls them one by one
 as tasks); `explain()` composes them and does the folder I/O. The artifacts folder is self-contained; its layout
-(every file and who writes it) is drawn in :mod:`models.artifacts`.
+(every file and who writes it) is drawn in :mod:`models.layout`.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from . import artifacts
+from . import layout
 from . import attribution as A
 from . import checks as C
 from .cgan import CGAN, CGANConfig, generate_with, images_to_u8, load_generator
@@ -279,7 +279,7 @@ def prepare(ds: ImageDataset, model: torch.nn.Module, out_dir: str | Path, cfg: 
     run = ExplainRun(ds=ds, model=model.eval(), out=out, cfg=cfg, task=task or ds.meta.task,
                      input_shape=tuple(input_shape or ds.image_shape), ruler=ruler, cnn_name=cnn_name,
                      device=resolve_device(cfg.device))
-    (out / artifacts.CONFIG).write_text(json.dumps({"config": asdict(cfg), "config_hash": cfg.config_hash(),
+    (out / layout.CONFIG).write_text(json.dumps({"config": asdict(cfg), "config_hash": cfg.config_hash(),
                                                  "dataset": ds.name, "cnn": cnn_name}, indent=2, default=list))
     return run
 
@@ -289,7 +289,7 @@ def stage_features(run: ExplainRun, cache: Path | None = None) -> np.ndarray:
     when the file is whole and has one row per image (:func:`models.files.load_npy`), else computed and written
     atomically to both."""
     t = time.time()
-    fpath = run.out / artifacts.FEATURES
+    fpath = run.out / layout.FEATURES
     found = {src: load_npy(src, rows=len(run.ds)) for src in (fpath, cache) if src is not None}
     src, run.features = next(((src, f) for src, f in found.items() if f is not None), (None, None))
     if run.features is not None:
@@ -307,12 +307,12 @@ def stage_features(run: ExplainRun, cache: Path | None = None) -> np.ndarray:
 def stage_pls(run: ExplainRun) -> PLSState:
     t = time.time()
     state, scores = fit_components(run.features, run.ds, run.cfg)
-    save_pls(state, run.out / artifacts.PLS_DIR, overwrite=True)
-    state.variance_table().to_csv(run.out / artifacts.PLS_VARIANCE_CSV, index=False)
-    plot_variance(state, run.out / artifacts.PLS_VARIANCE_PNG,
+    save_pls(state, run.out / layout.PLS_DIR, overwrite=True)
+    state.variance_table().to_csv(run.out / layout.PLS_VARIANCE_CSV, index=False)
+    plot_variance(state, run.out / layout.PLS_VARIANCE_PNG,
                   title=f"{run.cnn_name}: target variance per PLS component")
     pd.DataFrame(scores, columns=[f"c{j + 1}" for j in range(scores.shape[1])]).assign(
-        path=run.ds.manifest["path"].values).to_csv(run.out / artifacts.SCORES, index=False)
+        path=run.ds.manifest["path"].values).to_csv(run.out / layout.SCORES, index=False)
     run.state, run.scores = state, scores
     run.pct = (100 * state.explained_target_variance).tolist()
     _log("PLS: " + ", ".join(f"c{j + 1} {p:.1f} %" for j, p in enumerate(run.pct)))
@@ -363,7 +363,7 @@ def stage_train(run: ExplainRun, stop_after: int | None = None, progress: bool =
     if cfg.generator == "patient":
         images = run.data[:, :run.image_channels].float() / 255.0
         pcfg = PatientGeneratorConfig(register_iters=cfg.register_iters)
-        pose_file = run.out / artifacts.POSE      # registration is the slow part: kept for a re-run
+        pose_file = run.out / layout.POSE      # registration is the slow part: kept for a re-run
         _log(f"patient generator: {len(images)} images {tuple(images.shape[1:])}, k={run.cond.shape[1]}, "
              f"pool {len(rest)} patients (the FID reference's {len(ref)} held out)")
         whole = lambda obj: isinstance(obj, torch.Tensor) and len(obj) == len(images)    # noqa: E731
@@ -377,7 +377,7 @@ def stage_train(run: ExplainRun, stop_after: int | None = None, progress: bool =
         G = PatientGenerator.fit(images, run.cond, np.sort(rest), pcfg, pose=pose, progress=progress)
         gcfg = CGANConfig(resolution=images.shape[-1], image_channels=run.image_channels, mask_channels=0,
                           k=run.cond.shape[1], z_dim=1, steps=cfg.steps, seed=cfg.seed)
-        save_patient_generator(G, run.out / artifacts.GENERATOR_DIR, gcfg.to_dict())
+        save_patient_generator(G, run.out / layout.GENERATOR_DIR, gcfg.to_dict())
         run.result = PatientFit(step=cfg.steps, seconds=time.time() - t, n_pool=len(rest))
     else:
         run.floor = real_floor(torch.cat([run.real_a, real_b]), extractor=run.scorer.extractor, seed=cfg.seed,
@@ -385,13 +385,13 @@ def stage_train(run: ExplainRun, stop_after: int | None = None, progress: bool =
         _log(f"cGAN: {len(run.data)} images {tuple(run.data.shape[1:])}, k={run.cond.shape[1]}, {cfg.steps} steps; "
              f"FID extractor {run.scorer.label}; real-vs-real floor {run.floor if run.floor is None else round(run.floor, 2)}")
         run.result = train_generator(run.data, run.cond, run.image_channels, run.mask_channels, cfg,
-                                     run.out / artifacts.GAN_DIR, run.scorer, run.device, stop_after, progress,
+                                     run.out / layout.GAN_DIR, run.scorer, run.device, stop_after, progress,
                                      on_checkpoint)
         if run.result.step >= cfg.steps:
-            (run.out / artifacts.FID_TRACE_JSON).write_text(json.dumps(
+            (run.out / layout.FID_TRACE_JSON).write_text(json.dumps(
                 {"extractor": run.scorer.label, "floor": run.floor, "best_step": run.result.best_step,
                  "trace": run.result.fid_trace}, indent=2))
-            plot_fid_trace(run.result.fid_trace, run.out / artifacts.FID_TRACE_PNG, floor=run.floor,
+            plot_fid_trace(run.result.fid_trace, run.out / layout.FID_TRACE_PNG, floor=run.floor,
                            label=run.scorer.label, best_step=run.result.best_step)
     run.timings["generator"] = time.time() - t
     return run.result
@@ -410,7 +410,7 @@ def sweep_ranges(run: ExplainRun) -> tuple[np.ndarray, np.ndarray, str]:
 
 def use_kept_generator(run: ExplainRun) -> torch.nn.Module:
     """Load the generator kept in gan/best and make it the run's ``generate(z, c) → [0, 1]``."""
-    G, run.gen_cfg, run.gen_step = load_generator(run.out / artifacts.GENERATOR_DIR, run.device)
+    G, run.gen_cfg, run.gen_step = load_generator(run.out / layout.GENERATOR_DIR, run.device)
     run.generate = lambda z, c: generate_with(G, z, c, run.device)
     return G
 
@@ -440,7 +440,7 @@ def stage_sequences(run: ExplainRun, generator: tuple[Callable, CGANConfig] | No
         if run.gen_cfg.mask_channels:
             sw.image_channels = run.image_channels
         shown_sw = dataclasses.replace(sw, seeds=shown, frames=sw.frames[:len(shown)])
-        write_component(run.out / artifacts.SEQUENCES, shown_sw, run.pct[j], range_label=run.sweep_label)
+        write_component(run.out / layout.SEQUENCES, shown_sw, run.pct[j], range_label=run.sweep_label)
         run.sweeps.append(shown_sw)
         run.check_sweeps.append(sw)
     if generator is None and isinstance(G, PatientGenerator) and run.data is not None:
@@ -448,7 +448,7 @@ def stage_sequences(run: ExplainRun, generator: tuple[Callable, CGANConfig] | No
         manifest = run.ds.manifest
         paths = list(manifest["path"].to_numpy()[run.data_index]) if "path" in manifest.columns else None
         write_real_cases(G, run.data[:, :run.image_channels].float() / 255.0, run.cond.numpy(), ref, lo, hi,
-                         cfg.frames, run.out / artifacts.SEQUENCES, run.image_channels, paths)
+                         cfg.frames, run.out / layout.SEQUENCES, run.image_channels, paths)
     run.timings["sequences"] = time.time() - t
     return run.sweeps
 
@@ -469,7 +469,7 @@ def stage_attribution(run: ExplainRun) -> list[Path]:
         frames = to_cnn(torch.from_numpy(np.ascontiguousarray(sw.images[0])))    # the first seed, CNN input
         maps = A.component_maps(run.model, images, np.r_[run.scores[lo, j], run.scores[hi, j]], frames, n)
         out.append(A.save_attribution_png(maps, frames.numpy(), sw.values, j,
-                                          artifacts.component_file(run.out, j + 1, "attribution")))
+                                          layout.component_file(run.out, j + 1, "attribution")))
     run.timings["attribution"] = time.time() - t
     return out
 
@@ -602,15 +602,15 @@ def stage_checks(run: ExplainRun) -> dict:
         "components": components,
         **({"layer_selection": run.layer_selection} if run.layer_selection else {}),
         "figures": {kind: [j + 1 for j in range(state.n_components)
-                           if artifacts.component_file(run.out, j + 1, kind).is_file()]
+                           if layout.component_file(run.out, j + 1, kind).is_file()]
                     for kind in ("attribution", "real_cases")},    # optional per-component figures published
         "timings_s": {k: round(v, 2) for k, v in run.timings.items()},
     }
     metrics["gates"] = C.evaluate_gates(metrics, C.Thresholds(), factors.get("driving", ()),
                                         factors.get("nuisance", ()), factors.get("shortcut", ()))
     metrics["verdict"] = C.verdict(metrics["gates"])
-    (run.out / artifacts.METRICS).write_text(json.dumps(metrics, indent=2))
-    (run.out / artifacts.SUMMARY).write_text(C.summary_text(metrics))
+    (run.out / layout.METRICS).write_text(json.dumps(metrics, indent=2))
+    (run.out / layout.SUMMARY).write_text(C.summary_text(metrics))
     run.metrics = metrics
     return metrics
 
@@ -632,8 +632,8 @@ def explain(ds: ImageDataset, model: torch.nn.Module, out_dir: str | Path, cfg: 
     selection, pose_cache = None, None
     if cfg.layers is not None:                   # FIGAN's feature selection: the candidate with the lowest FID
         from .layer_selection import candidate_layers, chosen_layer, select_layer
-        layers_dir = Path(out_dir) / artifacts.LAYERS_DIR
-        pose_cache = layers_dir / artifacts.REGISTRATION        # one registration for candidates and the choice
+        layers_dir = Path(out_dir) / layout.LAYERS_DIR
+        pose_cache = layers_dir / layout.REGISTRATION        # one registration for candidates and the choice
         selection = select_layer(ds, model, candidate_layers(model, cfg.layers), layers_dir, cfg,
                                  task, input_shape, cnn_name, pose_cache)
         cfg = dataclasses.replace(cfg, layer=chosen_layer(selection))

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch.nn as nn
 
-from .artifacts import REGISTRATION
+from .layout import REGISTRATION
 from .data import ImageDataset
 from .explain import (ExplainConfig, _log, prepare, stage_features, stage_pls, stage_train, sweep_frame_samples,
                       use_kept_generator)

@@ -45,7 +45,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .artifacts import GENERATOR_META, GENERATOR_WEIGHTS
+from .layout import GENERATOR_META, GENERATOR_WEIGHTS
 from .files import write_atomic, write_text_atomic
 from .sizes import (MAX_MODEL_BYTES, SizeError, check_file_fits, check_model_bytes, check_sizes,
                     module_bytes_on_meta, read_json)

@@ -35,7 +35,7 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 import pandas as pd
 
-from .artifacts import PLS_ARRAYS, PLS_META
+from .layout import PLS_ARRAYS, PLS_META
 from .files import write_atomic, write_text_atomic
 from .sizes import check_npz_fits, check_sizes, read_json
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import component_name
+from .layout import component_name
 from .sequences import _fmt_values, _new_figure, _rgb, _save
 
 N_CASES = 4
@@ -79,7 +79,7 @@ def write_real_cases(G, images: torch.Tensor, scores: np.ndarray, candidates: np
                      hi: np.ndarray, frames: int, out_dir: Path, image_channels: int,
                      paths: list[str] | None = None, n: int = N_CASES) -> list[dict]:
     """For every component, into the sequences folder ``out_dir``: its ``real_cases`` PNG and ``real_cases_json``
-    (cases, their scores, own frame and placement; names: :func:`models.artifacts.component_name`). ``images``:
+    (cases, their scores, own frame and placement; names: :func:`models.layout.component_name`). ``images``:
     (N, C, H, W) in [0, 1] at the generator's resolution; ``scores``: (N, k); ``candidates``: indices
     that may be shown (held out from the generator's seeds)."""
     out_dir.mkdir(parents=True, exist_ok=True)

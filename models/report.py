@@ -30,7 +30,7 @@ from typing import Any
 
 from jinja2 import Environment, StrictUndefined
 
-from . import artifacts
+from . import layout
 from .attribution import CAPTION as ATTRIBUTION_CAPTION
 from .checks import Thresholds
 from .verdict import verdict_of, verdict_text
@@ -155,13 +155,13 @@ def _component_view(art: Path, c: dict, th_faith: float, th_cond: float, min_pct
     j = c["component"]
     faith, cond = c.get("faithfulness") or {}, c.get("conditioning") or {}
     gt = sorted((c.get("ground_truth") or {}).items(), key=lambda kv: -abs(kv[1].get("effect_sd") or 0))
-    cases = (_read_json(artifacts.component_file(art, j, "real_cases_json")) or {}).get("cases") or []
+    cases = (_read_json(layout.component_file(art, j, "real_cases_json")) or {}).get("cases") or []
     return {
-        "real_cases": data_uri(artifacts.component_file(art, j, "real_cases")), "n_cases": len(cases),
-        "attribution": data_uri(artifacts.component_file(art, j, "attribution")),
+        "real_cases": data_uri(layout.component_file(art, j, "real_cases")), "n_cases": len(cases),
+        "attribution": data_uri(layout.component_file(art, j, "attribution")),
         "poor_cases": sum(not case.get("trusted", True) for case in cases),
         "n": j, "pct": c.get("pct_target_variance"),
-        **{kind: data_uri(artifacts.component_file(art, j, kind)) for kind in ("gif", "strip", "eigen", "deviation")},
+        **{kind: data_uri(layout.component_file(art, j, kind)) for kind in ("gif", "strip", "eigen", "deviation")},
         "faith": faith, "cond": cond, "gt": gt, "reader": c.get("reader") or {},
         "range": c.get("sweep") or {},
         "faith_ok": faith.get("rho_mean") is not None and faith["rho_mean"] >= th_faith,
@@ -192,10 +192,10 @@ def build_report(artifacts_dir: str | Path, lineage: dict | None = None, drift: 
     (default ``diff/matched_components.png`` in the folder when present). ``out`` defaults to
     ``<artifacts_dir>/report.html``."""
     art = Path(artifacts_dir)
-    metrics = _read_json(art / artifacts.METRICS)
+    metrics = _read_json(art / layout.METRICS)
     if metrics is None:
-        raise FileNotFoundError(f"{art}: no {artifacts.METRICS}; the report is built after the checks stage")
-    config = _read_json(art / artifacts.CONFIG) or {}
+        raise FileNotFoundError(f"{art}: no {layout.METRICS}; the report is built after the checks stage")
+    config = _read_json(art / layout.CONFIG) or {}
     lineage = dict(lineage or {})
     gates = metrics.get("gates") or {}
     th_faith = (gates.get("faithfulness") or {}).get("threshold", thresholds.faithfulness)
@@ -226,8 +226,8 @@ def build_report(artifacts_dir: str | Path, lineage: dict | None = None, drift: 
     fid = dict(metrics.get("fid") or {})
     if fid.get("best") is not None and fid.get("floor"):
         fid["ratio"] = fid["best"] / fid["floor"]
-    if diff_image is None and (art / artifacts.DIFF_IMAGE).is_file():
-        diff_image = art / artifacts.DIFF_IMAGE
+    if diff_image is None and (art / layout.DIFF_IMAGE).is_file():
+        diff_image = art / layout.DIFF_IMAGE
     pls = metrics.get("pls") or {}
     verdict = verdict_of(metrics)
     view = {
@@ -237,14 +237,14 @@ def build_report(artifacts_dir: str | Path, lineage: dict | None = None, drift: 
         "cautions": cautions(metrics, drift, diff, thresholds, min_variance_pct),
         "lineage": [(k, _fmt(v)) for k, v in lineage_rows if v is not None],
         "verify_target": f"{lineage.get('cnn_name') or 'MODEL'} {lineage.get('cnn_version') or 'VERSION'}",
-        "attribution_caption": ATTRIBUTION_CAPTION, "manifest_path": artifacts.MANIFEST,
+        "attribution_caption": ATTRIBUTION_CAPTION, "manifest_path": layout.MANIFEST,
         "layer_selection": metrics.get("layer_selection"),
         "config": [(k, _fmt(v)) for k, v in sorted(cfg.items())],
-        "variance_png": data_uri(art / artifacts.PLS_VARIANCE_PNG),
+        "variance_png": data_uri(art / layout.PLS_VARIANCE_PNG),
         "pct": pls.get("pct_target_variance") or [c.get("pct_target_variance") for c in metrics["components"]],
         "cum_pct": pls.get("cumulative_pct"),
         "components": [_component_view(art, c, th_faith, th_cond, min_variance_pct) for c in metrics["components"]],
-        "fid": fid, "fid_png": data_uri(art / artifacts.FID_TRACE_PNG),
+        "fid": fid, "fid_png": data_uri(art / layout.FID_TRACE_PNG),
         "diversity": metrics.get("diversity"), "training": metrics.get("training") or {},
         "th": asdict(thresholds) | {"faithfulness": th_faith, "conditioning": th_cond},
         "min_pct": min_variance_pct,
@@ -258,7 +258,7 @@ def build_report(artifacts_dir: str | Path, lineage: dict | None = None, drift: 
     }
     env = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     page = env.from_string(_TEMPLATE).render(**view)
-    target = Path(out) if out is not None else art / artifacts.REPORT
+    target = Path(out) if out is not None else art / layout.REPORT
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
     tmp.write_text(page, encoding="utf-8")

@@ -41,7 +41,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from .artifacts import component_name
+from .layout import component_name
 
 Generate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -444,7 +444,7 @@ def save_deviation_png(dev, values, path: str | Path, caption: str, component: i
 def write_component(out_dir: str | Path, result: SweepResult, pct_variance: float, fps: float = 6,
                     gif_scale: int | None = None, range_label: str | None = None) -> dict[str, Path]:
     """Write a component's GIF, strip, eigen and deviation PNGs and a small npz into the sequences folder
-    ``out_dir``; returns their paths by kind (their names: :func:`models.artifacts.component_name`).
+    ``out_dir``; returns their paths by kind (their names: :func:`models.layout.component_name`).
 
     Files: ``gif`` (seed 0, image channels, boomerang), ``strip``, ``eigen``, ``deviation`` and ``npz`` (values,
     frames_seed0 uint8 (F, C_out, H, W), eigen (C, H, W), eigen_ratio, deviation (F, C_img, H, W), component,

@@ -488,7 +488,7 @@ def wait_explained(run: Run, stack: Stack, tracking_uri: str, version: str, time
     the worker submits the next attempt)."""
     from mlflow import MlflowClient
     sys.path.insert(0, str(ROOT))
-    from models import artifacts
+    from models import layout
     client = MlflowClient(tracking_uri)
     t0, seen, restarted = time.monotonic(), None, None
     while True:
@@ -502,7 +502,7 @@ def wait_explained(run: Run, stack: Stack, tracking_uri: str, version: str, time
         if status == "failed" and not (restarted and tags.get("figan.error_kind") == "crash"):
             raise SmokeError(f"explanation failed: {tags.get('figan.error')}\n{explain_logs(stack)}")
         if restart_worker and restarted is None and status == "running" and tags.get("figan.key"):
-            ckpts = f"/data/work/{MODEL}-v{version}-{tags['figan.key']}/*/{artifacts.CHECKPOINT}"  # one folder per run
+            ckpts = f"/data/work/{MODEL}-v{version}-{tags['figan.key']}/*/{layout.CHECKPOINT}"  # one folder per run
             if run.podman("exec", stack.container("prefect-worker"), "sh", "-c", f"ls {ckpts}",
                           check=False).returncode == 0:
                 restarted = round(time.monotonic() - t0, 1)
@@ -522,8 +522,8 @@ def explain_logs(stack: Stack) -> str:
 def check_resumed(tracking_uri: str, run_id: str, work: Path) -> int:
     import mlflow
     sys.path.insert(0, str(ROOT))
-    from models import artifacts
-    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifacts.METRICS,
+    from models import layout
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=layout.METRICS,
                                                dst_path=str(work / "metrics"), tracking_uri=tracking_uri)
     step = int(json.loads(Path(path).read_text())["training"].get("resumed_from_step") or 0)
     if step <= 0:

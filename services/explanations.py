@@ -85,7 +85,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.responses import JSONResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from models import artifacts
+from models import layout
 
 from .access_log import ApiAccessLog, access_log_mode
 from .memory_first import memory_first_service
@@ -236,7 +236,7 @@ def _published(store, expl: Explanation, component: str | None, file: str,
     stem, _, ext = file.rpartition(".")
     if component is None:
         if file == "metrics.json":
-            return store.file(expl, expl.dir / artifacts.METRICS, memory_only), "application/json", \
+            return store.file(expl, expl.dir / layout.METRICS, memory_only), "application/json", \
                 f'"{expl.run_id}-metrics"'
         if file == "fid_trace.png":
             return store.file(expl, store.fid_trace_png(expl), memory_only), "image/png", f'"{expl.run_id}-fid"'

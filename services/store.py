@@ -50,7 +50,7 @@ from PIL import Image, UnidentifiedImageError
 
 from flows import audit, registry
 from flows.settings import Settings
-from models import artifacts
+from models import layout
 from models.cgan import CGANConfig, Generator, load_generator, read_generator_meta
 from models.data import IMAGE_FORMATS, read_image
 from models.explain import cnn_input
@@ -154,8 +154,8 @@ class Explanation:
         return np.array([self.sweep_range(j) for j in range(self.k)])
 
     def component_file(self, component: int, kind: str) -> Path:
-        """Published file of a 0-based component (``kind``: one of :data:`models.artifacts.COMPONENT_SUFFIXES`)."""
-        return artifacts.component_file(self.dir, component + 1, kind)
+        """Published file of a 0-based component (``kind``: one of :data:`models.layout.COMPONENT_SUFFIXES`)."""
+        return layout.component_file(self.dir, component + 1, kind)
 
     def serving(self) -> dict[str, Any]:
         """What is served against what the version's status is now: ``serving_run`` (the run answered from),
@@ -402,10 +402,10 @@ class ExplanationStore:
                 self._download(row, run_id, dest)
                 self.disk.collect(self._forget)
             lineage = self._check_manifest(row, run_id, key, dest)
-            _, gen_cfg = read_generator_meta(dest / artifacts.GENERATOR_DIR)        # sizes bounded before any use
-            config_path = dest / artifacts.CONFIG
+            _, gen_cfg = read_generator_meta(dest / layout.GENERATOR_DIR)        # sizes bounded before any use
+            config_path = dest / layout.CONFIG
             config = read_json(config_path).get("config", {}) if config_path.is_file() else {}
-            metrics = read_json(dest / artifacts.METRICS)
+            metrics = read_json(dest / layout.METRICS)
         return Explanation(name=row["name"], version=row["version"], run_id=run_id, row=row, dir=dest,
                            metrics=metrics, config=config, gen_cfg=gen_cfg, lineage=lineage)
 
@@ -417,7 +417,7 @@ class ExplanationStore:
         where = f"{row['name']}/{row['version']}"
         try:
             result = audit.verify_served(dest, {**row, "run_id": run_id, "key": key},
-                                         ignore=(artifacts.SERVICE_DIR, SIZES_FILE))
+                                         ignore=(layout.SERVICE_DIR, SIZES_FILE))
         except audit.AuditError as e:
             log.error("audit key unusable", extra={"error": str(e)})
             raise ServiceError(503, "version: this service has no usable audit key to check explanations with "
@@ -454,10 +454,10 @@ class ExplanationStore:
         tmp = Path(tempfile.mkdtemp(prefix=f".{run_id}-", dir=self.cache))
         try:
             registry.download_explanation(self.client, run_id, tmp)
-            metrics = read_json(tmp / artifacts.METRICS)
+            metrics = read_json(tmp / layout.METRICS)
             fid = metrics.get("fid") or {}
             if fid.get("trace"):
-                plot_fid_trace(fid["trace"], tmp / artifacts.SERVICE_FID_TRACE, floor=fid.get("floor"),
+                plot_fid_trace(fid["trace"], tmp / layout.SERVICE_FID_TRACE, floor=fid.get("floor"),
                                label=fid.get("extractor") or "", best_step=fid.get("best_step"))
             record_sizes(tmp)
             try:
@@ -557,20 +557,20 @@ class ExplanationStore:
         return data
 
     def fid_trace_png(self, expl: Explanation) -> Path:
-        return expl.dir / artifacts.SERVICE_FID_TRACE
+        return expl.dir / layout.SERVICE_FID_TRACE
 
     # -- models in memory (least recently used out beyond FIGAN_SERVICE_MODEL_CACHE_BYTES)
     def generator(self, expl: Explanation) -> tuple[Generator, CGANConfig]:
         def load() -> tuple[Generator, CGANConfig]:
             with self._on_disk(expl), self._refused(expl.row, expl.run_id):
-                G, gcfg, _ = load_generator(expl.dir / artifacts.GENERATOR_DIR, "cpu", self.cfg.model_cache_bytes)
+                G, gcfg, _ = load_generator(expl.dir / layout.GENERATOR_DIR, "cpu", self.cfg.model_cache_bytes)
             return G.to(memory_format=torch.channels_last), gcfg        # ~25 % faster on CPU
         return self.loaded.get_or_load(("generator", expl.run_id), load)
 
     def pls(self, expl: Explanation) -> PLSState:
         def load() -> PLSState:
             with self._on_disk(expl), self._refused(expl.row, expl.run_id):
-                return load_pls(expl.dir / artifacts.PLS_DIR)
+                return load_pls(expl.dir / layout.PLS_DIR)
         return self.loaded.get_or_load(("pls", expl.run_id), load)
 
     def cnn(self, expl: Explanation) -> tuple[torch.nn.Module, registry.Contract]:

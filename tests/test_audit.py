@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from models import artifacts, audit
+from models import audit, layout
 
 KEY = b"k" * 32
 SUBJECT = {"model": "cnn", "version": "3", "key": "abc", "run_id": "0" * 32}
@@ -38,7 +38,7 @@ def test_a_signed_folder_verifies(signed):
     assert result.ok and result.headline() == "verified", result.problems
     assert result.signature == "valid" and result.checked == 3 and result.manifest_sha256 == digest
     assert result.inputs == {"dataset_md5": "d" * 32}
-    on_disk = json.loads((root / artifacts.MANIFEST).read_text())
+    on_disk = json.loads((root / layout.MANIFEST).read_text())
     assert set(on_disk["files"]) == {"sequences/component_1.gif", "metrics.json", "report.html"}
     assert on_disk["signature"]["key_id"] == audit.key_id(KEY) and KEY.decode() not in json.dumps(on_disk)
 
@@ -85,7 +85,7 @@ def test_a_wrong_key_is_a_signature_failure_naming_both_key_ids(signed):
 
 def test_an_edited_manifest_breaks_the_signature_and_the_digest(signed):
     root, digest = signed
-    path = root / artifacts.MANIFEST
+    path = root / layout.MANIFEST
     manifest = json.loads(path.read_text())
     flip_one_byte(root / "report.html", at=3)
     manifest["files"]["report.html"] = audit.file_sha256(root / "report.html")     # re-hash the edited file
@@ -100,7 +100,7 @@ def test_a_manifest_about_another_explanation_or_none_at_all_is_refused(signed):
     root, digest = signed
     moved = audit.verify_folder(root, KEY, expected_sha256=digest, subject={**SUBJECT, "version": "4"})
     assert not moved.ok and moved.problems == ["subject: the manifest is about version '3', not '4'"]
-    (root / artifacts.MANIFEST).unlink()
+    (root / layout.MANIFEST).unlink()
     none = audit.verify_folder(root, KEY, expected_sha256=digest)
     assert not none.ok and none.manifest is None and none.signature == "missing"
     assert "no signed manifest" in none.headline()
@@ -110,7 +110,7 @@ def test_keys_and_digests():
     with pytest.raises(ValueError, match="at least 16 bytes"):
         audit.sign(audit.build_manifest({}, {}, {}), b"short")
     with pytest.raises(ValueError, match="cannot list itself"):
-        audit.build_manifest({artifacts.MANIFEST: "0"}, {}, {})
+        audit.build_manifest({layout.MANIFEST: "0"}, {}, {})
     versions = audit.library_versions()
     assert versions["torch"] and versions["mlflow"] and versions["scikit-learn"] and versions["python"]
 

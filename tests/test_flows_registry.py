@@ -20,7 +20,7 @@ from PIL import Image
 
 from flows import registry as R
 from flows.mlflow_server import find_server, start_server, stop_server
-from models import artifacts
+from models import layout
 from models.cnn import TrainConfig, train_cnn
 from models.features import extract_features
 from models.phantom import PhantomConfig, write_phantom
@@ -352,7 +352,7 @@ def test_published_explanation_is_signed_and_linked_to_the_cnn(client, registere
     assert run.data.tags[R.RUN_TAG_MANIFEST] == digest and f"manifest sha256 {digest}" in out
     assert R.list_versions(client, "cnn")[int(v) - 1]["manifest_sha256"] == digest
 
-    manifest = json.loads(Path(client.download_artifacts(run_id, artifacts.MANIFEST, str(tmp_path))).read_text())
+    manifest = json.loads(Path(client.download_artifacts(run_id, layout.MANIFEST, str(tmp_path))).read_text())
     published = {f.relative_to(d).as_posix() for f in d.rglob("*") if f.is_file()} - {"gan/last.pt", "features.npy"}
     assert set(manifest["files"]) == published | {"lineage.json"}              # every artifact but the manifest
     assert manifest["subject"] == {"model": "cnn", "version": v, "key": "key-audit", "run_id": run_id}

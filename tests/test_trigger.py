@@ -33,7 +33,7 @@ from flows.platform import prefect_api_url, start_prefect, start_prefect_worker,
 from flows.procs import find_daemon, free_port, stop_daemon
 from flows.settings import Settings
 from flows.trigger import Decision, Verifier, Rejected, WEBHOOK_PATH, Worker, decide, sign, webhook_secret
-from models import artifacts
+from models import layout
 from models.cnn import TrainConfig, train_cnn
 from models.phantom import PhantomConfig, write_phantom
 
@@ -329,7 +329,7 @@ def test_registrations_are_explained_with_no_other_call(platform):
     for n, v in versions.items():
         runs = published_runs(p, n, v)
         assert len(runs) == 1 and runs[0].info.run_id == statuses[n]["run_id"]
-        lineage = artifact_json(p, runs[0].info.run_id, artifacts.LINEAGE)
+        lineage = artifact_json(p, runs[0].info.run_id, layout.LINEAGE)
         assert lineage["cnn_name"] == n and lineage["cnn_version"] == v and lineage["dataset_md5"] == p.md5
     assert statuses["auto-a"]["run_id"] != statuses["auto-b"]["run_id"]
     # the worker's log (a container's log in deploy/) says what submitted each version's flow run and how it ended;
