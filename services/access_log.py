@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from typing import Any, Awaitable, Callable
+
+from .contract import PUBLISHED_FILE
 
 log = logging.getLogger("figan.access")
 
 MODES = ("api", "all", "off")
-# the immutable files of a published explanation, whether the path still carries the API's /v1 mount or not
-PUBLISHED_FILE = re.compile(r"/models/[^/]+/versions/[^/]+/(components/[^/]+/[a-z_]+\.(gif|png|json)|metrics\.json|"
-                            r"fid_trace\.png)$")
-
 Scope = dict[str, Any]
 ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
 

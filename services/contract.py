@@ -16,6 +16,11 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")     # registered mod
 VERSION_RE = re.compile(r"^[1-9][0-9]{0,8}$")
 ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
 RUN_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+# The immutable files of a published explanation, as a path ends (with or without the API's mount): a component's
+# sequence / images, or the version's metrics and FID trace (for the access log, tracing and memory-first answers).
+PUBLISHED_FILE = re.compile(r"/models/(?P<model>[^/]+)/versions/(?P<version>[^/]+)/"
+                            r"(?:components/(?P<component>[^/]+)/(?P<file>[a-z_]+\.(?:gif|png|json))|"
+                            r"(?P<version_file>metrics\.json|fid_trace\.png))$")
 MEDIA_TYPES = {"gif": "image/gif", "png": "image/png", "json": "application/json"}
 
 

@@ -89,7 +89,7 @@ from models import layout
 
 from .access_log import ApiAccessLog, access_log_mode
 from .memory_first import memory_first_service
-from .contract import (FRAMES_MAX, FRAMES_MIN, MAX_COMPONENTS, MEDIA_TYPES, SWEEP_LIMIT, ServiceError,
+from .contract import (FRAMES_MAX, FRAMES_MIN, MAX_COMPONENTS, MEDIA_TYPES, PUBLISHED_FILE, SWEEP_LIMIT, ServiceError,
                        check_component, check_name, check_ref, check_within_published, public_row)
 
 if TYPE_CHECKING:                     # the store (torch, MLflow) is imported by the worker only, in __init__
@@ -104,9 +104,7 @@ STATIC = Path(__file__).parent / "static"
 API_PATH = "/v1"                                      # where the API app is mounted
 OPTIONAL_FIGURES = ("attribution", "real_cases")      # per-component PNGs an explanation may publish
 COMPONENT_IMAGES = ("eigen", "deviation", *OPTIONAL_FIGURES)
-# a published file's path as the server receives it: the version's metrics.json / fid_trace.png, or a component's
-PUBLISHED_PATH = re.compile(API_PATH + r"/models/(?P<model>[^/]+)/versions/(?P<version>[^/]+)/"
-                            r"(?:components/(?P<component>[^/]+)/)?(?P<file>[a-z_]+\.(?:gif|png|json))$")
+PUBLISHED_PATH = re.compile(API_PATH + PUBLISHED_FILE.pattern)      # a published file's path as served
 SweepValue = Annotated[float, Field(ge=-SWEEP_LIMIT, le=SWEEP_LIMIT, allow_inf_nan=False)]
 api = FastAPI(title="FIGAN explanations", version="1", docs_url=None, redoc_url=None)   # no CDN-hosted doc pages
 ACCESS_LOG = access_log_mode()
@@ -274,7 +272,8 @@ def answer_from_memory(scope: dict) -> Response | None:
         expl = svc.store.cached(match["model"], match["version"])
         if expl is None:
             return None
-        data, media_type, etag = _published(svc.store, expl, match["component"], match["file"], memory_only=True)
+        file = match["file"] or match["version_file"]
+        data, media_type, etag = _published(svc.store, expl, match["component"], file, memory_only=True)
     except (ServiceError, bentoml.exceptions.BentoMLException):    # refused, or the service not started yet
         return None
     return None if data is None else _binary(headers, data, media_type, etag, expl)
