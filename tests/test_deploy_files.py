@@ -688,7 +688,7 @@ K8S_SECRET_ACCESS = {
     "prefect-server": {("prefect-secrets", "*")},
     "prefect-worker": {("prefect-secrets", "PREFECT_API_AUTH_STRING")},
     "prefect-register-deployments": {("prefect-secrets", "PREFECT_API_AUTH_STRING")},
-    "figan-worker": {("worker-secrets", "*"), ("prefect-secrets", "PREFECT_API_AUTH_STRING")},
+    "figan-worker": {("prefect-secrets", "PREFECT_API_AUTH_STRING")},             # decides and submits only
     "figan-explanation": {("worker-secrets", "*"), ("prefect-secrets", "PREFECT_API_AUTH_STRING")},
     "figan-service": {("service-secrets", "*"), ("worker-secrets", "FIGAN_AUDIT_KEY")},   # checks what the worker signs
 }
@@ -859,7 +859,7 @@ SERVES = {"postgres": 5432, "minio": 9000, "mlflow": 5000, "prefect-server": 420
 EVERYONE = "*"
 MAY_CALL = {
     "postgres": {"mlflow", "prefect-server"},
-    "minio": {"mlflow", "figan-worker", "figan-explanation", "minio-provision"},
+    "minio": {"mlflow", "figan-explanation", "minio-provision"},
     "mlflow": {"figan-worker", "figan-explanation", "figan-service", "mlflow-client"},
     "prefect-server": {"prefect-worker", "figan-worker", "figan-explanation", "prefect-register-deployments"},
     "figan-worker": {"mlflow"},
