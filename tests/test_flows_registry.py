@@ -371,6 +371,25 @@ def test_published_explanation_is_signed_and_linked_to_the_cnn(client, registere
     assert run.data.params["verdict"] == "pass" and run.data.metrics["verdict_pass"] == 1.0
 
 
+def test_caches_and_training_state_are_not_published_at_any_depth(client, registered, fake_explanation, tmp_path):
+    """Layer selection keeps each candidate's explanation under layers/: its record and kept generator are
+    published, its features, checkpoints and registration (caches, hundreds of MB on real data) are not."""
+    d, metrics = fake_explanation
+    candidate = d / "layers" / "candidate-1"
+    (candidate / "gan" / "best").mkdir(parents=True)
+    for cache in (candidate / "features.npy", candidate / "gan" / "last.pt", candidate / "gan" / "pose.pt",
+                  d / "layers" / "pose.pt"):
+        cache.write_bytes(b"cache")
+    (candidate / "gan" / "best" / "generator.pt").write_bytes(b"weights")
+    (candidate / "metrics.json").write_text("{}")
+    (d / "layers" / "layer_selection.json").write_text("{}")
+    _, run_id = _publish_new_version(client, registered, d, metrics, "key-layers")
+    manifest = json.loads(Path(client.download_artifacts(run_id, layout.MANIFEST, str(tmp_path))).read_text())
+    assert {f for f in manifest["files"] if f.startswith("layers/")} == {
+        "layers/layer_selection.json", "layers/candidate-1/metrics.json", "layers/candidate-1/gan/best/generator.pt"}
+    assert "features.npy" not in manifest["files"] and "gan/last.pt" not in manifest["files"]
+
+
 def test_a_version_registered_without_a_logged_model_still_publishes_and_verifies(client, registered,
                                                                                   fake_explanation, verify):
     d, metrics = fake_explanation

@@ -104,14 +104,15 @@ def _code_version() -> str | None:
 
 
 def _published(rel: Path) -> bool:
-    """Whether an artifacts-folder file goes into the explanation run: everything except the cached features,
-    the GAN's training checkpoints (``gan/*.pt``; ``gan/best/`` is kept), hidden files and a manifest left from
-    an earlier publication (each run gets its own)."""
+    """Whether an artifacts-folder file goes into the explanation run: everything except caches and training state,
+    at any depth (the layer-selection candidates under ``layers/`` have their own): cached features, a GAN's
+    training checkpoint and registration (``gan/*.pt``; ``gan/best/`` is kept), the shared registration
+    ``layers/pose.pt``, hidden files and a manifest left from an earlier publication (each run gets its own)."""
     if any(part.startswith(".") for part in rel.parts):
         return False
-    if rel.as_posix() in (layout.FEATURES, layout.MANIFEST):
+    if rel.as_posix() == layout.MANIFEST or rel.name in (layout.FEATURES, layout.REGISTRATION):
         return False
-    if len(rel.parts) == 2 and rel.parts[0] == layout.GAN_DIR and rel.suffix == ".pt":
+    if len(rel.parts) >= 2 and rel.parts[-2] == layout.GAN_DIR and rel.suffix == ".pt":
         return False
     return True
 
@@ -135,8 +136,8 @@ def publish_explanation(client: MlflowClient, name: str, version: str | int, art
     headline metrics, verdict (``figan.verdict``) and manifest digest; with ``pass_alias``, then
     :func:`apply_pass_alias`.
 
-    The run (experiment ``figan-explanations``) gets every file of ``artifacts_dir`` except ``features.npy`` and
-    ``gan/*.pt`` (``gan/best/`` is kept), ``metrics`` flattened into run metrics and the FID trace as the step
+    The run (experiment ``figan-explanations``) gets every file of ``artifacts_dir`` except caches and training
+    state at any depth (``features.npy``, ``gan/*.pt``, ``pose.pt``; ``gan/best/`` is kept), ``metrics`` flattened into run metrics and the FID trace as the step
     series ``fid``, the verdict as the param ``verdict`` and the metric ``verdict_pass``, the tags
     ``figan.model``/``figan.version``/``figan.key`` and ``figan.cnn_id`` (the version's :func:`cnn_identity`),
     lineage as ``lineage.<k>`` tags and ``lineage.json`` (the code version, library versions and the CNN's
