@@ -9,10 +9,11 @@ One worker process holds three parts that all feed one queue of *candidates* (mo
   ``window`` seconds of now (stale otherwise) and its ``X-MLflow-Delivery-Id`` was not seen before (replay; seen
   ids are kept in SQLite so a restart does not forget them). Bodies are capped at 64 KiB and must be JSON
   objects. ``POST /reconcile`` (with the secret) asks for a reconcile pass now (e.g. after a new data version).
-* **Reconciler** (level-triggered): every ``reconcile_seconds`` it lists every opted-in version (tag
-  ``figan.explain=true`` on the version or its model, or a model on the allowlist) and queues them all. It
-  recovers whatever a dead receiver, a crashed worker or a restarted server missed, and notices a new data version
-  or explainer config (they change a version's key).
+* **Reconciler** (level-triggered): every ``reconcile_seconds`` it lists every version once, with its tags, and
+  queues each opted-in one (tag ``figan.explain=true`` on the version or its model, or a model on the allowlist)
+  that is not ``done`` under the key it would get now. It recovers whatever a dead receiver, a crashed worker or a
+  restarted server missed, and notices a new data version or explainer config (they change a version's key). A
+  pass reads the listing's pages and nothing per settled version (:class:`PassKeys`).
 * **Dispatcher**: for each candidate, :func:`decide` compares the version's current key (model, version, CNN
   identity, dataset md5, config hash) with its status tags and with the key's flow runs on Prefect; what needs work
   is submitted as a flow run of the explain deployment (``FIGAN_EXPLAIN_DEPLOYMENT``; the embedded default is
@@ -27,12 +28,13 @@ attempt at the same moment get one flow run; the flow itself publishes only when
 yet (the publishing gate in :func:`flows.explain.explain_version`).
 
 **Crashes and hangs are counted.** Before deciding, the worker reads the key's flow runs (tag ``figan-key:<key>``)
-from Prefect: a run that ended CRASHED (its process killed, out of memory), CANCELLED or in any final state
-without publishing, and was not yet counted on the version, is recorded as failed attempt *n* (its idempotency
-key's attempt) with the stage and GAN step it had reached (``figan.progress``, written by the flow); a RUNNING run
-whose progress is older than ``FIGAN_HANG_SECONDS`` is cancelled through Prefect (``Cancelling``) and counted the
-same way. The next attempt, after the backoff, is a new flow run (``<key>:<n+1>``) that resumes the GAN from the
-previous run's checkpoint.
+from Prefect: a run that ended CRASHED (its process killed, out of memory; or its whole worker gone, crashed by
+Prefect's automation once its heartbeats stop: :func:`flows.runs.ensure_silent_run_automation`), CANCELLED or in
+any final state without publishing, and was not yet counted on the version, is recorded as failed attempt *n*
+(its idempotency key's attempt) with the stage and GAN step it had reached (``figan.progress``, written by the
+flow); a RUNNING run whose progress is older than ``FIGAN_HANG_SECONDS`` is cancelled through Prefect
+(``Cancelling``) and counted the same way. The next attempt, after the backoff, is a new flow run
+(``<key>:<n+1>``) that resumes the GAN from the previous run's checkpoint.
 
 **Failures** (kinds: :mod:`flows.failures`). A transient failure (I/O, connection, MLflow 5xx) or a crash of a key
 is retried after ``retry_backoff`` × 2^(attempts−1) seconds, up to ``max_attempts``, then left failed with its
@@ -200,11 +202,11 @@ def run_fate(run, progress: dict | None) -> str:
     state, Prefect's message and the stage and GAN step it had reached."""
     state = run.state
     kind = state.type.value if state is not None else "UNKNOWN"
-    what = {"CRASHED": "crashed (its process died: killed, out of memory?)", "CANCELLED": "cancelled",
-            "CANCELLING": "cancelled", "FAILED": "failed", "COMPLETED": "ended without publishing"}.get(
-        kind, kind.lower())
-    where = reached(run, progress)
     message = (state.message or "").strip() if state is not None else ""
+    what = {"CRASHED": "crashed" if message else "crashed (its process died: killed, out of memory?)",
+            "CANCELLED": "cancelled", "CANCELLING": "cancelled", "FAILED": "failed",
+            "COMPLETED": "ended without publishing"}.get(kind, kind.lower())
+    where = reached(run, progress)
     if len(message) > 300:
         message = message[:299] + "…"
     return f"flow run {run.name} {what}{where}" + (f": {message}" if message else "")
@@ -225,6 +227,39 @@ def hung_for(run, progress: dict | None, now: float) -> float:
         return now - float(progress["at"])
     started = run.start_time or (run.state.timestamp if run.state else None)
     return now - started.timestamp() if started is not None else 0.0
+
+
+class PassKeys:
+    """The key each listed version would be explained under now (:func:`flows.explain.resolve_job`'s, from the
+    listing's contract), for one reconcile pass: the data store is listed once per dataset and the explain config
+    hashed once per layer choice. None when it cannot be told without the dispatcher (a contract error, no data
+    version yet)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._md5: dict[str, str | None] = {}
+        self._config_hash: dict[tuple, str] = {}
+
+    def of(self, row: dict) -> str | None:
+        from .explain import explanation_key, job_config, latest_dataset_md5
+        contract = row["contract"]
+        if isinstance(contract, Exception):
+            return None
+        md5 = contract.dataset_md5
+        if md5 is None:
+            if contract.dataset not in self._md5:
+                try:
+                    self._md5[contract.dataset] = latest_dataset_md5(self.settings, contract)
+                except Exception:  # noqa: BLE001 — no version yet, store unreachable: the dispatcher records it
+                    self._md5[contract.dataset] = None
+            md5 = self._md5[contract.dataset]
+        if md5 is None:
+            return None
+        layers = (contract.layer, contract.layers)
+        if layers not in self._config_hash:
+            self._config_hash[layers] = job_config(self.settings, contract).config_hash()
+        return explanation_key(contract.name, contract.version, contract.cnn_id, md5.removesuffix(".dir"),
+                               self._config_hash[layers])
 
 
 # --------------------------------------------------------------------------------------------- the worker
@@ -266,12 +301,24 @@ class Worker:
         return row["explain"] or (bool(allow) and row["name"] in allow)
 
     def reconcile_once(self) -> int:
-        """Queue every opted-in version; returns how many."""
-        rows = [r for r in R.list_versions(self.client) if self.opted_in(r)]
-        for r in rows:
+        """Queue every opted-in version that is not explained as things stand now; returns how many were queued.
+
+        One listing of every version (with its tags) is the whole read: a version whose status is ``done`` under
+        the key it would get now (:class:`PassKeys`: its contract, the data version, the config) is settled by
+        its row alone, so a steady pass costs the listing's pages, not calls per version. Everything else goes to
+        the dispatcher, which decides on fresh reads."""
+        keys = PassKeys(self.settings)
+        queued = 0
+        for r in R.list_versions(self.client, with_contract=True):
+            if not self.opted_in(r):
+                continue
+            if r["status"] == "done" and r["key"] is not None and r["key"] == keys.of(r):
+                self._ended(r["name"], r["version"], r)
+                continue
             self.submit(r["name"], r["version"], "reconciler")
+            queued += 1
         self.last_reconcile = time.time()
-        return len(rows)
+        return queued
 
     def reconcile_now(self) -> None:
         self._poke.set()
@@ -345,20 +392,26 @@ class Worker:
         live = None
         if key is not None and not (status.get("status") == "done" and status.get("key") == key):
             live, status = self.watch(name, version, key)               # what watch() counted, included
-        with self._lock:
-            ended = self.inflight.pop((name, version), None) if live is None else None
-            if live is not None:
+        if live is not None:
+            with self._lock:
                 self.inflight[(name, version)] = f"flow run {live}"
-        if ended is not None:               # the log says how each run it submitted or saw ended
-            outcome = (f"run {status.get('run_id')}" if status.get("status") == "done"
-                       else f"error: {status.get('error')}" if status.get("status") == "failed" else "")
-            log.info("%s/%s: %s has ended; version %s%s", name, version, ended, status.get("status"),
-                     f" ({outcome})" if outcome else "")
+        else:
+            self._ended(name, version, status)
         program_hash = (program_fingerprint(self.client, self.settings, name, version)
                         if status.get("error_kind") == PROGRAM else None)
         decision = decide(status, key, error, fingerprint, self.settings.max_attempts, program_hash=program_hash,
                           live_run=live)
         return dataclasses.replace(decision, run_key=run_key(name, version, key, status, fingerprint))
+
+    def _ended(self, name: str, version: str, status: dict) -> None:
+        """Forget the version's flow run as in flight; the log says how each run it submitted or saw ended."""
+        with self._lock:
+            ended = self.inflight.pop((name, version), None)
+        if ended is not None:
+            outcome = (f"run {status.get('run_id')}" if status.get("status") == "done"
+                       else f"error: {status.get('error')}" if status.get("status") == "failed" else "")
+            log.info("%s/%s: %s has ended; version %s%s", name, version, ended, status.get("status"),
+                     f" ({outcome})" if outcome else "")
 
     def watch(self, name: str, version: str, key: str) -> tuple[str | None, dict]:
         """The key's flow runs on Prefect (called while the key is not published): count the latest attempt when it
@@ -510,6 +563,7 @@ def serve(settings: Settings, tracking_uri: str, receiver: bool = True) -> None:
     route is served and the MLflow webhook (re)subscribed to it first."""
     import uvicorn
     log_to_stderr()
+    runs.ensure_silent_run_automation(settings.heartbeat_seconds)     # before any run: dead workers' runs crash
     worker = Worker(settings, tracking_uri).start()
     try:
         verifier, secret = None, webhook_secret(settings)

@@ -89,7 +89,7 @@ __all__ = [
     "TAG_DATASET", "TAG_DATASET_MD5", "TAG_TARGET", "TAG_TASK", "TAG_LAYER", "TAG_INPUT_SHAPE", "TAG_CLASS_NAMES",
     "TAG_EXPLAIN", "TAG_LAYERS", "TAG_LAYER_CHOSEN", "TAG_STATUS", "TAG_RUN_ID", "TAG_ERROR", "TAG_KEY", "TAG_UPDATED", "TAG_FID_BEST",
     "TAG_FID_EXTRACTOR", "TAG_FAITHFULNESS", "TAG_PCT_VARIANCE", "STATUSES", "EXPLANATIONS_EXPERIMENT",
-    "CNN_EXPERIMENT", "ContractError", "Contract", "DVCDatasetSource", "read_contract", "explain_requested",
+    "CNN_EXPERIMENT", "ContractError", "Contract", "DVCDatasetSource", "read_contract", "contract_of", "explain_requested",
     "register_cnn", "load_cnn_version", "pickle_allowed", "TAG_TRUST", "set_status", "get_status", "publish_explanation", "find_explanation",
     "download_explanation", "list_versions", "flatten_metrics", "TAG_ATTEMPTS", "TAG_RETRY_AFTER", "TAG_ERROR_KIND",
     "TAG_CONTRACT_HASH", "TAG_PROGRAM_HASH", "TAG_PROGRESS", "contract_fingerprint", "write_progress",

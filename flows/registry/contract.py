@@ -149,7 +149,13 @@ def read_contract(client: MlflowClient, name: str, version: str | int) -> Contra
     """The contract of a registered CNN version, with its :func:`cnn_identity`; :class:`ContractError` names a
     missing/invalid tag."""
     mv = client.get_model_version(name, str(version))
-    contract = _parse_contract(name, str(version), _merged_tags(client, name, version, mv))
+    return contract_of(mv, _merged_tags(client, name, version, mv))
+
+
+def contract_of(mv: ModelVersion, tags: dict[str, str]) -> Contract:
+    """The contract a model version's merged tags (registered model's, overridden by the version's) state, with its
+    :func:`cnn_identity`: :func:`read_contract` without the reads, for a listing that has both already."""
+    contract = _parse_contract(mv.name, str(mv.version), tags)
     contract.cnn_id = cnn_identity(mv)
     return contract
 

@@ -11,7 +11,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from .client import _quote, _tag_value, parse_verdict_tag
-from .contract import cnn_identity
+from .contract import ContractError, cnn_identity, contract_of
 from .tags import (
     _MAX_ERROR_CHARS,
     _STATUS_FIELDS,
@@ -147,10 +147,11 @@ def write_progress(client: MlflowClient, name: str, version: str | int, flow_run
         {"flow_run": flow_run, "stage": stage, "step": step, "at": round(time.time(), 1)}))
 
 
-def list_versions(client: MlflowClient, name: str | None = None) -> list[dict[str, Any]]:
+def list_versions(client: MlflowClient, name: str | None = None, with_contract: bool = False) -> list[dict[str, Any]]:
     """One row per model version (of ``name``, or of every registered model): name, version, cnn_id
     (:func:`cnn_identity`), aliases, explain (opt-in), the status fields of :func:`get_status`, sorted by name and
-    version. Cost: one call per page of registered models, then one per page of each model's versions."""
+    version; ``with_contract`` adds ``contract``: the version's :class:`Contract`, or the :class:`ContractError` its
+    tags raise. Cost: one call per page of registered models, then one per page of each model's versions."""
     if name is not None:
         models = [client.get_registered_model(name)]
     else:
@@ -166,7 +167,7 @@ def list_versions(client: MlflowClient, name: str | None = None) -> list[dict[st
         token = None
         while True:
             page = client.search_model_versions(f"name = {_quote(rm.name)}", page_token=token)
-            rows.extend(_version_row(rm, mv) for mv in page)
+            rows.extend(_version_row(rm, mv, with_contract) for mv in page)
             token = page.token
             if not token:
                 break
@@ -179,11 +180,17 @@ def version_row(client: MlflowClient, name: str, version: str | int) -> dict[str
     return _version_row(client.get_registered_model(name), client.get_model_version(name, str(version)))
 
 
-def _version_row(rm, mv: ModelVersion) -> dict[str, Any]:
+def _version_row(rm, mv: ModelVersion, with_contract: bool = False) -> dict[str, Any]:
     aliases = sorted(alias for alias, v in (rm.aliases or {}).items() if str(v) == str(mv.version))
     tags = {**(rm.tags or {}), **(mv.tags or {})}
-    return {"name": mv.name, "version": str(mv.version), "cnn_id": cnn_identity(mv), "aliases": aliases,
-            "explain": tags.get(TAG_EXPLAIN, "").strip().lower() == "true", **_status_from_tags(mv.tags or {})}
+    row = {"name": mv.name, "version": str(mv.version), "cnn_id": cnn_identity(mv), "aliases": aliases,
+           "explain": tags.get(TAG_EXPLAIN, "").strip().lower() == "true", **_status_from_tags(mv.tags or {})}
+    if with_contract:
+        try:
+            row["contract"] = contract_of(mv, tags)
+        except ContractError as e:
+            row["contract"] = e
+    return row
 
 
 TAG_DRIFT_DATA = "figan.drift.data"            # headline of the data drift against the previous version (JSON)
