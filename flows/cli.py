@@ -56,12 +56,14 @@ def cmd_worker(args) -> int:
 
 def cmd_prefect_worker(args) -> int:
     """Register the explain deployment on the configured Prefect server (``PREFECT_API_URL``) and its process work
-    pool, then become ``prefect worker start`` on that pool (what `figan up` starts in the background)."""
+    pool, then become ``prefect worker start`` on that pool (what `figan up` starts in the background); its flow runs
+    send Prefect heartbeats every ``FIGAN_HEARTBEAT_SECONDS``."""
     import os
     from .runs import ensure_deployment
     from .settings import Settings
     s = Settings.load()
     ensure_deployment(s.explain_deployment, s.work_pool)
+    os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(s.heartbeat_seconds)     # each flow run inherits it
     argv = [sys.executable, "-m", "prefect", "worker", "start", "--pool", s.work_pool, "--type", "process",
             "--limit", str(s.max_concurrent)]
     os.execv(sys.executable, argv + (["--with-healthcheck"] if args.healthcheck else []))

@@ -51,6 +51,7 @@ from models.layer_selection import candidate_layers, chosen_layer, select_layer
 from models.verdict import verdict_of, verdict_text
 
 from . import registry as R
+from . import runs
 from .audit import signing_key
 from .drift import drift_task, report_task          # across releases: drift + diff, auditor report
 from .data import (DataVersionError, InvalidDatasetError, dataset_version, fetch_dataset, list_versions, open_store,
@@ -110,21 +111,30 @@ def resolve_job(client: MlflowClient, settings: Settings, name: str, version: st
     """The job for a version as things stand now: contract, dataset version (pinned md5 or the latest one), config,
     idempotency key and the run already published for that key, if any. Used by the flow and by the reconciler."""
     contract = R.read_contract(client, name, version)
+    cfg = job_config(settings, contract)
+    md5 = contract.dataset_md5 or latest_dataset_md5(settings, contract)
+    md5 = md5.removesuffix(".dir")
+    key = explanation_key(name, version, contract.cnn_id, md5, cfg.config_hash())
+    return Job(name, version, key, contract.dataset, md5, contract, cfg, R.find_explanation(client, name, version, key))
+
+
+def job_config(settings: Settings, contract: R.Contract) -> ExplainConfig:
+    """The explain config for a version: the platform's, with the layer(s) its contract names."""
     cfg = settings.explain_cfg()
     if contract.layer:
         cfg.layer = contract.layer
     if contract.layers:
         cfg.layers = contract.layers
-    md5 = contract.dataset_md5
-    if md5 is None:
-        versions = list_versions(open_store(settings.data_store, settings.dvc_remote), contract.dataset)
-        if not versions:
-            raise DataVersionError(f"model version {name}/{version}: dataset {contract.dataset!r} has no version "
-                                   f"in the data store {settings.data_store}")
-        md5 = versions[-1].md5
-    md5 = md5.removesuffix(".dir")
-    key = explanation_key(name, version, contract.cnn_id, md5, cfg.config_hash())
-    return Job(name, version, key, contract.dataset, md5, contract, cfg, R.find_explanation(client, name, version, key))
+    return cfg
+
+
+def latest_dataset_md5(settings: Settings, contract: R.Contract) -> str:
+    """The md5 of the newest version of the contract's dataset in the data store (the contract pins none)."""
+    versions = list_versions(open_store(settings.data_store, settings.dvc_remote), contract.dataset)
+    if not versions:
+        raise DataVersionError(f"model version {contract.name}/{contract.version}: dataset {contract.dataset!r} has "
+                               f"no version in the data store {settings.data_store}")
+    return versions[-1].md5
 
 
 @task(name="resolve", **IO_TASK)
@@ -316,7 +326,7 @@ def explain_version(name: str, version: str, stop_after: int | None = None) -> d
     the publishing gate: the key's published run answers at once, and right before publishing the flow checks
     again, so a run that lost a race (or a person's run beside the platform's) publishes nothing. Each flow run
     works in its own folder (:func:`run_folder`)."""
-    from prefect.runtime import flow_run as this_run
+    from prefect.runtime import deployment as this_deployment, flow_run as this_run
     log = get_run_logger()
     settings = Settings.load()
     client = MlflowClient(tracking_uri(settings))
@@ -335,6 +345,8 @@ def explain_version(name: str, version: str, stop_after: int | None = None) -> d
                  attempts=prev["attempts"] if prev.get("key") == job.key else None)
     try:
         signing_key(settings, create=True)      # an unusable audit key fails now, not after the work
+        if this_deployment.id:                  # a run the crash automation watches: its heartbeats must keep up
+            runs.check_heartbeat_period(settings.heartbeat_seconds)
         res = job.cfg.resolution or "auto"       # the registration depends on the images alone: shared
         pose_cache = settings.features_cache / (f"{job.dataset}-{job.dataset_md5[:12]}-{res}-"
                                                 f"{job.cfg.max_images or 'all'}-{job.cfg.register_iters}-pose.pt")

@@ -68,14 +68,13 @@ def prefect_api_url(settings: Settings) -> str | None:
 @contextmanager
 def platform_prefect(settings: Settings) -> Iterator[str | None]:
     """Prefect calls inside go to the embedded platform's server when it is up and ``PREFECT_API_URL`` is not set,
-    so a flow run from the command line or the demo is recorded there, not in a throwaway temporary server. Yields
-    the API URL used (None: Prefect's own default)."""
+    so a flow run from the command line or the demo is recorded there, not in a throwaway temporary server; its
+    heartbeats come every ``FIGAN_HEARTBEAT_SECONDS``, as the platform's crash automation expects
+    (:func:`flows.runs.ensure_silent_run_automation`). Yields the API URL used (None: Prefect's own default)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
     api = prefect_api_url(settings)
-    if api is None:
-        yield None
-        return
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-    with temporary_settings(updates={PREFECT_API_URL: api}):
+    updates = {PREFECT_FLOWS_HEARTBEAT_FREQUENCY: settings.heartbeat_seconds}
+    with temporary_settings(updates={**updates, PREFECT_API_URL: api} if api else updates):
         yield api
 
 

@@ -8,6 +8,12 @@ person) submitting the same attempt of the same explanation get the same flow ru
 uses the next attempt number and so gets a new one. Every run also carries the tag ``figan-key:<key>``, by which
 :func:`key_runs` finds the attempts of a key and their states (crashed, cancelled, running) on the server.
 
+**A run whose worker died is crashed by Prefect.** A flow run's process sends Prefect heartbeat events
+(``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``); when its worker, container or machine dies no one is left to report the
+run, which would stay RUNNING. :func:`ensure_silent_run_automation` keeps one automation on the server, Prefect's
+zombie-flow pattern: a run of the explain flow that has sent a heartbeat and then nothing (no heartbeat, no final
+state) for :data:`MISSED_HEARTBEATS` periods is set CRASHED, which the worker counts like any other crash.
+
 The embedded platform's deployment (:func:`ensure_deployment`) runs on a *process* work pool: a ``prefect worker``
 (started by ``figan up``) runs each flow run in its own process, at most ``--limit`` at once. A team registers the
 same flow on its own pool (e.g. Kubernetes) and names it with ``FIGAN_EXPLAIN_DEPLOYMENT``; nothing else changes.
@@ -17,11 +23,14 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
 FLOW_NAME = "explain-model-version"
 KEY_TAG = "figan-key:"
+SILENT_RUN_AUTOMATION = "figan: crash explain runs whose heartbeats stopped"
+MISSED_HEARTBEATS = 3
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -100,3 +109,55 @@ def cancel(run_id: UUID, message: str) -> None:
     from prefect.states import Cancelling
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(run_id, Cancelling(message=message), force=True)
+
+
+def ensure_silent_run_automation(heartbeat_seconds: int) -> UUID:
+    """Create, or bring up to date, the automation that marks a silent explain run CRASHED (see the module
+    docstring); ``heartbeat_seconds`` is the flow runs' heartbeat period. Returns the automation's id."""
+    from prefect.automations import Automation
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+    silence = heartbeat_seconds * MISSED_HEARTBEATS
+    wanted = Automation(
+        name=SILENT_RUN_AUTOMATION,
+        description="FIGAN: an explain flow run silent for this long lost its worker (container restarted, machine "
+                    "gone); crashing it lets the FIGAN worker count the attempt and retry",
+        trigger=EventTrigger(
+            posture=Posture.Proactive, threshold=1, within=timedelta(seconds=silence),
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
+            match_related=ResourceSpecification({"prefect.resource.role": "flow",
+                                                 "prefect.resource.name": FLOW_NAME}),
+            for_each={"prefect.resource.id"}),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, force=True,
+                                    message=f"no heartbeat for {silence} s: its worker, container or machine died")])
+    try:
+        current = Automation.read(name=SILENT_RUN_AUTOMATION)
+    except ValueError:                      # Prefect's "not found"
+        return wanted.create().id
+    if (current.trigger, current.actions, current.enabled) != (wanted.trigger, wanted.actions, wanted.enabled):
+        wanted.id = current.id
+        wanted.update()
+    return current.id
+
+
+class HeartbeatPeriodError(ValueError):
+    """A flow run of a deployment sends heartbeats less often than the crash automation's silence window allows."""
+
+
+def check_heartbeat_period(heartbeat_seconds: int) -> None:
+    """Refuse, before any work, to run where the heartbeats come every ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds
+    while the platform crashes runs silent for :data:`MISSED_HEARTBEATS` × ``heartbeat_seconds``: the automation
+    would crash this healthy run mid-training (e.g. a team's work pool left at Prefect's default of 180 s)."""
+    from prefect.settings import get_current_settings
+    period = get_current_settings().flows.heartbeat_frequency
+    if period is None or period > heartbeat_seconds:
+        raise HeartbeatPeriodError(
+            f"this flow run sends Prefect heartbeats every {period} s (PREFECT_FLOWS_HEARTBEAT_FREQUENCY) but the "
+            f"platform crashes explain runs silent for {MISSED_HEARTBEATS * heartbeat_seconds} s ({MISSED_HEARTBEATS} "
+            f"× FIGAN_HEARTBEAT_SECONDS={heartbeat_seconds}): set PREFECT_FLOWS_HEARTBEAT_FREQUENCY="
+            f"{heartbeat_seconds} in the work pool's environment")

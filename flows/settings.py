@@ -25,6 +25,9 @@ setting names below) > default. :meth:`Settings.mlflow_uri` is the one place tha
 |                  |                        |                                  | --limit on the embedded work pool)             |
 | hang_seconds     | FIGAN_HANG_SECONDS     | 3600                             | a running explanation with no progress (stage  |
 |                  |                        |                                  | or GAN checkpoint) this long is cancelled      |
+| heartbeat_seconds| FIGAN_HEARTBEAT_SECONDS| 30                               | Prefect flow-run heartbeat period; a run silent|
+|                  |                        |                                  | for 3 periods (its worker or machine died) is  |
+|                  |                        |                                  | marked CRASHED by a Prefect automation         |
 | max_attempts     | FIGAN_MAX_ATTEMPTS     | 3                                | failed runs of one key before it stays failed  |
 | retry_backoff    | FIGAN_RETRY_BACKOFF    | 60                               | seconds before the first retry, doubling       |
 | pass_alias       | FIGAN_PASS_ALIAS       | (none)                           | registered-model alias moved to a version when |
@@ -90,6 +93,7 @@ class Settings(BaseSettings):
     reconcile_seconds: float = Field(30.0, gt=0)
     max_concurrent: int = Field(1, gt=0)
     hang_seconds: float = Field(3600.0, gt=0)
+    heartbeat_seconds: int = Field(30, ge=30)          # Prefect's minimum heartbeat period
     max_attempts: int = Field(3, gt=0)
     retry_backoff: float = Field(60.0, ge=0)
     public_receiver_url: str | None = Field(None, validation_alias=AliasChoices("public_receiver_url",

@@ -18,8 +18,9 @@ Python, which registers the CNN from the host):
    MLflow port, contract tags on the version: MLflow calls the worker's webhook inside the network, the worker
    submits a flow run of the explain deployment, the prefect-worker runs it;
 6. explain: waits for figan.status=done (with --restart-worker, restarts the prefect-worker container once the GAN
-   has checkpointed: its flow run stops moving, the worker cancels and counts it after FIGAN_HANG_SECONDS (240 s
-   here) and submits attempt 2, which must resume from the checkpoint kept in the volume);
+   has checkpointed: its flow run's heartbeats stop, Prefect's automation crashes it after 3 × 30 s (or, alive but
+   stuck, the worker cancels it after FIGAN_HANG_SECONDS, 240 s here), the worker counts it and submits attempt 2,
+   which must resume from the checkpoint kept in the volume);
 7. gif: fetches a component's sequence.gif from the service's published port;
 8. down: `podman-compose … down -v`, also on failure, timeout, Ctrl-C or SIGTERM (--keep leaves the stack up).
 

@@ -378,7 +378,7 @@ def test_compose_worker_submits_to_the_deployment_the_prefect_worker_serves(envi
     w, pw = services["worker"], services["prefect-worker"]
     assert w["depends_on"]["prefect-worker"] == {"condition": "service_healthy"}
     same = ("FIGAN_HOME", "FIGAN_TRACKING_URI", "FIGAN_DVC_REMOTE", "FIGAN_DEVICE", "FIGAN_EXPLAIN_CONFIG",
-            "FIGAN_EXPLAIN_DEPLOYMENT", "FIGAN_WORK_POOL", "PREFECT_API_URL")
+            "FIGAN_EXPLAIN_DEPLOYMENT", "FIGAN_WORK_POOL", "FIGAN_HEARTBEAT_SECONDS", "PREFECT_API_URL")
     assert {k: w["environment"][k] for k in same} == {k: pw["environment"][k] for k in same}
     environ({k: pw["environment"][k] for k in ("FIGAN_EXPLAIN_DEPLOYMENT", "FIGAN_WORK_POOL")})
     s = Settings.load()
@@ -709,6 +709,19 @@ def test_k8s_each_pod_gets_only_its_own_secrets():
                     assert (src[1], src[2]) in allowed or (src[1], "*") in allowed, (name, var, src)
                     used_secrets.add(src[1])
     assert used_secrets == set(secrets)                                   # no Secret nobody reads
+
+
+def test_k8s_explanation_jobs_beat_as_often_as_the_crash_automation_expects():
+    """The Jobs' Prefect heartbeat period and the worker's FIGAN_HEARTBEAT_SECONDS (3 missed periods crash a run)
+    come from one ConfigMap that both load; a slower heartbeat would get healthy runs crashed."""
+    config = _by_name()[("ConfigMap", "figan-config")]["data"]
+    assert config["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == config["FIGAN_HEARTBEAT_SECONDS"]
+    worker = _containers(_by_name()[("Deployment", "figan-worker")])[0]
+    job = _explanation_job()["spec"]["template"]["spec"]["containers"][0]
+    for c in (worker, job):
+        assert {"configMapRef": {"name": "figan-config"}} in c["envFrom"]
+        assert not {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "FIGAN_HEARTBEAT_SECONDS"} & {e["name"] for e in
+                                                                                     c.get("env", [])}
 
 
 def test_k8s_pods_run_as_non_root_with_a_read_only_root():

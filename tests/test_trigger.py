@@ -42,7 +42,8 @@ TINY = dict(generator="cgan", steps=120, ckpt_every=20, ngf=8, ndf=8, z_dim=16, 
             fid_extractor="randconv", frames=4, seeds=[0, 1], n_components=2, regressor_steps=20, check_seeds=4,
             reader_epochs=1)
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-HANG_SECONDS, STALL_AT_STEP = 120, 40       # above any pause of a healthy tiny run on 2 busy cores
+HANG_SECONDS, STALL_AT_STEP = 180, 40       # above any pause of a healthy tiny run on 2 busy cores, and above the
+                                            # heartbeat automation's 3 × 30 s, so a dead worker's run is crashed first
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +178,19 @@ def test_decide_policy():
     assert decide({**bug, "attempts": 2}, "k", None, None, 3, now, program_hash="p2").attempt == 3
 
 
+def test_a_flow_run_whose_heartbeats_are_slower_than_the_crash_window_refuses_to_start():
+    """A work pool left at Prefect's default heartbeat (180 s) under an automation that crashes runs silent for
+    3 × 30 s would lose healthy runs mid-training: the flow refuses first, naming both settings."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 180}):
+        with pytest.raises(runs.HeartbeatPeriodError, match="PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30.*") as e:
+            runs.check_heartbeat_period(30)
+        assert "every 180 s" in str(e.value) and "FIGAN_HEARTBEAT_SECONDS=30" in str(e.value)
+        runs.check_heartbeat_period(180)
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30}):
+        runs.check_heartbeat_period(30)
+
+
 def test_worker_lines_reach_stderr_after_prefect_configured_logging():
     """A container's log is the worker's stderr: its INFO lines (what queued a version) must reach it although
     importing Prefect has already configured the root logger (WARNING), which makes logging.basicConfig a no-op."""
@@ -255,6 +269,42 @@ def test_receiver_caps_bodies_checks_shapes_and_guards_reconcile(tmp_path):
     assert worker.dropped == 1 and worker.health()["pending"] == 2
 
 
+def test_a_reconcile_pass_reads_the_listing_alone_and_queues_what_is_not_done_now(tmp_path, environ, monkeypatch):
+    """A steady pass costs the listing's pages, not calls per version: a version done under the key it would get
+    now is settled by its row; one done under an older key (the data or the config changed), one that failed and
+    one whose contract does not parse go to the dispatcher; a model that did not opt in is left alone."""
+    import mlflow.utils.rest_utils as rest_utils
+    from flows.explain import resolve_job
+    environ({"FIGAN_HOME": str(tmp_path / "home")})
+    server = start_server(tmp_path / "mlflow")
+    try:
+        client = MlflowClient(server.uri)
+        pinned = {**CONTRACT, R.TAG_DATASET_MD5: "0" * 32}
+        client.create_registered_model("cnn", tags=pinned)
+        client.create_registered_model("other", tags={**pinned, R.TAG_EXPLAIN: "false"})
+        run = client.create_run(client.create_experiment("training")).info.run_id
+        for model, n in (("cnn", 5), ("other", 2)):
+            for _ in range(n):
+                client.create_model_version(model, f"runs:/{run}/model", run)
+        settings = Settings.load()
+        for v in ("1", "5"):
+            R.set_status(client, "cnn", v, "done", key=resolve_job(client, settings, "cnn", v).key, run_id="r1")
+        R.set_status(client, "cnn", "2", "done", key="explained-under-an-older-key", run_id="r0")
+        R.set_status(client, "cnn", "3", "failed", key=resolve_job(client, settings, "cnn", "3").key, error="boom")
+        client.set_model_version_tag("cnn", "4", R.TAG_INPUT_SHAPE, "[1, 32]")
+        R.set_status(client, "other", "1", "done", key="anything", run_id="r2")
+
+        calls = []
+        original = rest_utils.http_request
+        monkeypatch.setattr(rest_utils, "http_request", lambda *a, **k: calls.append(a) or original(*a, **k))
+        worker = Worker(settings, server.uri)
+        assert worker.reconcile_once() == 3
+        assert sorted(worker.pending) == [("cnn", "2"), ("cnn", "3"), ("cnn", "4")]
+        assert len(calls) == 3              # a page of registered models, then a page of each model's versions
+    finally:
+        server.stop()
+
+
 # --------------------------------------------------------------------------------------------- real platform
 
 def key_runs_of(p, name, version) -> list:
@@ -263,12 +313,31 @@ def key_runs_of(p, name, version) -> list:
         return runs.key_runs(R.get_status(p.client, name, version)["key"])
 
 
+class LateClient:
+    """An MLflow client each of whose calls lands ``delay`` seconds late (a client retrying, a slow database)."""
+
+    def __init__(self, client: MlflowClient, delay: float):
+        self._client, self._delay = client, delay
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def late(*args, **kwargs):
+            time.sleep(self._delay)
+            return attr(*args, **kwargs)
+        return late
+
+
 def test_concurrent_triggers_of_one_key_make_one_flow_run(platform):
-    """Four workers deciding at the same moment (plus the platform's own, woken by the webhook) submit the same
-    attempt of the same key: Prefect's server creates one flow run and hands it to all of them."""
+    """Four workers deciding at the same moment, a fifth whose every MLflow read and write lands 1.5 s late (plus
+    the platform's own, woken by the webhook) submit the same attempt of the same key: Prefect's server creates one
+    flow run and hands it to all of them; no MLflow write takes part in that."""
     p = platform
     v = register_plain(p, "race")
-    workers = [Worker(Settings.load(), p.server.uri) for _ in range(4)]
+    workers = [Worker(Settings.load(), p.server.uri) for _ in range(5)]
+    workers[-1].client = LateClient(workers[-1].client, 1.5)
     barrier = threading.Barrier(len(workers))
     decisions = {}
 
@@ -411,6 +480,31 @@ def test_killed_flow_run_is_counted_and_resubmitted_once(platform):
     assert [r.info.run_id for r in published_runs(p, "crashy", v)] == [st["run_id"]]
     metrics = artifact_json(p, st["run_id"], "metrics.json")
     assert metrics["training"]["resumed_from_step"] > 0 and metrics["training"]["steps"] == TINY["steps"]
+
+
+def test_run_of_a_dead_prefect_worker_is_crashed_by_its_missing_heartbeats_and_retried(platform):
+    """The Prefect worker dies with its flow run (a restarted container, a lost machine): no one is left to report the
+    run, so it would stay RUNNING. Prefect's automation crashes it once its heartbeats stop (3 × 30 s, before the
+    hang timeout); the worker counts it, and attempt 2 on the restarted Prefect worker resumes and publishes."""
+    p = platform
+    v = register_plain(p, "orphan")
+    wait_checkpoint(p, "orphan", v)
+    os.killpg(find_daemon(p.home, "prefect-worker").pid, signal.SIGKILL)     # the worker and its flow run
+    killed = time.time()
+    while find_daemon(p.home, "prefect-worker") is not None:                  # SIGKILL lands asynchronously
+        assert time.time() - killed < 30, "the killed Prefect worker is still alive"
+        time.sleep(0.2)
+    start_prefect_worker(Settings.load(), p.server.uri)
+    counted = wait_status(p, "orphan", v, want=("failed",), timeout=HANG_SECONDS + 60)
+    assert counted["error_kind"] == "crash" and counted["attempts"] == 1, counted
+    assert "no heartbeat for 90 s" in counted["error"] and "at stage train-gan" in counted["error"], counted["error"]
+    assert time.time() - killed < HANG_SECONDS
+    st = wait_status(p, "orphan", v, timeout=300)
+    assert [(r.idempotency_key, r.state.type.value) for r in key_runs_of(p, "orphan", v)] == \
+        [(f"{st['key']}:1", "CRASHED"), (f"{st['key']}:2", "COMPLETED")]
+    assert [r.info.run_id for r in published_runs(p, "orphan", v)] == [st["run_id"]]
+    metrics = artifact_json(p, st["run_id"], "metrics.json")
+    assert metrics["training"]["resumed_from_step"] > 0
 
 
 def test_hung_flow_run_is_cancelled_counted_and_retried(platform):
