@@ -12,7 +12,7 @@
   `FIGAN_PASS_ALIAS` set, that alias is also moved to the version when its verdict is pass.
 * **Idempotent by key** = (model name, version, the CNN's identity, dataset md5, explain-config hash): a key that
   already has a published run is not explained again (the flow returns it), and right before publishing the flow
-  checks again (the publishing gate). The identity (`flows.registry.cnn_identity`) tells a deleted and re-created
+  checks again, holding the platform's one publishing slot (the publishing gate). The identity (`flows.registry.cnn_identity`) tells a deleted and re-created
   model's version 1 from the old one. The cached features are keyed the same way; each flow run works in its own
   folder under the key's (:func:`run_folder`), seeded with the previous run's `gan/`, so a re-run after a crash
   reuses the cached features and resumes GAN training from `gan/last.pt`, and another CNN never does.
@@ -324,8 +324,9 @@ def explain_version(name: str, version: str, stop_after: int | None = None) -> d
 
     Exactly one run per key is Prefect's job (:mod:`flows.runs`: one flow run per idempotency key); this flow adds
     the publishing gate: the key's published run answers at once, and right before publishing the flow checks
-    again, so a run that lost a race (or a person's run beside the platform's) publishes nothing. Each flow run
-    works in its own folder (:func:`run_folder`)."""
+    again, inside the platform's one publishing slot (:func:`flows.runs.publishing_turn`), so a run that lost a
+    race (or a person's run beside the platform's) publishes nothing. Each flow run works in its own folder
+    (:func:`run_folder`)."""
     from prefect.runtime import deployment as this_deployment, flow_run as this_run
     log = get_run_logger()
     settings = Settings.load()
@@ -390,12 +391,13 @@ def explain_version(name: str, version: str, stop_after: int | None = None) -> d
         lineage = lineage_of(client, settings, job, model)
         progress.stage("report")
         report_task(job, run, drift_summary, lineage)             # report.html, published with the run
-        published = R.find_explanation(client, name, version, job.key)     # the gate: a published run is final
-        if published:
-            log.info(f"{name}/{version}: key {job.key} was published meanwhile; not publishing")
-            return already_published(client, settings, job, published)     # our "running" undone
         progress.stage("publish")
-        run_id = publish(client, settings, job, run, metrics, lineage)
+        with runs.publishing_turn():        # the gate's check and the publication: one step for every process
+            published = R.find_explanation(client, name, version, job.key)  # the gate: a published run is final
+            if published:
+                log.info(f"{name}/{version}: key {job.key} was published meanwhile; not publishing")
+                return already_published(client, settings, job, published)  # our "running" undone
+            run_id = publish(client, settings, job, run, metrics, lineage)
     except Exception as e:
         record_failure(client, settings, name, version, e, key=job.key)
         raise

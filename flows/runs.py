@@ -14,6 +14,12 @@ run, which would stay RUNNING. :func:`ensure_silent_run_automation` keeps one au
 zombie-flow pattern: a run of the explain flow that has sent a heartbeat and then nothing (no heartbeat, no final
 state) for :data:`MISSED_HEARTBEATS` periods is set CRASHED, which the worker counts like any other crash.
 
+**One publication at a time.** Two runs of one key can still meet: a person's ``figan explain-version`` runs the
+flow in its own process, beside the platform's run. The flow's publishing gate (is the key published yet? if not,
+publish) runs inside :func:`publishing_turn`, one slot of a Prefect global concurrency limit, so the check and the
+publication it allows are one step for every process that talks to the server; Prefect leases the slot, so a
+process that dies holding it frees it.
+
 The embedded platform's deployment (:func:`ensure_deployment`) runs on a *process* work pool: a ``prefect worker``
 (started by ``figan up``) runs each flow run in its own process, at most ``--limit`` at once. A team registers the
 same flow on its own pool (e.g. Kubernetes) and names it with ``FIGAN_EXPLAIN_DEPLOYMENT``; nothing else changes.
@@ -22,15 +28,17 @@ from __future__ import annotations
 
 import shlex
 import sys
-from pathlib import Path
+from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 from uuid import UUID
 
 FLOW_NAME = "explain-model-version"
 KEY_TAG = "figan-key:"
 SILENT_RUN_AUTOMATION = "figan: crash explain runs whose heartbeats stopped"
 MISSED_HEARTBEATS = 3
+PUBLISH_LIMIT = "figan-publish"
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -161,3 +169,20 @@ def check_heartbeat_period(heartbeat_seconds: int) -> None:
             f"platform crashes explain runs silent for {MISSED_HEARTBEATS * heartbeat_seconds} s ({MISSED_HEARTBEATS} "
             f"× FIGAN_HEARTBEAT_SECONDS={heartbeat_seconds}): set PREFECT_FLOWS_HEARTBEAT_FREQUENCY="
             f"{heartbeat_seconds} in the work pool's environment")
+
+
+@contextmanager
+def publishing_turn(timeout_seconds: float = 1800) -> Iterator[None]:
+    """Hold the platform's one publishing slot (the Prefect global concurrency limit :data:`PUBLISH_LIMIT`, limit 1,
+    created on first use) for the block: the publishing gate's check and the publication happen inside."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=PUBLISH_LIMIT, limit=1))
+        except ObjectAlreadyExists:
+            pass
+    with concurrency(PUBLISH_LIMIT, occupy=1, timeout_seconds=timeout_seconds, strict=True):
+        yield
