@@ -12,10 +12,11 @@
   `FIGAN_PASS_ALIAS` set, that alias is also moved to the version when its verdict is pass.
 * **Idempotent by key** = (model name, version, the CNN's identity, dataset md5, explain-config hash): a key that
   already has a published run is not explained again (the flow returns it), and right before publishing the flow
-  checks again, holding the platform's one publishing slot (the publishing gate). The identity (`flows.registry.cnn_identity`) tells a deleted and re-created
-  model's version 1 from the old one. The cached features are keyed the same way; each flow run works in its own
-  folder under the key's (:func:`run_folder`), seeded with the previous run's `gan/`, so a re-run after a crash
-  reuses the cached features and resumes GAN training from `gan/last.pt`, and another CNN never does.
+  checks again, holding the platform's one publishing slot (the publishing gate). The identity
+  (`flows.registry.cnn_identity`) tells a deleted and re-created model's version 1 from the old one. The cached
+  features are keyed the same way; each flow run works in its own folder under the key's (:func:`run_folder`),
+  seeded with the previous run's `gan/`, so a re-run after a crash reuses the cached features and resumes GAN
+  training from `gan/last.pt`, and another CNN never does.
 * **Progress** (`figan.progress` on the version: stage, GAN step at each checkpoint) tells the worker where a
   crashed run died and when a running one stopped moving (:mod:`flows.trigger`).
 * **Retries** (`flows.failures`): tasks that do MLflow/DVC I/O retry on transient errors (I/O, connection, server

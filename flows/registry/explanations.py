@@ -137,9 +137,10 @@ def publish_explanation(client: MlflowClient, name: str, version: str | int, art
     :func:`apply_pass_alias`.
 
     The run (experiment ``figan-explanations``) gets every file of ``artifacts_dir`` except caches and training
-    state at any depth (``features.npy``, ``gan/*.pt``, ``pose.pt``; ``gan/best/`` is kept), ``metrics`` flattened into run metrics and the FID trace as the step
-    series ``fid``, the verdict as the param ``verdict`` and the metric ``verdict_pass``, the tags
-    ``figan.model``/``figan.version``/``figan.key`` and ``figan.cnn_id`` (the version's :func:`cnn_identity`),
+    state at any depth (``features.npy``, ``gan/*.pt``, ``pose.pt``; ``gan/best/`` is kept), ``metrics``
+    flattened into run metrics and the FID trace as the step series ``fid``, the verdict as the param ``verdict``
+    and the metric ``verdict_pass``, the tags ``figan.model``/``figan.version``/``figan.key`` and ``figan.cnn_id``
+    (the version's :func:`cnn_identity`),
     lineage as ``lineage.<k>`` tags and ``lineage.json`` (the code version, library versions and the CNN's
     LoggedModel id are added when missing), the DVC dataset as an input when lineage names it and the CNN's
     LoggedModel as an input when the version has one (its headline metrics are logged against it too). Last, the
