@@ -64,6 +64,9 @@ def cmd_prefect_worker(args) -> int:
     s = Settings.load()
     ensure_deployment(s.explain_deployment, s.work_pool)
     os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = str(s.heartbeat_seconds)     # each flow run inherits it
+    # poll the pool every 2 s, not Prefect's 10: a registration starts running seconds after its webhook, for one
+    # small API call per poll
+    os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", "2")
     argv = [sys.executable, "-m", "prefect", "worker", "start", "--pool", s.work_pool, "--type", "process",
             "--limit", str(s.max_concurrent)]
     os.execv(sys.executable, argv + (["--with-healthcheck"] if args.healthcheck else []))
