@@ -93,7 +93,7 @@ PLATFORM_MODULES = {"test_service", "test_service_patient", "test_trigger", "tes
                     "test_viewer_browser", "test_report_browser", "test_flows_explain", "test_flows_registry",
                     "test_flows_data", "test_fanout", "test_drift", "test_cnn_formats", "test_gpu_bench",
                     "test_ablation_demo", "test_gates_discs", "test_recreated_model",
-                    "test_failures"}
+                    "test_failures", "test_trigger_burst"}
 
 
 def pytest_collection_modifyitems(config, items):
