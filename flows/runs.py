@@ -178,11 +178,14 @@ def publishing_turn(timeout_seconds: float = 1800) -> Iterator[None]:
     from prefect import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
     with get_client(sync_client=True) as client:
-        try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=PUBLISH_LIMIT, limit=1))
-        except ObjectAlreadyExists:
-            pass
+        try:                                # read first: publications do not all write to the server at once
+            client.read_global_concurrency_limit_by_name(PUBLISH_LIMIT)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=PUBLISH_LIMIT, limit=1))
+            except ObjectAlreadyExists:
+                pass
     with concurrency(PUBLISH_LIMIT, occupy=1, timeout_seconds=timeout_seconds, strict=True):
         yield
