@@ -537,33 +537,6 @@ def test_hung_flow_run_is_cancelled_counted_and_retried(platform):
     assert [r.info.run_id for r in published_runs(p, "hangs", v)] == [done["run_id"]]
 
 
-def test_one_publication_at_a_time_across_the_platform(platform):
-    """The publishing gate's check and publication run inside the one publishing slot: three holders that each
-    check, wait and "publish" never overlap, and each sees what the previous one published."""
-    import contextvars
-    p = platform
-    published, overlaps, inside, errors = [], [], [], []
-
-    def publisher(i):
-        try:
-            with runs.publishing_turn(timeout_seconds=120):
-                inside.append(i)
-                overlaps.append(len(inside) > 1)
-                seen = list(published)
-                time.sleep(0.5)
-                published.append((i, seen))
-                inside.remove(i)
-        except Exception as e:  # noqa: BLE001 — reported below
-            errors.append(f"{type(e).__name__}: {e}")
-
-    with p.prefect():
-        threads = [threading.Thread(target=contextvars.copy_context().run, args=(publisher, i)) for i in range(3)]
-        [t.start() for t in threads]
-        [t.join() for t in threads]
-    assert errors == [] and not any(overlaps) and len(published) == 3
-    assert [len(seen) for _, seen in published] == [0, 1, 2]
-
-
 def test_simultaneous_webhook_reconciler_and_manual_trigger_run_once(platform):
     p = platform
     v = register_plain(p, "triple")                     # the webhook fires here
